@@ -1,0 +1,100 @@
+"""What a pair's warehouse holds: table families, names, roles, and the run manifest built from them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from bqx.errors import BadCheckpoint
+
+KEY = "interval_time"
+
+# Feature tables per pair, by family (DESIGN.md: 667 in all).
+PAIR_FAMILIES: dict[str, int] = {
+    "cov": 180, "corr": 32, "lag": 8, "regime": 4, "base": 2,
+    "agg": 3, "align": 3, "der": 3, "div": 3, "mom": 3, "mrt": 3, "reg": 3, "rev": 3, "vol": 3,
+    "cyc": 1, "ext": 1, "tmp": 1,
+}
+CROSS_FAMILIES: dict[str, int] = {"tri": 194, "mkt": 10, "var": 63, "csi": 144}
+FAMILIES: dict[str, int] = {**PAIR_FAMILIES, **CROSS_FAMILIES}
+FEATURE_TABLES = sum(FAMILIES.values())  # 667
+TARGET_WINDOWS = (45, 90, 180, 360, 720, 1440, 2880)
+TARGET_HORIZONS = (15, 30, 45, 60, 75, 90, 105)
+TARGET_COLUMNS = tuple(f"target_bqx{w}_h{h}" for w in TARGET_WINDOWS for h in TARGET_HORIZONS)  # 49
+
+
+def targets_table(pair: str) -> str:
+    return f"targets_{pair}"
+
+
+def family_of(table: str) -> str:
+    return table.split("_", 1)[0]
+
+
+def belongs_to(pair: str, table: str) -> bool:
+    """A table is the pair's if the pair is one of its name's tokens."""
+    return re.search(rf"(^|_){re.escape(pair)}(_|$)", table) is not None
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # Arrow type string, e.g. "double", "int64", "timestamp[us, tz=UTC]"
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    name: str
+    role: str  # "feature" | "targets"
+    columns: tuple[Column, ...]
+    checkpoint: str = ""
+
+    @property
+    def value_columns(self) -> tuple[Column, ...]:
+        return tuple(c for c in self.columns if c.name != KEY)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    pair: str
+    run_id: str
+    tables: tuple[TableEntry, ...]
+    source: str = ""
+    row_limit: int = 0
+    created_at: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> TableEntry:
+        return next(t for t in self.tables if t.role == "targets")
+
+    @property
+    def features(self) -> tuple[TableEntry, ...]:
+        return tuple(t for t in self.tables if t.role == "feature")
+
+    def expected_objects(self) -> set[str]:
+        return {t.checkpoint for t in self.tables}
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["tables"] = [
+            {"name": t.name, "role": t.role, "checkpoint": t.checkpoint,
+             "columns": [[c.name, c.type] for c in t.columns]}
+            for t in self.tables
+        ]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Manifest:
+        try:
+            tables = tuple(
+                TableEntry(t["name"], t["role"], tuple(Column(n, ty) for n, ty in t["columns"]), t["checkpoint"])
+                for t in d["tables"]
+            )
+            m = cls(d["pair"], d["run_id"], tables, d.get("source", ""), int(d.get("row_limit", 0)),
+                    float(d.get("created_at", 0.0)), dict(d.get("extra") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadCheckpoint(f"malformed manifest: {exc}") from exc
+        if sum(t.role == "targets" for t in tables) != 1:
+            raise BadCheckpoint("manifest must list exactly one targets table")
+        return m

@@ -1,0 +1,166 @@
+"""Every setting bqx reads, resolved from the environment in this one module.
+
+Each field has a type, a default and a one-line description; `Settings.from_env()` is called once per
+process (functions: lazily on first event; jobs and CLI: at start). Terraform reads the same names from
+`deploy/names.json`, which a test keeps in step with the defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from bqx.errors import ConfigError
+
+_ENV_PREFIX = "BQX_"
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def parse_bytes(text: str) -> int:
+    """'1GiB', '512MiB', '2GB', '1048576' -> bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    raw = text.strip().lower().replace(" ", "")
+    for unit, factor in units.items():
+        if raw.endswith(unit):
+            number = raw[: -len(unit)]
+            break
+    else:
+        number, factor = raw, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (use e.g. 1GiB, 512MiB)") from None
+    if value <= 0:
+        raise ConfigError(f"size must be positive: {text!r}")
+    return value
+
+
+MERGE_METHODS = ("stream", "polars", "bigquery")
+
+
+def default_home() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "bqx"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of the local stack."""
+
+    gcs: int = 4443
+    pubsub: int = 8085
+    trigger: int = 8081
+    completion: int = 8082
+    run_api: int = 8090
+
+    @classmethod
+    def from_env(cls) -> Ports:
+        return cls(**{f.name: _env_int(f"BQX_PORT_{f.name.upper()}", f.default) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    project: str = "bqx-ml"
+    """Google Cloud project id."""
+    region: str = "us-central1"
+    """Region of the Cloud Run jobs."""
+    staging_bucket: str = "bqx-ml-staging"
+    """Bucket for requests, run manifests, markers and checkpoints."""
+    output_bucket: str = "bqx-ml-output"
+    """Bucket that receives training_<pair>.parquet and its summary."""
+    dataset: str = "bqx_ml_v3_features"
+    """Warehouse dataset (BigQuery) holding every pair's feature and targets tables."""
+    temp_dataset: str = "bqx_ml_temp"
+    """BigQuery dataset for the merge's temporary tables."""
+    warehouse: str = ""
+    """Where tables are read: 'bigquery' or a DuckDB file path (local)."""
+    extract_job: str = "bqx-ml-extract"
+    """Cloud Run job that extracts one pair."""
+    merge_job: str = "bqx-ml-merge"
+    """Cloud Run job that merges one pair."""
+    merge_method: str = "stream"
+    """Merge method: stream (local, memory-bounded), polars or bigquery."""
+    memory_budget: int = 1 << 30
+    """Bytes the merge may hold at once (BQX_MEMORY_BUDGET, e.g. 1GiB)."""
+    extract_concurrency: int = 4
+    """Tables extracted at once by one task."""
+    extract_retries: int = 4
+    """Attempts per table before the task fails."""
+    row_limit: int = 0
+    """Rows read per table (0 = all); the original runs sampled ~100k."""
+    claim_lease_seconds: float = 60.0
+    """After this long without a recorded execution, a claim may be taken over."""
+    request_topic: str = "bqx-requests"
+    """Pub/Sub topic carrying {"pair": ...} requests."""
+    events_topic: str = "bqx-gcs-events"
+    """Pub/Sub topic the local GCS emulator publishes object events to."""
+    dead_letter_topic: str = "bqx-dead-letter"
+    """Where poison messages end up after max delivery attempts."""
+    run_api_endpoint: str = ""
+    """Cloud Run Admin API endpoint override (local stand-in); empty = Google's."""
+    local: bool = False
+    """True when talking to the local stack: anonymous credentials, never the metadata server."""
+    home: Path = field(default_factory=default_home)
+    """Local state: warehouse file, emulator data, logs, pid files."""
+    ports: Ports = field(default_factory=Ports)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        d = cls()
+        local = _env("BQX_LOCAL", "") in ("1", "true", "True") or bool(os.environ.get("STORAGE_EMULATOR_HOST"))
+        home = Path(_env("BQX_HOME", str(d.home))).expanduser()
+        settings = cls(
+            project=_env("BQX_PROJECT", _env("GOOGLE_CLOUD_PROJECT", d.project)),
+            region=_env("BQX_REGION", d.region),
+            staging_bucket=_env("BQX_STAGING_BUCKET", d.staging_bucket),
+            output_bucket=_env("BQX_OUTPUT_BUCKET", d.output_bucket),
+            dataset=_env("BQX_DATASET", d.dataset),
+            temp_dataset=_env("BQX_TEMP_DATASET", d.temp_dataset),
+            warehouse=_env("BQX_WAREHOUSE", str(home / "warehouse.duckdb") if local else "bigquery"),
+            extract_job=_env("BQX_EXTRACT_JOB", d.extract_job),
+            merge_job=_env("BQX_MERGE_JOB", d.merge_job),
+            merge_method=_env("MERGE_METHOD", _env("BQX_MERGE_METHOD", d.merge_method)),
+            memory_budget=parse_bytes(_env("BQX_MEMORY_BUDGET", str(d.memory_budget))),
+            extract_concurrency=_env_int("BQX_EXTRACT_CONCURRENCY", d.extract_concurrency),
+            extract_retries=_env_int("BQX_EXTRACT_RETRIES", d.extract_retries),
+            row_limit=_env_int("BQX_ROW_LIMIT", d.row_limit),
+            claim_lease_seconds=_env_float("BQX_CLAIM_LEASE_SECONDS", d.claim_lease_seconds),
+            request_topic=_env("BQX_REQUEST_TOPIC", d.request_topic),
+            events_topic=_env("BQX_EVENTS_TOPIC", d.events_topic),
+            dead_letter_topic=_env("BQX_DEAD_LETTER_TOPIC", d.dead_letter_topic),
+            run_api_endpoint=_env("BQX_RUN_API_ENDPOINT", ""),
+            local=local,
+            home=home,
+            ports=Ports.from_env(),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.merge_method not in MERGE_METHODS:
+            raise ConfigError(
+                f"unknown merge method {self.merge_method!r}; choose one of: {', '.join(MERGE_METHODS)}"
+            )
+        if self.extract_concurrency < 1 or self.extract_retries < 1:
+            raise ConfigError("BQX_EXTRACT_CONCURRENCY and BQX_EXTRACT_RETRIES must be >= 1")

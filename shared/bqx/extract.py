@@ -1,0 +1,229 @@
+"""Extract one pair: discover its tables, write the run manifest, stream each table to a Parquet checkpoint.
+
+Checkpoints are written straight to GCS through a resumable upload (an object appears only once complete),
+several tables at once, each with retries. A rerun of the same run id skips checkpoints already present.
+Tasks of one execution shard the tables by index.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bqx import layout, storage
+from bqx.catalog import KEY, Column, Manifest, TableEntry
+from bqx.config import Settings
+from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
+from bqx.logs import Log
+from bqx.parquet_io import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS, arrow_type, schema_of, type_name
+from bqx.source import Source, SourceTable, open_source
+
+UPLOAD_CHUNK = 8 * 1024 * 1024  # multiple of 256 KiB, as resumable uploads require
+log = Log("bqx.extract")
+
+
+@dataclass
+class TableResult:
+    table: str
+    rows: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    attempts: int = 0
+    skipped: bool = False
+    started_at: float = 0.0
+
+
+@dataclass
+class ExtractReport:
+    pair: str
+    run_id: str
+    task_index: int
+    task_count: int
+    tables: list[TableResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def written(self) -> int:
+        return sum(not t.skipped for t in self.tables)
+
+
+def build_manifest(pair: str, run_id: str, tables: list[SourceTable], source: str, row_limit: int) -> Manifest:
+    entries = tuple(
+        TableEntry(
+            t.name,
+            t.role,
+            tuple(Column(c, type_name(arrow_type(ty))) for c, ty in t.columns),
+            layout.checkpoint(pair, run_id, t.name),
+        )
+        for t in tables
+    )
+    return Manifest(pair, run_id, entries, source, row_limit, time.time())
+
+
+def ensure_manifest(settings: Settings, manifest: Manifest) -> Manifest:
+    """Write the manifest once; every later task or rerun works from the one that was written first."""
+    name = layout.manifest(manifest.pair, manifest.run_id)
+    if storage.create_json(settings, settings.staging_bucket, name, manifest.to_json()) is not None:
+        return manifest
+    existing = storage.read_json(settings, settings.staging_bucket, name)
+    if existing is None:
+        raise BadCheckpoint(f"manifest {name} disappeared")
+    found = Manifest.from_json(existing[0])
+    if [t.name for t in found.tables] != [t.name for t in manifest.tables]:
+        log.warning("warehouse changed since this run's manifest was written; following the manifest",
+                    pair=manifest.pair, run_id=manifest.run_id)
+    return found
+
+
+def check_keys(table: str, keys: pa.Array, previous: int | None) -> int | None:
+    """Keys must be non-null and strictly increasing (the read is ordered, so a repeat is a duplicate)."""
+    if len(keys) == 0:
+        return previous
+    if keys.null_count:
+        raise BadCheckpoint(f"table {table!r} has null {KEY} values")
+    k = keys.cast(pa.int64()).to_numpy()
+    if previous is not None:
+        k = np.concatenate([[previous], k])
+    d = np.diff(k)
+    if d.size and (d <= 0).any():
+        i = int(np.flatnonzero(d <= 0)[0])
+        if d[i] == 0:
+            raise DuplicateKeys(table, np.datetime64(int(k[i + 1]), "us"))
+        raise BadCheckpoint(f"table {table!r} is not ordered by {KEY}")
+    return int(k[-1])
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema, table: str) -> pa.RecordBatch:
+    if batch.schema.names != schema.names:
+        raise BadCheckpoint(f"table {table!r} columns {batch.schema.names[:5]}... differ from its manifest")
+    if batch.schema == schema:
+        return batch
+    try:
+        return batch.cast(schema, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise BadCheckpoint(f"table {table!r} does not match its manifest schema: {exc}") from exc
+
+
+def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, entry: TableEntry) -> TableResult:
+    result = TableResult(entry.name, started_at=time.time())
+    schema = schema_of(entry.columns).with_metadata(
+        {"bqx.pair": manifest.pair, "bqx.run_id": manifest.run_id, "bqx.table": entry.name}
+    )
+    blob = storage.bucket(settings, settings.staging_bucket).blob(entry.checkpoint)
+    blob.metadata = {"run_id": manifest.run_id, "table": entry.name}
+    previous: int | None = None
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    # Leaving the `with` on an exception cancels the resumable upload, so no partial object ever appears.
+    with blob.open("wb", chunk_size=UPLOAD_CHUNK, ignore_flush=True,
+                   content_type="application/vnd.apache.parquet") as sink:
+        writer = pq.ParquetWriter(sink, schema, **WRITER_OPTIONS)
+        for batch in source.read(entry.name, manifest.row_limit):
+            batch = _conform(batch, schema, entry.name)
+            previous = check_keys(entry.name, batch.column(KEY), previous)
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            if pending_rows >= CHECKPOINT_ROW_GROUP:
+                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=CHECKPOINT_ROW_GROUP)
+                result.rows += pending_rows
+                pending, pending_rows = [], 0
+        if pending_rows or result.rows == 0:
+            writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=CHECKPOINT_ROW_GROUP)
+            result.rows += pending_rows
+        writer.close()
+        result.bytes = sink.tell() if hasattr(sink, "tell") else 0
+    result.seconds = time.time() - result.started_at
+    return result
+
+
+class _Progress:
+    """Per-table log lines plus a summary at most once a minute."""
+
+    def __init__(self, log: Log, total: int) -> None:
+        self.log, self.total, self.done, self.rows = log, total, 0, 0
+        self.start = self.last = time.time()
+        self.lock = threading.Lock()
+
+    def table_done(self, r: TableResult) -> None:
+        with self.lock:
+            self.done += 1
+            self.rows += r.rows
+            self.log.info("checkpoint written", table=r.table, rows=r.rows, bytes=r.bytes,
+                          seconds=round(r.seconds, 3), attempts=r.attempts, done=self.done, total=self.total)
+            now = time.time()
+            if now - self.last >= 60 or self.done == self.total:
+                rate = self.done / max(now - self.start, 1e-9)
+                eta = (self.total - self.done) / rate if rate else None
+                self.log.info("extract progress", done=self.done, total=self.total, rows=self.rows,
+                              tables_per_second=round(rate, 2), eta_seconds=round(eta or 0, 1))
+                self.last = now
+
+
+def _with_retries(settings: Settings, log: Log, fn, table: str) -> TableResult:  # type: ignore[no-untyped-def]
+    delay = 1.0
+    for attempt in range(1, settings.extract_retries + 1):
+        try:
+            result = fn()
+            result.attempts = attempt
+            return result
+        except TerminalError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else may pass on another try
+            if attempt == settings.extract_retries:
+                raise
+            log.warning("table failed, retrying", table=table, attempt=attempt, error=str(exc)[:500])
+            time.sleep(delay)
+            delay = min(delay * 2, 30)
+    raise AssertionError("unreachable")
+
+
+def run(
+    settings: Settings,
+    pair: str,
+    run_id: str,
+    task_index: int = 0,
+    task_count: int = 1,
+    source: Source | None = None,
+) -> ExtractReport:
+    started = time.time()
+    rlog = log.bind(pair=pair, run_id=run_id, stage="extract")
+    source = source or open_source(settings)
+    tables = source.discover(pair)
+    manifest = ensure_manifest(settings, build_manifest(pair, run_id, tables, source.name, settings.row_limit))
+    mine = [t for i, t in enumerate(manifest.tables) if i % task_count == task_index]
+    present = storage.list_names(settings, settings.staging_bucket, layout.checkpoints_prefix(pair, run_id))
+    report = ExtractReport(pair, run_id, task_index, task_count)
+    todo = []
+    for entry in mine:
+        if entry.checkpoint in present:
+            report.tables.append(TableResult(entry.name, skipped=True))
+        else:
+            todo.append(entry)
+    rlog.info("extract starting", tables=len(manifest.tables), mine=len(mine), todo=len(todo),
+              skipped=len(mine) - len(todo), task_index=task_index, task_count=task_count, source=source.name)
+    progress = _Progress(rlog, len(todo))
+    with ThreadPoolExecutor(settings.extract_concurrency, thread_name_prefix="extract") as pool:
+        futures = {
+            pool.submit(_with_retries, settings, rlog,
+                        lambda e=entry: write_checkpoint(settings, source, manifest, e), entry.name): entry
+            for entry in todo
+        }
+        try:
+            for fut in as_completed(futures):
+                r = fut.result()
+                report.tables.append(r)
+                progress.table_done(r)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    report.seconds = time.time() - started
+    rlog.info("extract finished", written=report.written, skipped=len(report.tables) - report.written,
+              seconds=round(report.seconds, 2))
+    return report

@@ -1,0 +1,130 @@
+"""The only code that builds or parses GCS object names. Parsing rejects anything outside the layout.
+
+Staging bucket:
+    requests/<pair>.json                          a request to extract <pair> (written by users)
+    runs/<pair>/latest.json                       pointer to the pair's newest run
+    runs/<pair>/<run_id>/manifest.json            expected tables and schemas, written before any checkpoint
+    runs/<pair>/<run_id>/<stage>.claim            create-once marker guarding a job launch (extract, merge)
+    runs/<pair>/<run_id>/error.json               a terminal failure of the run, for people and `bqx status`
+    checkpoints/<pair>/<run_id>/<table>.parquet   one table's rows, sorted by interval_time
+    quarantine/<pair>/<run_id>/<table>.parquet    a checkpoint set aside because it was bad
+Output bucket:
+    training_<pair>.parquet, training_<pair>.summary.json, tmp/<run_id>/training_<pair>.parquet
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bqx.errors import OutsideLayout
+from bqx.pairs import PAIRS, validate_pair
+
+TABLE_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
+RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+STAGES = ("extract", "merge")
+
+CHECKPOINTS = "checkpoints/"
+REQUESTS = "requests/"
+
+
+def _pair(pair: str) -> str:
+    return validate_pair(pair)
+
+
+def _run(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id):
+        raise OutsideLayout(f"not a run id: {run_id!r}")
+    return run_id
+
+
+def _table(table: str) -> str:
+    if not TABLE_RE.match(table):
+        raise OutsideLayout(f"not a table name: {table!r}")
+    return table
+
+
+def request(pair: str) -> str:
+    return f"{REQUESTS}{_pair(pair)}.json"
+
+
+def runs_prefix(pair: str) -> str:
+    return f"runs/{_pair(pair)}/"
+
+
+def latest(pair: str) -> str:
+    return f"{runs_prefix(pair)}latest.json"
+
+
+def run_prefix(pair: str, run_id: str) -> str:
+    return f"{runs_prefix(pair)}{_run(run_id)}/"
+
+
+def manifest(pair: str, run_id: str) -> str:
+    return f"{run_prefix(pair, run_id)}manifest.json"
+
+
+def claim(pair: str, run_id: str, stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    return f"{run_prefix(pair, run_id)}{stage}.claim"
+
+
+def run_error(pair: str, run_id: str) -> str:
+    return f"{run_prefix(pair, run_id)}error.json"
+
+
+def checkpoints_prefix(pair: str, run_id: str) -> str:
+    return f"{CHECKPOINTS}{_pair(pair)}/{_run(run_id)}/"
+
+
+def checkpoint(pair: str, run_id: str, table: str) -> str:
+    return f"{checkpoints_prefix(pair, run_id)}{_table(table)}.parquet"
+
+
+def quarantine(pair: str, run_id: str, table: str) -> str:
+    return f"quarantine/{_pair(pair)}/{_run(run_id)}/{_table(table)}.parquet"
+
+
+def output(pair: str) -> str:
+    return f"training_{_pair(pair)}.parquet"
+
+
+def summary(pair: str) -> str:
+    return f"training_{_pair(pair)}.summary.json"
+
+
+def output_temp(pair: str, run_id: str) -> str:
+    return f"tmp/{_run(run_id)}/training_{_pair(pair)}.parquet"
+
+
+@dataclass(frozen=True)
+class CheckpointName:
+    pair: str
+    run_id: str
+    table: str
+
+
+_CHECKPOINT_RE = re.compile(r"^checkpoints/([a-z]{6})/([a-z0-9][a-z0-9-]{0,62})/([a-z][a-z0-9_]{0,127})\.parquet$")
+_REQUEST_RE = re.compile(r"^requests/([^/]{1,64})\.json$")
+
+
+def parse_checkpoint(name: str) -> CheckpointName:
+    m = _CHECKPOINT_RE.match(name)
+    if not m or m.group(1) not in PAIRS:
+        raise OutsideLayout(f"not a checkpoint object: {name!r}")
+    return CheckpointName(*m.groups())
+
+
+def parse_request(name: str) -> str:
+    """requests/<pair>.json -> pair (validated)."""
+    m = _REQUEST_RE.match(name)
+    if not m:
+        raise OutsideLayout(f"not a request object: {name!r} (expected requests/<pair>.json)")
+    return validate_pair(m.group(1))
+
+
+def prefix_of(pair: str, table: str) -> str:
+    """Column prefix of a table in the merged file: the table's name less the pair."""
+    parts = [p for p in table.split("_") if p != pair]
+    return "_".join(parts)

@@ -1,0 +1,43 @@
+"""Parquet conventions shared by checkpoints and the merged output."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from bqx.catalog import KEY, Column
+from bqx.errors import TerminalError
+
+KEY_TYPE = pa.timestamp("us", tz="UTC")  # never ms-read-as-ns again: microseconds, UTC, everywhere
+COMPRESSION = "snappy"
+CHECKPOINT_ROW_GROUP = 65_536
+WRITER_OPTIONS = {"compression": COMPRESSION, "coerce_timestamps": "us", "allow_truncated_timestamps": False}
+
+_TYPES = {
+    "double": pa.float64(), "float64": pa.float64(), "float": pa.float64(), "real": pa.float32(),
+    "bigint": pa.int64(), "int64": pa.int64(), "integer": pa.int32(), "int": pa.int64(),
+    "boolean": pa.bool_(), "bool": pa.bool_(), "varchar": pa.string(), "string": pa.string(),
+    "timestamp": KEY_TYPE, "timestamp with time zone": KEY_TYPE, "timestamptz": KEY_TYPE,
+    "timestamp_ns": KEY_TYPE, "timestamp_ms": KEY_TYPE, "datetime": KEY_TYPE,
+}
+
+
+def arrow_type(warehouse_type: str) -> pa.DataType:
+    t = warehouse_type.strip().lower()
+    if t.startswith("numeric") or t.startswith("decimal") or t.startswith("bignumeric"):
+        return pa.float64()
+    try:
+        return _TYPES[t]
+    except KeyError:
+        raise TerminalError(f"unsupported warehouse column type {warehouse_type!r}") from None
+
+
+def from_type_name(name: str) -> pa.DataType:
+    return KEY_TYPE if name == type_name(KEY_TYPE) else pa.type_for_alias(name)
+
+
+def schema_of(columns: tuple[Column, ...]) -> pa.Schema:
+    return pa.schema([pa.field(c.name, KEY_TYPE if c.name == KEY else from_type_name(c.type)) for c in columns])
+
+
+def type_name(t: pa.DataType) -> str:
+    return "timestamp[us, tz=UTC]" if t == KEY_TYPE else str(t)

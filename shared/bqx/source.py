@@ -1,0 +1,149 @@
+"""Reading the warehouse: discovery from the information schema and streaming table reads to Arrow.
+
+DuckDB (local) and BigQuery (cloud) share this shape: `discover(pair)` -> tables with columns,
+`read(table)` -> Arrow record batches sorted by interval_time. Identifiers are always quoted, never
+interpolated raw; the pair only reaches SQL as a bound parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
+
+from bqx.catalog import KEY, belongs_to, family_of, targets_table
+from bqx.config import Settings
+from bqx.errors import TerminalError
+from bqx.layout import TABLE_RE
+from bqx.warehouse import FAMILIES
+
+BATCH_ROWS = 16_384
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    name: str
+    role: str
+    columns: tuple[tuple[str, str], ...]  # (name, warehouse type)
+
+
+class Source(Protocol):
+    name: str
+
+    def discover(self, pair: str) -> list[SourceTable]: ...
+
+    def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]: ...
+
+
+def quote_duckdb(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def quote_bigquery(identifier: str) -> str:
+    return "`" + identifier.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def _classify(pair: str, rows: list[tuple[str, str, str]]) -> list[SourceTable]:
+    """(table, column, type) rows in ordinal order -> the pair's tables, targets first, then by name."""
+    by_table: dict[str, list[tuple[str, str]]] = {}
+    for table, column, dtype in rows:
+        if not belongs_to(pair, table) or not TABLE_RE.match(table):
+            continue
+        by_table.setdefault(table, []).append((column, dtype))
+    out = []
+    for table in sorted(by_table):
+        if table == targets_table(pair):
+            role = "targets"
+        elif family_of(table) in FAMILIES:
+            role = "feature"
+        else:
+            continue
+        cols = tuple(by_table[table])
+        if KEY not in (c for c, _ in cols):
+            raise TerminalError(f"table {table!r} has no {KEY} column")
+        out.append(SourceTable(table, role, cols))
+    out.sort(key=lambda t: (t.role != "targets", t.name))
+    if not out or out[0].role != "targets":
+        raise TerminalError(f"no table {targets_table(pair)!r} in the warehouse for pair {pair}")
+    return out
+
+
+class DuckDBSource:
+    def __init__(self, path: str, dataset: str) -> None:
+        import duckdb
+
+        self.name = f"duckdb:{path}"
+        self.dataset = dataset
+        self._con = duckdb.connect(path, read_only=True)
+        self._con.execute("SET TimeZone='UTC'")
+        self._con.execute("SET enable_progress_bar=false")
+
+    def discover(self, pair: str) -> list[SourceTable]:
+        rows = self._con.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name LIKE ? ORDER BY table_name, ordinal_position",
+            [self.dataset, f"%{pair}%"],
+        ).fetchall()
+        return _classify(pair, rows)
+
+    def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]:
+        sql = f"SELECT * FROM {quote_duckdb(self.dataset)}.{quote_duckdb(table)} ORDER BY {quote_duckdb(KEY)}"
+        if row_limit:
+            sql += f" LIMIT {int(row_limit)}"
+        cursor = self._con.cursor()  # one cursor per thread: DuckDB connections are not thread-safe
+        try:
+            cursor.execute("SET TimeZone='UTC'")
+            reader = cursor.execute(sql).fetch_record_batch(BATCH_ROWS)
+            yield from reader
+        finally:
+            cursor.close()
+
+
+class BigQuerySource:
+    def __init__(self, settings: Settings) -> None:
+        from bqx.clients import bigquery_client
+
+        self.name = f"bigquery:{settings.project}.{settings.dataset}"
+        self.settings = settings
+        self.client = bigquery_client(settings)
+
+    def _dataset_ref(self) -> str:
+        return f"{quote_bigquery(self.settings.project)}.{quote_bigquery(self.settings.dataset)}"
+
+    def discover(self, pair: str) -> list[SourceTable]:
+        from google.cloud import bigquery
+
+        sql = (
+            "SELECT table_name, column_name, data_type "
+            f"FROM {self._dataset_ref()}.INFORMATION_SCHEMA.COLUMNS "
+            "WHERE table_name LIKE @pattern ORDER BY table_name, ordinal_position"
+        )
+        config = bigquery.QueryJobConfig(
+            query_parameters=[bigquery.ScalarQueryParameter("pattern", "STRING", f"%{pair}%")]
+        )
+        rows = self.client.query(sql, job_config=config).result()
+        return _classify(pair, [(r[0], r[1], r[2]) for r in rows])
+
+    def read_sql(self, table: str, row_limit: int = 0) -> str:
+        sql = f"SELECT * FROM {self._dataset_ref()}.{quote_bigquery(table)} ORDER BY {quote_bigquery(KEY)}"
+        return sql + (f" LIMIT {int(row_limit)}" if row_limit else "")
+
+    def estimate_bytes(self, table: str, row_limit: int = 0) -> int:
+        from google.cloud import bigquery
+
+        job = self.client.query(
+            self.read_sql(table, row_limit), job_config=bigquery.QueryJobConfig(dry_run=True, use_query_cache=False)
+        )
+        return int(job.total_bytes_processed or 0)
+
+    def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]:
+        rows = self.client.query(self.read_sql(table, row_limit)).result(page_size=BATCH_ROWS)
+        yield from rows.to_arrow_iterable()
+
+
+def open_source(settings: Settings) -> Source:
+    if settings.warehouse == "bigquery":
+        return BigQuerySource(settings)
+    return DuckDBSource(settings.warehouse, settings.dataset)

@@ -1,0 +1,122 @@
+"""Assemble one Parquet file from column chunks encoded one table at a time.
+
+Parquet does not require a row group's column chunks to be adjacent: the footer records where each one
+starts. So each (table, row group) is encoded on its own as a tiny Parquet file, its column-chunk bytes are
+appended to the output as they are, and their metadata (offsets shifted) is kept as encoded Thrift. At the end
+one footer lists every row group with its columns in schema order. Memory holds one table's row group at a
+time plus ~100 bytes of metadata per column chunk, whatever the width of the whole file.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bqx import thrift
+from bqx.thrift import I16, I64, LIST, STRUCT, Raw
+
+MAGIC = b"PAR1"
+
+
+def footer_of(data: bytes | memoryview) -> tuple[thrift.Struct, int]:
+    """(decoded FileMetaData, offset where the footer starts)."""
+    if bytes(data[-4:]) != MAGIC:
+        raise ValueError("not a Parquet file")
+    n = struct.unpack("<I", bytes(data[-8:-4]))[0]
+    start = len(data) - 8 - n
+    return thrift.decode_struct(memoryview(data)[start : len(data) - 8]), start
+
+
+class Stitcher:
+    def __init__(self, sink: BinaryIO, schema: pa.Schema, group_rows: list[int], **writer_options: object):
+        self.sink = sink
+        self.schema = schema
+        self.group_rows = group_rows
+        self.options = {**writer_options, "write_page_index": False}
+        self.index = {name: i for i, name in enumerate(schema.names)}
+        if len(self.index) != len(schema.names):
+            raise ValueError("output column names are not unique")
+        self.columns: list[list[Raw | None]] = [[None] * len(schema.names) for _ in group_rows]
+        self.sizes = [[0, 0] for _ in group_rows]  # uncompressed, compressed per row group
+        self.first_offset = [0 for _ in group_rows]
+        self.lock = threading.Lock()
+        self.sink.write(MAGIC)
+        self.pos = len(MAGIC)
+
+    def encode(self, table: pa.Table) -> bytes:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=max(table.num_rows, 1), **self.options)
+        return buf.getvalue()
+
+    def add(self, group: int, table: pa.Table) -> None:
+        """Append the columns of `table` (output names, exactly row group `group`'s rows)."""
+        if table.num_rows != self.group_rows[group]:
+            raise ValueError(f"row group {group} needs {self.group_rows[group]} rows, got {table.num_rows}")
+        target = pa.schema([self.schema.field(n) for n in table.column_names])
+        if table.schema != target:
+            table = table.cast(target)
+        mini = self.encode(table)
+        meta, footer_start = footer_of(mini)
+        body = memoryview(mini)[len(MAGIC) : footer_start]
+        chunks = meta[4][1][1][0][1][1][1] if table.num_rows else []  # row_groups[0].columns
+        with self.lock:
+            delta = self.pos - len(MAGIC)
+            self.sink.write(body)
+            self.pos += len(body)
+            for cc, name in zip(chunks, table.column_names, strict=True):
+                md = cc[3][1]
+                for fid in (9, 10, 11, 14):
+                    if fid in md:
+                        md[fid] = (I64, md[fid][1] + delta)
+                if cc.get(2, (I64, 0))[1]:
+                    cc[2] = (I64, cc[2][1] + delta)
+                i = self.index[name]
+                if i == 0:
+                    self.first_offset[group] = md.get(11, md[9])[1]
+                self.sizes[group][0] += md[6][1]
+                self.sizes[group][1] += md[7][1]
+                self.columns[group][i] = Raw(thrift.encode_struct(cc))
+
+    def close(self, metadata: dict[str, str] | None = None) -> int:
+        """Write the footer; returns the file's size."""
+        template, _ = footer_of(self.encode(self.schema.empty_table()))
+        groups = []
+        for g, cols in enumerate(self.columns):
+            missing = [self.schema.names[i] for i, c in enumerate(cols) if c is None]
+            if missing and self.group_rows[g]:
+                raise ValueError(f"row group {g} lacks {len(missing)} columns, e.g. {missing[:3]}")
+            if not self.group_rows[g]:
+                continue
+            groups.append({
+                1: (LIST, (STRUCT, cols)),
+                2: (I64, self.sizes[g][0]),
+                3: (I64, self.group_rows[g]),
+                5: (I64, self.first_offset[g]),
+                6: (I64, self.sizes[g][1]),
+                7: (I16, len(groups)),
+            })
+        kv = list(template.get(5, (LIST, (STRUCT, [])))[1][1])
+        for k, v in (metadata or {}).items():
+            kv.append({1: (thrift.BINARY, k.encode()), 2: (thrift.BINARY, v.encode())})
+        fmd = {
+            1: template[1],
+            2: template[2],
+            3: (I64, sum(self.group_rows)),
+            4: (LIST, (STRUCT, groups)),
+            5: (LIST, (STRUCT, kv)),
+        }
+        for fid in (6, 7):
+            if fid in template:
+                fmd[fid] = template[fid]
+        footer = thrift.encode_struct(fmd)
+        with self.lock:
+            self.sink.write(footer)
+            self.sink.write(struct.pack("<I", len(footer)))
+            self.sink.write(MAGIC)
+            self.pos += len(footer) + 8
+        return self.pos

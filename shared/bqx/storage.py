@@ -1,0 +1,77 @@
+"""GCS operations with the semantics bqx relies on: create-if-absent, JSON markers, listings."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.api_core import exceptions as gexc
+
+from bqx.config import Settings
+from bqx.clients import storage_client
+from bqx.errors import TransientError
+
+# Errors worth another delivery; everything else from GCS is a bug or a permission problem.
+TRANSIENT = (
+    gexc.ServiceUnavailable,
+    gexc.InternalServerError,
+    gexc.TooManyRequests,
+    gexc.GatewayTimeout,
+    gexc.BadGateway,
+    gexc.DeadlineExceeded,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def bucket(settings: Settings, name: str):  # type: ignore[no-untyped-def]
+    return storage_client(settings).bucket(name)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+
+
+def create_json(settings: Settings, bucket_name: str, name: str, obj: Any) -> int | None:
+    """Create `name` only if absent. Returns its generation, or None if it already existed (412)."""
+    blob = bucket(settings, bucket_name).blob(name)
+    try:
+        blob.upload_from_string(dumps(obj), content_type="application/json", if_generation_match=0)
+    except gexc.PreconditionFailed:
+        return None
+    return int(blob.generation)
+
+
+def replace_json(settings: Settings, bucket_name: str, name: str, obj: Any, generation: int) -> int | None:
+    """Overwrite `name` only if it is still at `generation`. Returns the new generation or None on 412."""
+    blob = bucket(settings, bucket_name).blob(name)
+    try:
+        blob.upload_from_string(dumps(obj), content_type="application/json", if_generation_match=generation)
+    except gexc.PreconditionFailed:
+        return None
+    return int(blob.generation)
+
+
+def write_json(settings: Settings, bucket_name: str, name: str, obj: Any) -> None:
+    bucket(settings, bucket_name).blob(name).upload_from_string(dumps(obj), content_type="application/json")
+
+
+def read_json(settings: Settings, bucket_name: str, name: str) -> tuple[Any, int] | None:
+    """(content, generation) or None when absent."""
+    blob = bucket(settings, bucket_name).get_blob(name)
+    if blob is None:
+        return None
+    try:
+        raw = blob.download_as_bytes(if_generation_match=blob.generation)
+    except (gexc.PreconditionFailed, gexc.NotFound):
+        raise TransientError(f"{name} changed while being read") from None
+    return json.loads(raw), int(blob.generation)
+
+
+def list_names(settings: Settings, bucket_name: str, prefix: str) -> dict[str, int]:
+    """name -> size of every object under prefix (listing is strongly consistent)."""
+    return {b.name: int(b.size or 0) for b in storage_client(settings).list_blobs(bucket_name, prefix=prefix)}
+
+
+def exists(settings: Settings, bucket_name: str, name: str) -> bool:
+    return bucket(settings, bucket_name).blob(name).exists()

@@ -1,0 +1,179 @@
+"""A synthetic warehouse with the real one's shape, in a DuckDB file, deterministic from a seed.
+
+Per pair: 667 feature tables in the real family mix with 4-232 value columns (~17,000 in all) and a
+targets table with the 49 target columns, keyed by a 1-minute `interval_time` TIMESTAMP. Values are random
+walks and smooth indicators (they compress like real series); some tables have gaps, some columns nulls,
+and some tables start before the targets do.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from bqx.catalog import FAMILIES, KEY, TARGET_COLUMNS, targets_table
+from bqx.pairs import PAIRS
+
+TOTAL_FEATURE_COLUMNS = 17_000
+MIN_COLS, MAX_COLS = 4, 232
+START = np.datetime64("2024-01-01T00:00:00", "us")
+DEFAULT_ROWS = 2_000
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int = DEFAULT_ROWS
+    seed: int = 7
+    table_scale: float = 1.0  # fraction of each family's tables (tests use a small one)
+    column_scale: float = 1.0  # fraction of each table's columns
+
+    def describe(self) -> str:
+        return f"rows={self.rows} seed={self.seed} table_scale={self.table_scale} column_scale={self.column_scale}"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    family: str
+    columns: int
+
+
+def _rng(seed: int, *parts: str) -> np.random.Generator:
+    return np.random.default_rng([seed, *(zlib.crc32(p.encode()) for p in parts)])
+
+
+def table_specs(pair: str, shape: Shape) -> list[TableSpec]:
+    """The pair's feature tables: names, families and value-column counts."""
+    rng = _rng(shape.seed, "specs", pair)
+    others = [p for p in PAIRS if p != pair]
+    names: list[tuple[str, str]] = []
+    for family, count in FAMILIES.items():
+        n = count if shape.table_scale >= 1 else max(1, round(count * shape.table_scale))
+        for i in range(n):
+            if family == "cov":
+                variant = f"{others[i % len(others)]}_w{(45, 90, 180, 360, 720, 1440, 2880)[i // len(others)]}"
+            else:
+                variant = f"{i:03d}"
+            names.append((f"{family}_{pair}_{variant}", family))
+    weights = rng.lognormal(mean=0.0, sigma=0.9, size=len(names))
+    target = TOTAL_FEATURE_COLUMNS * len(names) / sum(FAMILIES.values())
+    cols = np.clip(np.round(weights * target / weights.sum()), MIN_COLS, MAX_COLS).astype(int)
+    cols[0], cols[-1] = MAX_COLS, MIN_COLS  # the real range's ends both occur
+    for _ in range(100):  # nudge toward the real total while staying in range
+        gap = int(round(target)) - int(cols.sum())
+        if gap == 0:
+            break
+        room = np.flatnonzero(cols < MAX_COLS if gap > 0 else cols > MIN_COLS)[1:-1]
+        if room.size == 0:
+            break
+        step = np.sign(gap) * min(abs(gap) // room.size + 1, 8)
+        cols[room] = np.clip(cols[room] + step, MIN_COLS, MAX_COLS)
+        if abs(int(round(target)) - int(cols.sum())) > abs(gap):
+            cols[room] = np.clip(cols[room] - step, MIN_COLS, MAX_COLS)
+            break
+    if shape.column_scale < 1:
+        cols = np.maximum(MIN_COLS, np.round(cols * shape.column_scale)).astype(int)
+    return [TableSpec(n, f, int(c)) for (n, f), c in zip(names, cols, strict=True)]
+
+
+def _series(rng: np.random.Generator, rows: int, columns: int) -> np.ndarray:
+    """Random walks, and every third column a smoothed indicator of one."""
+    walk = np.cumsum(rng.standard_normal((rows, columns)) * 0.001, axis=0) + rng.uniform(0.5, 2.0, columns)
+    smooth = walk.copy()
+    for j in range(0, columns, 3):
+        kernel = np.ones(15) / 15
+        smooth[:, j] = np.convolve(walk[:, j], kernel, mode="same")
+    return np.round(smooth, 6)
+
+
+def _keys(rows: int, offset: int = 0) -> pa.Array:
+    values = START + (np.arange(rows, dtype=np.int64) + offset) * np.timedelta64(60_000_000, "us")
+    return pa.array(values, type=pa.timestamp("us", tz="UTC"))
+
+
+def targets_arrow(pair: str, shape: Shape) -> pa.Table:
+    rng = _rng(shape.seed, "targets", pair)
+    data = _series(rng, shape.rows, len(TARGET_COLUMNS))
+    return pa.table({KEY: _keys(shape.rows), **{c: data[:, i] for i, c in enumerate(TARGET_COLUMNS)}})
+
+
+def feature_arrow(pair: str, spec: TableSpec, shape: Shape) -> pa.Table:
+    rng = _rng(shape.seed, "table", spec.name)
+    lead = int(rng.integers(0, 30)) if rng.random() < 0.3 else 0  # some tables start earlier
+    rows = shape.rows + lead
+    keep = np.ones(rows, dtype=bool)
+    if rng.random() < 0.4:  # gaps: missing bars
+        keep &= rng.random(rows) > rng.uniform(0.005, 0.05)
+    data = _series(rng, rows, spec.columns)
+    columns: dict[str, pa.Array] = {KEY: _keys(rows, -lead).filter(pa.array(keep))}
+    for j in range(spec.columns):
+        col = data[keep, j]
+        mask = None
+        if j % 7 == 3:  # nulls in some columns
+            mask = rng.random(col.size) < 0.02
+        name = f"f{j:03d}"
+        if spec.family == "regime" and j == 0:
+            columns[name] = pa.array((col * 1000).astype(np.int64) % 4, mask=mask)
+        else:
+            columns[name] = pa.array(col, mask=mask)
+    return pa.table(columns)
+
+
+class Warehouse:
+    """The DuckDB file standing in for BigQuery. Tables live in a schema named like the BigQuery dataset."""
+
+    def __init__(self, path: Path, dataset: str) -> None:
+        self.path = Path(path)
+        self.dataset = dataset
+
+    def _connect(self, read_only: bool):  # type: ignore[no-untyped-def]
+        import duckdb
+
+        con = duckdb.connect(str(self.path), read_only=read_only)
+        con.execute("SET TimeZone='UTC'")
+        con.execute("SET enable_progress_bar=false")
+        return con
+
+    def pairs(self) -> dict[str, str]:
+        """pair -> shape description, for the pairs already generated."""
+        if not self.path.exists():
+            return {}
+        con = self._connect(read_only=True)
+        try:
+            rows = con.execute(
+                "SELECT pair, shape FROM information_schema.tables t JOIN _bqx_generated g ON true "
+                "WHERE t.table_name = '_bqx_generated' GROUP BY pair, shape"
+            ).fetchall()
+        except Exception:  # noqa: BLE001 - a file without our bookkeeping table has no generated pairs
+            return {}
+        finally:
+            con.close()
+        return dict(rows)
+
+    def generate(self, pair: str, shape: Shape, progress=None) -> int:  # type: ignore[no-untyped-def]
+        """(Re)create the pair's tables; returns how many tables were written."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect(read_only=False)
+        try:
+            q = f'"{self.dataset}"'
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
+            con.execute("CREATE TABLE IF NOT EXISTS _bqx_generated (pair VARCHAR PRIMARY KEY, shape VARCHAR)")
+            specs = table_specs(pair, shape)
+            tables = [(targets_table(pair), None), *((s.name, s) for s in specs)]
+            con.execute("BEGIN")
+            for i, (name, spec) in enumerate(tables):
+                arrow = targets_arrow(pair, shape) if spec is None else feature_arrow(pair, spec, shape)
+                con.register("_incoming", arrow)
+                con.execute(f'CREATE OR REPLACE TABLE {q}."{name}" AS SELECT * FROM _incoming')
+                con.unregister("_incoming")
+                if progress:
+                    progress(i + 1, len(tables))
+            con.execute("INSERT OR REPLACE INTO _bqx_generated VALUES (?, ?)", [pair, shape.describe()])
+            con.execute("COMMIT")
+            return len(tables)
+        finally:
+            con.close()
