@@ -107,6 +107,8 @@ class Settings:
     """Tables extracted at once by one task."""
     extract_retries: int = 4
     """Attempts per table before the task fails."""
+    task_max_retries: int = 3
+    """Cloud Run task retries; the last attempt records its failure for `bqx status`."""
     row_limit: int = 0
     """Rows read per table (0 = all); the original runs sampled ~100k."""
     claim_lease_seconds: float = 60.0
@@ -144,6 +146,7 @@ class Settings:
             memory_budget=parse_bytes(_env("BQX_MEMORY_BUDGET", str(d.memory_budget))),
             extract_concurrency=_env_int("BQX_EXTRACT_CONCURRENCY", d.extract_concurrency),
             extract_retries=_env_int("BQX_EXTRACT_RETRIES", d.extract_retries),
+            task_max_retries=_env_int("BQX_TASK_MAX_RETRIES", d.task_max_retries),
             row_limit=_env_int("BQX_ROW_LIMIT", d.row_limit),
             claim_lease_seconds=_env_float("BQX_CLAIM_LEASE_SECONDS", d.claim_lease_seconds),
             request_topic=_env("BQX_REQUEST_TOPIC", d.request_topic),

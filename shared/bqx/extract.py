@@ -124,19 +124,23 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
     with blob.open("wb", chunk_size=UPLOAD_CHUNK, ignore_flush=True,
                    content_type="application/vnd.apache.parquet") as sink:
         writer = pq.ParquetWriter(sink, schema, **WRITER_OPTIONS)
-        for batch in source.read(entry.name, manifest.row_limit):
-            batch = _conform(batch, schema, entry.name)
-            previous = check_keys(entry.name, batch.column(KEY), previous)
-            pending.append(batch)
-            pending_rows += batch.num_rows
-            if pending_rows >= CHECKPOINT_ROW_GROUP:
+        try:
+            for batch in source.read(entry.name, manifest.row_limit):
+                batch = _conform(batch, schema, entry.name)
+                previous = check_keys(entry.name, batch.column(KEY), previous)
+                pending.append(batch)
+                pending_rows += batch.num_rows
+                if pending_rows >= CHECKPOINT_ROW_GROUP:
+                    writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=CHECKPOINT_ROW_GROUP)
+                    result.rows += pending_rows
+                    pending, pending_rows = [], 0
+            if pending_rows or result.rows == 0:
                 writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=CHECKPOINT_ROW_GROUP)
                 result.rows += pending_rows
-                pending, pending_rows = [], 0
-        if pending_rows or result.rows == 0:
-            writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=CHECKPOINT_ROW_GROUP)
-            result.rows += pending_rows
-        writer.close()
+            writer.close()
+        except BaseException:
+            writer.is_open = False  # the upload is being cancelled: no footer, no __del__ close
+            raise
         result.bytes = sink.tell() if hasattr(sink, "tell") else 0
     result.seconds = time.time() - result.started_at
     return result

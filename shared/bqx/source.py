@@ -95,8 +95,10 @@ class DuckDBSource:
         cursor = self._con.cursor()  # one cursor per thread: DuckDB connections are not thread-safe
         try:
             cursor.execute("SET TimeZone='UTC'")
-            reader = cursor.execute(sql).fetch_record_batch(BATCH_ROWS)
-            yield from reader
+            result = cursor.execute(sql)
+            # duckdb >= 1.4 names it to_arrow_reader; older releases fetch_record_batch
+            reader = getattr(result, "to_arrow_reader", None) or result.fetch_record_batch
+            yield from reader(BATCH_ROWS)
         finally:
             cursor.close()
 

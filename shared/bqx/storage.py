@@ -7,8 +7,8 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from bqx.config import Settings
 from bqx.clients import storage_client
+from bqx.config import Settings
 from bqx.errors import TransientError
 
 # Errors worth another delivery; everything else from GCS is a bug or a permission problem.

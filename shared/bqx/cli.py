@@ -1,0 +1,332 @@
+"""`bqx`: a thin command line over the library. Domain errors become clear messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bqx.errors import BqxError, UnknownPair
+from bqx.pairs import PAIRS, validate_pair
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from bqx.config import Settings
+
+    return Settings.from_env()
+
+
+def _local_settings():  # type: ignore[no-untyped-def]
+    """Settings for the embedded local stack, with this process pointed at it."""
+    os.environ.setdefault("BQX_LOCAL", "1")
+    from bqx.local.stack import client_env
+
+    s = _settings()
+    os.environ.update(client_env(s))
+    return _settings()
+
+
+def _pairs(pairs: tuple[str, ...], all_pairs: bool) -> list[str]:
+    if all_pairs:
+        return list(PAIRS)
+    if not pairs:
+        raise click.UsageError("name at least one pair, or --all")
+    try:
+        return [validate_pair(p) for p in pairs]
+    except UnknownPair as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BqxError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """bqx: BigQuery feature warehouse -> one training Parquet file per FX pair.
+
+    Runs on Google Cloud (Cloud Run jobs + Cloud Functions) or, by default, on an embedded local stack
+    (fake-gcs-server, the Pub/Sub emulator, functions-framework, a local Cloud Run API, DuckDB).
+    """
+
+
+# ---------------------------------------------------------------------------------------------- stack
+@main.group()
+def stack() -> None:
+    """Manage the local stack (emulators, functions, Cloud Run API)."""
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Start every local service (idempotent)."""
+    from bqx.local.stack import Stack
+
+    Stack(_local_settings()).up(progress=_echo)
+    _echo("local stack is up; `bqx stack down` stops it")
+
+
+@stack.command("down")
+@click.option("--purge", is_flag=True, help="Also delete the emulated buckets' data.")
+def stack_down(purge: bool) -> None:
+    """Stop every local service."""
+    import shutil
+
+    from bqx.local.stack import Stack
+
+    s = _local_settings()
+    stopped = Stack(s).down()
+    _echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    if purge:
+        shutil.rmtree(s.home / "gcs", ignore_errors=True)
+        _echo(f"purged {s.home / 'gcs'}")
+
+
+@stack.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def stack_status(as_json: bool) -> None:
+    """Show which local services run."""
+    from bqx.local.stack import Stack
+
+    st = Stack(_local_settings()).status()
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    for name, v in st.items():
+        click.echo(f"{name:10s} {'up  ' if v['up'] else 'down'} port {v['port']}  pid {v['pid'] or '-'}")
+
+
+@stack.command("dead-letters")
+def stack_dead_letters() -> None:
+    """Show (and drain) messages that exhausted their delivery attempts."""
+    from bqx.local.stack import Stack
+
+    msgs = Stack(_local_settings()).dead_letters()
+    click.echo(json.dumps(msgs, indent=1))
+    _echo(f"{len(msgs)} dead-lettered message(s)")
+
+
+# ---------------------------------------------------------------------------------------------- warehouse
+@main.group()
+def warehouse() -> None:
+    """The synthetic DuckDB warehouse standing in for BigQuery."""
+
+
+@warehouse.command("generate")
+@click.argument("pairs", nargs=-1)
+@click.option("--all", "all_pairs", is_flag=True, help="All 28 pairs.")
+@click.option("--rows", type=int, default=None, envvar="BQX_WAREHOUSE_ROWS", help="Rows per table.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--table-scale", type=float, default=1.0, show_default=True, help="Fraction of each family's tables.")
+@click.option("--column-scale", type=float, default=1.0, show_default=True, help="Fraction of columns.")
+def warehouse_generate(pairs: tuple[str, ...], all_pairs: bool, rows: int | None, seed: int,
+                       table_scale: float, column_scale: float) -> None:
+    """Generate (or regenerate) the tables of PAIRS."""
+    from bqx.warehouse import DEFAULT_ROWS, Shape
+
+    s = _local_settings()
+    shape = Shape(rows or DEFAULT_ROWS, seed, table_scale, column_scale)
+    for pair in _pairs(pairs, all_pairs):
+        _generate(s, pair, shape)
+
+
+def _generate(s, pair: str, shape) -> None:  # type: ignore[no-untyped-def]
+    from bqx.warehouse import Warehouse
+
+    t0 = time.time()
+    n = Warehouse(Path(s.warehouse), s.dataset).generate(pair, shape)
+    _echo(f"warehouse: {pair}: {n} tables ({shape.describe()}) in {time.time() - t0:.1f}s -> {s.warehouse}")
+
+
+@warehouse.command("info")
+def warehouse_info() -> None:
+    """List the generated pairs and their shapes."""
+    from bqx.warehouse import Warehouse
+
+    s = _local_settings()
+    found = Warehouse(Path(s.warehouse), s.dataset).pairs()
+    click.echo(f"{s.warehouse}: {len(found)} pair(s)")
+    for pair, shape in sorted(found.items()):
+        click.echo(f"  {pair}: {shape}")
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _prepare_local(s, pairs: list[str], rows: int | None) -> None:  # type: ignore[no-untyped-def]
+    from bqx.local.stack import Stack
+    from bqx.warehouse import DEFAULT_ROWS, Shape, Warehouse
+
+    st = Stack(s)
+    if not st.is_up():
+        _echo("starting the local stack ...")
+        st.up(progress=lambda m: _echo("  " + m))
+    have = Warehouse(Path(s.warehouse), s.dataset).pairs()
+    for pair in pairs:
+        if pair not in have:
+            _generate(s, pair, Shape(rows or DEFAULT_ROWS))
+
+
+def _progress_line(rs) -> str:  # type: ignore[no-untyped-def]
+    if rs.state == "extracting" and rs.expected:
+        width = 30
+        filled = int(width * rs.present / rs.expected)
+        return f"{rs.pair}: extracting [{'#' * filled}{'.' * (width - filled)}] {rs.present}/{rs.expected} checkpoints"
+    if rs.state == "merging":
+        return f"{rs.pair}: all {rs.expected} checkpoints in; merging" + (
+            f" ({rs.merge_execution.rsplit('/', 1)[-1]})" if rs.merge_execution else " (waiting for the handoff)")
+    return f"{rs.pair}: {rs.state}"
+
+
+@main.command()
+@click.argument("pairs", nargs=-1)
+@click.option("--all", "all_pairs", is_flag=True, help="All 28 pairs.")
+@click.option("--json", "as_json", is_flag=True, help="Print each summary as one JSON object.")
+@click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds to wait per pair.")
+@click.option("--rows", type=int, default=None, envvar="BQX_WAREHOUSE_ROWS",
+              help="Rows per table if the local warehouse must be generated.")
+@click.option("--concurrency", type=int, default=4, show_default=True, help="Pairs followed at once.")
+@click.option("--cloud", is_flag=True, help="Use Google Cloud instead of the local stack.")
+@click.option("--force", is_flag=True, help="Start a new run even if one is active.")
+def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, rows: int | None,
+        concurrency: int, cloud: bool, force: bool) -> None:
+    """Request PAIRS and follow each run until its training file is published."""
+    from bqx import runs
+
+    chosen = _pairs(pairs, all_pairs)
+    s = _settings() if cloud else _local_settings()
+    if not cloud:
+        _prepare_local(s, chosen, rows)
+    tty = sys.stderr.isatty()
+    last: dict[str, str] = {}
+
+    def show(rs) -> None:  # type: ignore[no-untyped-def]
+        line = _progress_line(rs)
+        if line != last.get(rs.pair):
+            last[rs.pair] = line
+            if tty and len(chosen) == 1:
+                click.echo("\r\033[K" + line, err=True, nl=False)
+            else:
+                _echo(line)
+
+    def one(pair: str):  # type: ignore[no-untyped-def]
+        run_id = runs.submit(s, pair, force=force)
+        _echo(f"{pair}: requested gs://{s.staging_bucket}/requests/{pair}.json (run {run_id})")
+        return runs.follow(s, pair, run_id, timeout, on_update=show)
+
+    failed = 0
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        for rs in pool.map(one, chosen):
+            if tty and len(chosen) == 1:
+                click.echo("", err=True)
+            if rs.state == "failed":
+                failed += 1
+                e = rs.error or {}
+                _echo(f"{rs.pair}: FAILED in {e.get('stage')}: {e.get('error')}\n  retry with: {e.get('retry')}")
+                continue
+            summary = rs.summary or {}
+            if as_json:
+                click.echo(json.dumps(summary, sort_keys=True))
+            else:
+                click.echo(
+                    f"{rs.pair}: {summary['rows']} rows x {summary['columns']} columns from "
+                    f"{summary['checkpoints']} checkpoints -> {summary['output']} "
+                    f"({summary['bytes'] / 1e6:.1f} MB, sha256 {summary['sha256'][:16]}..., "
+                    f"merge {summary['merge_seconds']:.1f}s, run {summary['run_id']})"
+                )
+    if failed:
+        raise click.ClickException(f"{failed} of {len(chosen)} pair(s) failed")
+
+
+@main.command()
+@click.argument("pairs", nargs=-1)
+@click.option("--all", "all_pairs", is_flag=True)
+@click.option("--cloud", is_flag=True, help="Use Google Cloud instead of the local stack.")
+@click.option("--force", is_flag=True, help="Start a new run even if one is active.")
+def submit(pairs: tuple[str, ...], all_pairs: bool, cloud: bool, force: bool) -> None:
+    """Request PAIRS and return at once (follow with `bqx status --watch`)."""
+    from bqx import runs
+
+    chosen = _pairs(pairs, all_pairs)
+    s = _settings() if cloud else _local_settings()
+    if not cloud:
+        _prepare_local(s, chosen, None)
+    for pair in chosen:
+        click.echo(json.dumps({"pair": pair, "run_id": runs.submit(s, pair, force=force)}))
+
+
+@main.command()
+@click.argument("pairs", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--cloud", is_flag=True)
+def status(pairs: tuple[str, ...], as_json: bool, cloud: bool) -> None:
+    """Where each pair's newest run stands, from the buckets alone."""
+    from bqx import runs
+
+    chosen = _pairs(pairs, not pairs)
+    s = _settings() if cloud else _local_settings()
+    states = [runs.state(s, p) for p in chosen]
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in states], default=str))
+        return
+    for rs in states:
+        if rs.state == "none" and not pairs:
+            continue
+        extra = ""
+        if rs.state == "failed" and rs.error:
+            extra = f"  {rs.error.get('stage')}: {rs.error.get('error')}  (retry: {rs.error.get('retry')})"
+        if rs.summary:
+            extra = f"  {rs.summary['rows']} rows x {rs.summary['columns']} cols, {rs.summary['output']}"
+        click.echo(f"{rs.pair:7s} {rs.state:10s} {rs.present:>4}/{rs.expected:<4} run {rs.run_id or '-'}{extra}")
+
+
+# ---------------------------------------------------------------------------------------------- merge
+@main.command()
+@click.option("--from", "src", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Directory with one Parquet file per table.")
+@click.option("--to", "dst", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output Parquet file.")
+@click.option("--targets", default=None, help="Name (stem) of the targets file; default: the file named targets*.")
+@click.option("--pair", default=None, help="Strip this pair from table names when prefixing columns.")
+@click.option("--memory-budget", default="1GiB", show_default=True, envvar="BQX_MEMORY_BUDGET")
+@click.option("--workers", type=int, default=None, help="Tables merged at once (default: up to 2).")
+@click.option("--json", "as_json", is_flag=True)
+def merge(src: Path, dst: Path, targets: str | None, pair: str | None, memory_budget: str,
+          workers: int | None, as_json: bool) -> None:
+    """LEFT JOIN every Parquet file in --from onto the targets by interval_time, memory-bounded."""
+    from dataclasses import asdict, replace
+
+    from bqx import layout
+    from bqx.config import parse_bytes
+    from bqx.merge import local_inputs
+    from bqx.merge import merge as do_merge
+
+    t, features = local_inputs(src, targets)
+    if pair:
+        validate_pair(pair)
+        features = [replace(f, prefix=layout.prefix_of(pair, f.table)) for f in features]
+    tmp = dst.with_name(dst.name + ".partial")
+    with open(tmp, "wb") as sink:
+        stats = do_merge(t, features, sink, parse_bytes(memory_budget), workers)
+    tmp.replace(dst)
+    out = {k: v for k, v in asdict(stats).items() if k != "table_seconds"}
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"{dst}: {stats.rows} rows x {stats.columns} columns from {stats.tables} tables, "
+                   f"{stats.bytes / 1e6:.1f} MB in {stats.seconds:.2f}s")
+
+
+if __name__ == "__main__":
+    main()

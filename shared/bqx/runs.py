@@ -1,0 +1,101 @@
+"""A run's state, read from the buckets alone (works the same against the cloud and the local stack)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bqx import ids, layout, storage
+from bqx.catalog import Manifest, family_of
+from bqx.config import Settings
+from bqx.errors import TerminalError
+
+
+@dataclass
+class RunState:
+    pair: str
+    run_id: str | None
+    state: str  # none | requested | extracting | merging | done | failed
+    expected: int = 0
+    present: int = 0
+    families: dict[str, list[int]] = field(default_factory=dict)  # family -> [present, expected]
+    error: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    merge_execution: str | None = None
+    extract_execution: str | None = None
+    requested_at: float | None = None
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def submit(settings: Settings, pair: str, force: bool = False) -> str:
+    """Drop requests/<pair>.json in the staging bucket; returns the run id the trigger will use."""
+    blob = storage.bucket(settings, settings.staging_bucket).blob(layout.request(pair))
+    body = {"pair": pair, "requested_by": "bqx", **({"force": True} if force else {})}
+    blob.upload_from_string(storage.dumps(body), content_type="application/json")
+    return ids.run_id_for_object(settings.staging_bucket, blob.name, blob.generation)
+
+
+def latest_run(settings: Settings, pair: str) -> str | None:
+    found = storage.read_json(settings, settings.staging_bucket, layout.latest(pair))
+    return None if found is None else str(found[0].get("run_id"))
+
+
+def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
+    s = settings
+    pointer = storage.read_json(s, s.staging_bucket, layout.latest(pair))
+    if run_id is None:
+        if pointer is None:
+            return RunState(pair, None, "none")
+        run_id = str(pointer[0]["run_id"])
+    rs = RunState(pair, run_id, "requested")
+    if pointer and pointer[0].get("run_id") == run_id:
+        rs.requested_at = pointer[0].get("requested_at")
+    err = storage.read_json(s, s.staging_bucket, layout.run_error(pair, run_id))
+    summary = storage.read_json(s, s.output_bucket, layout.summary(pair))
+    if summary and summary[0].get("run_id") == run_id:
+        rs.summary = summary[0]
+    for stage in ("extract", "merge"):
+        c = storage.read_json(s, s.staging_bucket, layout.claim(pair, run_id, stage))
+        if c:
+            setattr(rs, f"{stage}_execution", c[0].get("execution"))
+    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
+    if found:
+        manifest = Manifest.from_json(found[0])
+        present = storage.list_names(s, s.staging_bucket, layout.checkpoints_prefix(pair, run_id))
+        rs.expected, rs.present = len(manifest.tables), len(manifest.expected_objects() & present.keys())
+        rs.bytes = sum(present.values())
+        for t in manifest.tables:
+            fam = rs.families.setdefault(family_of(t.name), [0, 0])
+            fam[1] += 1
+            fam[0] += t.checkpoint in present
+        rs.state = "extracting"
+        if rs.present == rs.expected:
+            rs.state = "merging"
+    elif rs.extract_execution:
+        rs.state = "extracting"
+    if rs.summary:
+        rs.state = "done"
+    elif err:
+        rs.error, rs.state = err[0], "failed"
+    return rs
+
+
+def follow(settings: Settings, pair: str, run_id: str, timeout: float, on_update=None, poll: float = 0.5):  # type: ignore[no-untyped-def]
+    """Poll until the run is done or failed; returns the final RunState."""
+    deadline = time.time() + timeout
+    while True:
+        rs = state(settings, pair, run_id)
+        if on_update:
+            on_update(rs)
+        if rs.state in ("done", "failed"):
+            return rs
+        if time.time() > deadline:
+            raise TerminalError(
+                f"{pair}: run {run_id} still {rs.state} after {timeout:.0f}s "
+                f"({rs.present}/{rs.expected} checkpoints); see `bqx status {pair}`"
+            )
+        time.sleep(poll)
