@@ -41,12 +41,8 @@ def parse_bytes(text: str) -> int:
     """'1GiB', '512MiB', '2GB', '1048576' -> bytes."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     raw = text.strip().lower().replace(" ", "")
-    for unit, factor in units.items():
-        if raw.endswith(unit):
-            number = raw[: -len(unit)]
-            break
-    else:
-        number, factor = raw, 1
+    unit = next((u for u in units if raw.endswith(u)), "b")
+    number, factor = (raw[: -len(unit)] if raw.endswith(unit) else raw), units[unit]
     try:
         value = int(float(number) * factor)
     except ValueError:
