@@ -1,0 +1,278 @@
+"""Merge benchmark (issue 9): one command, one table.
+
+    python benchmarks/merge.py [--shapes a,b,c] [--quick] [--timeout 600] [--contenders floor,copy,ours,polars,duckdb]
+
+Shapes: (a) 10 value columns x 100k rows x 667 tables + targets, (b) the same at 500k rows, (c) the warehouse's real
+column mix (~17,000 columns) x 20k rows. Inputs are generated once into benchmarks/.cache/ (one Parquet file per
+table, sorted by interval_time). Each contender runs in its own process; wall time and peak RSS are of its whole
+process tree (polled), scratch is the peak size of its scratch directory. A contender over --timeout or over
+--memory-cap is killed and reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import PAIR, SHAPES, BenchShape, Result, ensure_data, gib, input_bytes, quick, run_tree  # noqa: E402
+
+KEY = "interval_time"
+CONTENDERS = ("floor", "copy", "ours", "polars", "duckdb")
+PY = sys.executable
+
+
+# ----------------------------------------------------------------------------------------------- contenders
+def _tables(src: Path) -> tuple[Path, list[Path]]:
+    files = sorted(src.glob("*.parquet"))
+    targets = next(p for p in files if p.stem.startswith("targets"))
+    return targets, [p for p in files if p != targets]
+
+
+def _prefix(table: str) -> str:
+    from bqx.layout import prefix_of
+
+    return prefix_of(PAIR, table)
+
+
+def run_floor(src: Path, dst: Path, scratch: Path) -> dict:
+    """Decode every input fully and encode it again into one file (same writer settings, 2 threads)."""
+    import pyarrow.parquet as pq
+    from bqx.parquet_io import WRITER_OPTIONS
+
+    targets, features = _tables(src)
+    lock = threading.Lock()
+    with open(dst, "wb") as out:
+        def one(p: Path) -> None:
+            t = pq.read_table(p)
+            buf = io.BytesIO()
+            pq.write_table(t, buf, **WRITER_OPTIONS)
+            del t
+            with lock:
+                out.write(buf.getbuffer())
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(one, [targets, *features]))
+    return {"bytes": dst.stat().st_size}
+
+
+def run_copy(src: Path, dst: Path, scratch: Path) -> dict:
+    targets, features = _tables(src)
+    with open(dst, "wb") as out:
+        for p in [targets, *features]:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    return {"bytes": dst.stat().st_size}
+
+
+def run_polars(src: Path, dst: Path, scratch: Path) -> dict:
+    """Each table left-joined onto the targets' keys (order kept), then one horizontal concat, written once."""
+    import polars as pl
+
+    targets, features = _tables(src)
+    base = pl.read_parquet(targets)
+    keys = base.select(KEY)
+    frames = [base]
+    for p in features:
+        df = pl.read_parquet(p)
+        pre = _prefix(p.stem)
+        aligned = keys.join(df, on=KEY, how="left", maintain_order="left").drop(KEY)
+        frames.append(aligned.rename({c: f"{pre}_{c}" for c in aligned.columns}))
+    out = pl.concat(frames, how="horizontal")
+    out.write_parquet(dst, compression="snappy")
+    return {"rows": out.height, "columns": out.width}
+
+
+def run_duckdb(src: Path, dst: Path, scratch: Path, memory_limit: str = "6GB", batch: int = 40) -> dict:
+    """Batched joins: each batch of tables left-joined onto the targets' keys into a table (ordered by key), then
+    the targets and the batch tables positionally joined and written in one COPY."""
+    import duckdb
+
+    targets, features = _tables(src)
+    con = duckdb.connect(str(scratch / "bench.duckdb"))
+    con.execute("SET TimeZone='UTC'")
+    con.execute(f"SET memory_limit='{memory_limit}'")
+    con.execute("SET threads=2")
+    con.execute(f"SET temp_directory='{scratch / 'tmp'}'")
+    con.execute("SET preserve_insertion_order=true")
+    con.execute("SET enable_progress_bar=false")
+    con.execute(f"CREATE TABLE k AS SELECT {KEY} FROM read_parquet('{targets}') ORDER BY {KEY}")
+    names = []
+    for b in range(0, len(features), batch):
+        chunk = features[b : b + batch]
+        sel, joins = [], []
+        for i, p in enumerate(chunk):
+            cols = [c for c in duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{p}')").fetchall() if c[0] != KEY]
+            pre = _prefix(p.stem)
+            sel += [f't{i}."{c[0]}" AS "{pre}_{c[0]}"' for c in cols]
+            joins.append(f"LEFT JOIN read_parquet('{p}') t{i} ON t{i}.{KEY} = k.{KEY}")
+        name = f"b{b // batch}"
+        con.execute(f"CREATE TABLE {name} AS SELECT {', '.join(sel)} FROM k {' '.join(joins)} ORDER BY k.{KEY}")
+        names.append(name)
+    positional = " ".join(f"POSITIONAL JOIN {n}" for n in names)
+    con.execute(f"COPY (SELECT * FROM read_parquet('{targets}') {positional}) TO '{dst}' "
+                "(FORMAT parquet, COMPRESSION snappy)")
+    con.close()
+    return {"bytes": dst.stat().st_size}
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+def compare(ours: Path, other: Path, sample: int = 300) -> str:
+    """'yes' if row count, column names/order and a sample of columns (always the key and the last one) are equal."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    a, b = pq.ParquetFile(ours), pq.ParquetFile(other)
+    if a.metadata.num_rows != b.metadata.num_rows:
+        return f"no: rows {b.metadata.num_rows} vs {a.metadata.num_rows}"
+    na, nb = a.schema_arrow.names, b.schema_arrow.names
+    if na != nb:
+        return f"no: columns differ ({len(nb)} vs {len(na)})"
+    step = max(1, len(na) // sample)
+    cols = sorted({0, len(na) - 1, *range(1, len(na), step)})
+    names = [na[i] for i in cols]
+    ta, tb = a.read(columns=names), b.read(columns=names)
+    for n in names:
+        x, y = ta.column(n), tb.column(n)
+        if x.type != y.type:
+            try:
+                y = y.cast(x.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return f"no: {n} type {y.type} vs {x.type}"
+        if not x.equals(y):
+            return f"no: {n} values"
+    return f"yes ({len(names)} cols)"
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def _child(args: argparse.Namespace) -> None:
+    src, dst, scratch = Path(args.src), Path(args.dst), Path(args.scratch)
+    fn = {"floor": run_floor, "copy": run_copy, "polars": run_polars, "duckdb": run_duckdb}[args.child]
+    t0 = time.time()
+    report = fn(src, dst, scratch)
+    report["inner_seconds"] = round(time.time() - t0, 2)
+    print(json.dumps(report))
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_contender(name: str, src: Path, dst: Path, timeout: float, cap: int, budget: str) -> tuple[Result, int]:
+    scratch = Path(tempfile.mkdtemp(prefix=f"bqx-bench-{name}-", dir=dst.parent))
+    if name == "ours":
+        cmd = [str(Path(PY).with_name("bqx")), "merge", "--from", str(src), "--to", str(dst), "--pair", PAIR,
+               "--memory-budget", budget, "--json"]
+    else:
+        cmd = [PY, str(Path(__file__).resolve()), "--child", name, "--src", str(src), "--dst", str(dst),
+               "--scratch", str(scratch)]
+    peak_scratch = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            try:
+                peak_scratch[0] = max(peak_scratch[0], _dir_size(scratch))
+            except OSError:
+                pass
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    try:
+        res = run_tree(cmd, timeout, memory_cap=cap, env={"BQX_MEMORY_BUDGET": budget})
+    finally:
+        stop.set()
+        w.join()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return res, peak_scratch[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="a,c", help="comma-separated: a, b, c (default a,c)")
+    ap.add_argument("--quick", action="store_true", help="scaled-down shapes, for a smoke run")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per contender")
+    ap.add_argument("--memory-cap", type=float, default=16.0, help="GiB; a contender above this is killed (OOM)")
+    ap.add_argument("--memory-budget", default="1GiB", help="ours: --memory-budget")
+    ap.add_argument("--out", type=Path, default=None, help="where outputs go (default: a temp dir in the cache)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    ap.add_argument("--dst", help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    contenders = [c for c in args.contenders.split(",") if c]
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        ap.error(f"unknown contenders {sorted(unknown)}")
+    shapes: list[BenchShape] = []
+    for k in args.shapes.split(","):
+        s = SHAPES[k.strip()]
+        shapes.append(quick(s) if args.quick else s)
+    cap = int(args.memory_cap * 2**30)
+    rows = []
+    for shape in shapes:
+        print(f"# shape {shape.key}: {shape.label} - preparing data", file=sys.stderr, flush=True)
+        src = ensure_data(shape)
+        meta = json.loads((src / ".complete").read_text())
+        out_dir = Path(args.out or tempfile.mkdtemp(prefix="out-", dir=src.parent))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results: dict[str, tuple[Result, int]] = {}
+        ours_path = out_dir / "ours.parquet"
+        order = ["ours", *[c for c in contenders if c != "ours"]] if "ours" in contenders else contenders
+        for name in order:
+            dst = out_dir / f"{name}.parquet"
+            # Warm the page cache the same way for everyone.
+            for p in src.glob("*.parquet"):
+                p.read_bytes()
+            print(f"#   {name} ...", file=sys.stderr, flush=True)
+            res, scratch = run_contender(name, src, dst, args.timeout, cap, args.memory_budget)
+            eq = "-"
+            if res.status == "ok" and name in ("polars", "duckdb") and ours_path.exists():
+                eq = compare(ours_path, dst)
+            elif name == "ours" and res.status == "ok":
+                eq = "(ours)"
+            results[name] = (res, scratch)
+            print(f"#   {name}: {res.status} {res.seconds:.1f}s {gib(res.peak_rss)} {eq} {res.detail}",
+                  file=sys.stderr, flush=True)
+            rows.append((shape, name, res, scratch, eq))
+            if name != "ours":
+                dst.unlink(missing_ok=True)
+        ours_path.unlink(missing_ok=True)
+        if args.out is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        print(f"#   inputs: {meta['tables']} tables, {meta['columns']} columns, {input_bytes(src) / 2**30:.2f} GiB",
+              file=sys.stderr, flush=True)
+        base = {n: results[n][0].seconds for n in ("floor", "copy") if n in results and results[n][0].status == "ok"}
+        rows = [(*r, base) if r[0] is shape else r for r in rows]
+
+    print()
+    print("| shape | contender | seconds | / floor | / byte copy | peak RSS | scratch | equals ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, name, res, scratch, eq, base in rows:
+        if res.status == "ok":
+            secs = f"{res.seconds:.1f}"
+            rf = f"{res.seconds / base['floor']:.2f}x" if "floor" in base else "-"
+            rc = f"{res.seconds / base['copy']:.2f}x" if "copy" in base else "-"
+        else:
+            what = {"timeout": f"no result in {args.timeout:.0f} s", "oom": f"OOM (> {args.memory_cap:.0f} GiB)"}
+            secs, rf, rc = what.get(res.status, f"error: {res.detail}"), "-", "-"
+        print(f"| {shape.label} | {name} | {secs} | {rf} | {rc} | {gib(res.peak_rss)} | {gib(scratch)} | {eq} |")
+
+
+if __name__ == "__main__":
+    main()
