@@ -52,6 +52,14 @@ def replace_json(settings: Settings, bucket_name: str, name: str, obj: Any, gene
     return int(blob.generation)
 
 
+def delete_if_generation(settings: Settings, bucket_name: str, name: str, generation: int) -> bool:
+    try:
+        bucket(settings, bucket_name).blob(name).delete(if_generation_match=generation)
+    except (gexc.PreconditionFailed, gexc.NotFound):
+        return False
+    return True
+
+
 def write_json(settings: Settings, bucket_name: str, name: str, obj: Any) -> None:
     bucket(settings, bucket_name).blob(name).upload_from_string(dumps(obj), content_type="application/json")
 

@@ -1,0 +1,131 @@
+"""Shared fixtures: one local stack per test session (real emulators on free loopback ports), env restored
+after every test, and helpers to build CloudEvents the way Eventarc and Pub/Sub push deliver them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from bqx import handlers
+from bqx.config import Settings
+from bqx.local.runapi import RunApi, make_handler
+from bqx.local.stack import Stack, client_env
+from bqx.warehouse import Shape, Warehouse
+from cloudevents.http import CloudEvent
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = Shape(rows=300, seed=11, table_scale=0.03, column_scale=0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_env() -> Iterator[None]:
+    saved = dict(os.environ)
+    handlers.settings.cache_clear()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    handlers.settings.cache_clear()
+
+
+@dataclass
+class LocalStack:
+    settings: Settings
+    stack: Stack
+    env: dict[str, str]
+
+    def apply_env(self) -> None:
+        os.environ.update(self.env)
+        handlers.settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The whole embedded stack, as `bqx stack up` starts it, on free ports."""
+    home = tmp_path_factory.mktemp("bqx-home")
+    saved = dict(os.environ)
+    os.environ.update({"BQX_LOCAL": "1", "BQX_HOME": str(home), "BQX_CLAIM_LEASE_SECONDS": "5"})
+    for name in ("gcs", "pubsub", "trigger", "completion", "run_api"):
+        os.environ[f"BQX_PORT_{name.upper()}"] = str(free_port())
+    settings = Settings.from_env()
+    env = {**client_env(settings), "BQX_CLAIM_LEASE_SECONDS": "5"}
+    os.environ.update(env)
+    Warehouse(Path(settings.warehouse), settings.dataset).generate("eurusd", SMALL)
+    stack = Stack(settings)
+    try:
+        stack.up(progress=lambda m: None)
+        yield LocalStack(settings, stack, env)
+    finally:
+        stack.down()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def stack_env(local_stack: LocalStack) -> LocalStack:
+    local_stack.apply_env()
+    return local_stack
+
+
+@pytest.fixture
+def run_api(tmp_path: Path) -> Iterator[RunApi]:
+    """A separate local Cloud Run API whose jobs do nothing, for tests that count launches."""
+    api = RunApi(tmp_path / "run-api", {"bqx-ml-extract": ["true"], "bqx-ml-merge": ["true"]}, dict(os.environ))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(api))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    os.environ["BQX_RUN_API_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+    handlers.settings.cache_clear()
+    from bqx import clients
+
+    clients.jobs_client.cache_clear()
+    try:
+        yield api
+    finally:
+        server.shutdown()
+        server.server_close()
+        clients.jobs_client.cache_clear()
+
+
+def storage_event(bucket: str, name: str, generation: int | str, event_id: str = "e1") -> CloudEvent:
+    """What Eventarc delivers for an object finalize."""
+    return CloudEvent(
+        {"type": "google.cloud.storage.object.v1.finalized",
+         "source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+         "id": event_id, "specversion": "1.0", "subject": f"objects/{name}"},
+        {"bucket": bucket, "name": name, "generation": str(generation)},
+    )
+
+
+def pubsub_event(data: bytes | str, attributes: dict[str, str] | None = None, message_id: str = "m1") -> CloudEvent:
+    """What a Pub/Sub push (or Eventarc Pub/Sub trigger) delivers."""
+    raw = data.encode() if isinstance(data, str) else data
+    return CloudEvent(
+        {"type": "google.cloud.pubsub.topic.v1.messagePublished",
+         "source": "//pubsub.googleapis.com/projects/p/topics/t", "id": message_id, "specversion": "1.0"},
+        {"message": {"data": base64.b64encode(raw).decode(), "attributes": attributes or {}, "messageId": message_id},
+         "subscription": "projects/p/subscriptions/s"},
+    )
+
+
+def gcs_notification(bucket: str, name: str, generation: int | str, message_id: str = "n1") -> CloudEvent:
+    """A GCS notification (as fake-gcs-server and real GCS publish it) wrapped in a Pub/Sub push."""
+    return pubsub_event(
+        json.dumps({"bucket": bucket, "name": name, "generation": str(generation)}),
+        {"bucketId": bucket, "objectId": name, "objectGeneration": str(generation), "eventType": "OBJECT_FINALIZE",
+         "payloadFormat": "JSON_API_V1"},
+        message_id,
+    )

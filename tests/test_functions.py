@@ -1,0 +1,165 @@
+"""The real functions/*/main.py served by functions-framework, fed real CloudEvents, against fake-gcs-server
+and a local Cloud Run API that counts launches. Acked = HTTP 200, redelivered = HTTP 500."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+from bqx import layout, storage
+from bqx.catalog import Column, Manifest, TableEntry
+from bqx.local.runapi import RunApi
+from cloudevents.conversion import to_structured
+from conftest import REPO, gcs_notification, pubsub_event, storage_event
+from functions_framework import create_app
+
+
+def client(name: str):  # type: ignore[no-untyped-def]
+    return create_app(name, str(REPO / "functions" / name / "main.py"), "cloudevent").test_client()
+
+
+def post(c, event) -> int:  # type: ignore[no-untyped-def]
+    headers, body = to_structured(event)
+    return c.post("/", headers=headers, data=body).status_code
+
+
+def launches(api: RunApi, job: str) -> list[dict]:
+    return [e.resource() for e in api.executions.values() if e.job == job]
+
+
+def upload(settings, name: str, data: bytes) -> int:  # type: ignore[no-untyped-def]
+    blob = storage.bucket(settings, settings.staging_bucket).blob(name)
+    blob.upload_from_string(data)
+    return int(blob.generation)
+
+
+@pytest.fixture
+def s(stack_env, run_api):  # type: ignore[no-untyped-def]
+    """Settings with a bucket of this test's own, which the session stack's functions do not watch."""
+    from bqx.clients import storage_client
+    from bqx.config import Settings
+
+    os.environ["BQX_STAGING_BUCKET"] = f"t-{uuid.uuid4().hex[:16]}"
+    settings = Settings.from_env()
+    storage_client(settings).create_bucket(settings.staging_bucket)
+    return settings
+
+
+def test_request_object_starts_one_extract_even_when_delivered_twice(s, run_api) -> None:
+    gen = upload(s, layout.request("gbpusd"), b'{"pair": "gbpusd"}')
+    c = client("trigger")
+    assert post(c, storage_event(s.staging_bucket, "requests/gbpusd.json", gen, "a")) == 200
+    assert post(c, gcs_notification(s.staging_bucket, "requests/gbpusd.json", gen, "b")) == 200
+    started = launches(run_api, "bqx-ml-extract")
+    assert len(started) == 1
+    ex = run_api.executions[started[0]["name"].rsplit("/", 1)[-1]]
+    assert ex.args == ["gbpusd"] and ex.env["BQX_RUN_ID"].startswith("r")
+    pointer = storage.read_json(s, s.staging_bucket, layout.latest("gbpusd"))
+    assert pointer and pointer[0]["run_id"] == ex.env["BQX_RUN_ID"]
+
+
+def test_pubsub_message_starts_one_extract_per_message(s, run_api) -> None:
+    c = client("trigger")
+    mid = uuid.uuid4().hex
+    assert post(c, pubsub_event(json.dumps({"pair": "usdjpy"}), message_id=mid)) == 200
+    assert post(c, pubsub_event(json.dumps({"pair": "usdjpy"}), message_id=mid)) == 200
+    assert len(launches(run_api, "bqx-ml-extract")) == 1
+    assert post(c, pubsub_event(json.dumps({"pair": "usdjpy"}), message_id=uuid.uuid4().hex)) == 200
+    assert len(launches(run_api, "bqx-ml-extract")) == 2
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1,2]", b'{"pair": "notapair"}', b'{"pair": 7}',
+                                  b'{"pair": "eurusd", "drop": "table"}', b'{"pair": "../../etc"}',
+                                  b'{"pair": "eurusd\'; DROP TABLE x; --"}', b"\xff\xfe",
+                                  b'{"pair":"eurusd","force":"y"}'])
+def test_bad_messages_are_acknowledged_and_start_nothing(s, run_api, body: bytes) -> None:
+    assert post(client("trigger"), pubsub_event(body, message_id=uuid.uuid4().hex)) == 200
+    assert launches(run_api, "bqx-ml-extract") == []
+
+
+def test_objects_outside_the_layout_are_acknowledged(s, run_api) -> None:
+    c = client("trigger")
+    gen = upload(s, "requests/nested/eurusd.json", b'{"pair": "eurusd"}')
+    assert post(c, storage_event(s.staging_bucket, "requests/nested/eurusd.json", gen)) == 200
+    gen = upload(s, "requests/notapair.json", b"{}")
+    assert post(c, storage_event(s.staging_bucket, "requests/notapair.json", gen)) == 200
+    assert post(c, storage_event("someone-elses-bucket", "requests/eurusd.json", 1)) == 200
+    comp = client("completion")
+    gen = upload(s, "checkpoints/eurusd/../../x.parquet", b"x")
+    assert post(comp, storage_event(s.staging_bucket, "checkpoints/eurusd/../../x.parquet", gen)) == 200
+    assert run_api.executions == {}
+
+
+def _run_with_checkpoints(s, n: int = 3) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+    run_id = "t" + uuid.uuid4().hex[:12]
+    names = ["targets_eurusd", *[f"mom_eurusd_{i:03d}" for i in range(n - 1)]]
+    cols = (Column("interval_time", "timestamp[us, tz=UTC]"), Column("f000", "double"))
+    m = Manifest("eurusd", run_id, tuple(
+        TableEntry(t, "targets" if t.startswith("targets") else "feature", cols, layout.checkpoint("eurusd", run_id, t))
+        for t in names))
+    storage.write_json(s, s.staging_bucket, layout.manifest("eurusd", run_id), m.to_json())
+    return run_id, [t.checkpoint for t in m.tables]
+
+
+def test_merge_starts_once_when_the_last_checkpoint_lands(s, run_api) -> None:
+    run_id, objects = _run_with_checkpoints(s, 3)
+    c = client("completion")
+    gens = []
+    for i, name in enumerate(objects):
+        gens.append(upload(s, name, b"parquet"))
+        assert post(c, storage_event(s.staging_bucket, name, gens[-1], f"e{i}")) == 200
+        expected = 1 if i == len(objects) - 1 else 0
+        assert len(launches(run_api, "bqx-ml-merge")) == expected
+    for i in range(len(objects)):  # every event again, reordered, both delivery shapes
+        assert post(c, gcs_notification(s.staging_bucket, objects[-1 - i], gens[-1 - i], f"d{i}")) == 200
+    merges = launches(run_api, "bqx-ml-merge")
+    assert len(merges) == 1
+    ex = run_api.executions[merges[0]["name"].rsplit("/", 1)[-1]]
+    assert ex.args == ["eurusd"] and ex.env["BQX_RUN_ID"] == run_id
+    claim = storage.read_json(s, s.staging_bucket, layout.claim("eurusd", run_id, "merge"))
+    assert claim and claim[0]["execution"] == merges[0]["name"]
+
+
+def test_launch_failure_is_redelivered_then_succeeds_once(s, run_api) -> None:
+    run_id, objects = _run_with_checkpoints(s, 2)
+    gens = [upload(s, n, b"p") for n in objects]
+    run_api.fail_next = 2  # Cloud Run answers 503 twice
+    c = client("completion")
+    ev = storage_event(s.staging_bucket, objects[-1], gens[-1])
+    assert post(c, ev) == 500  # transient: raise so Pub/Sub redelivers
+    assert post(c, ev) == 500
+    assert launches(run_api, "bqx-ml-merge") == []
+    assert post(c, ev) == 200
+    assert post(c, ev) == 200
+    assert len(launches(run_api, "bqx-ml-merge")) == 1
+    assert run_api.calls == 3
+
+
+def test_instance_dying_after_claim_is_taken_over_after_the_lease(s, run_api) -> None:
+    run_id, objects = _run_with_checkpoints(s, 2)
+    gens = [upload(s, n, b"p") for n in objects]
+    claim_name = layout.claim("eurusd", run_id, "merge")
+    # what a crashed instance leaves: a claim with no execution recorded
+    dead = {"owner": "dead:1", "claimed_at": time.time(), "execution": None}
+    storage.create_json(s, s.staging_bucket, claim_name, dead)
+    c = client("completion")
+    ev = storage_event(s.staging_bucket, objects[-1], gens[-1])
+    assert post(c, ev) == 500  # fresh claim, no launch recorded: come back later
+    assert launches(run_api, "bqx-ml-merge") == []
+    claim, gen = storage.read_json(s, s.staging_bucket, claim_name)  # type: ignore[misc]
+    storage.replace_json(s, s.staging_bucket, claim_name, {**claim, "claimed_at": time.time() - 3600}, gen)
+    assert post(c, ev) == 200
+    assert post(c, ev) == 200
+    assert len(launches(run_api, "bqx-ml-merge")) == 1
+    final = storage.read_json(s, s.staging_bucket, claim_name)
+    assert final and final[0]["execution"] and final[0]["took_over_from"]["owner"] == "dead:1"
+
+
+def test_checkpoint_of_a_run_without_manifest_is_acknowledged(s, run_api) -> None:
+    name = layout.checkpoint("eurusd", "nomanifest1", "targets_eurusd")
+    gen = upload(s, name, b"p")
+    assert post(client("completion"), storage_event(s.staging_bucket, name, gen)) == 200
+    assert run_api.executions == {}
