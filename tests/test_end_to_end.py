@@ -1,0 +1,89 @@
+"""The whole pipeline through the emulators with real events: `bqx run` drops a request object, the trigger
+function starts the extract job, checkpoint finalize events wake the completion function, which starts the
+merge job; the training file is checked against a LEFT JOIN computed directly in DuckDB."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+from conftest import LocalStack
+
+from bqx import layout, storage
+from bqx.catalog import KEY, TARGET_COLUMNS, targets_table
+from bqx.source import quote_duckdb as q
+
+
+def bqx(local_stack: LocalStack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **local_stack.env}
+    return subprocess.run([sys.executable, "-m", "bqx.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def reference_join(warehouse: str, dataset: str, pair: str) -> object:
+    con = duckdb.connect(warehouse, read_only=True)
+    con.execute("SET TimeZone='UTC'")
+    tables = [r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = ? AND table_name LIKE ? "
+        "ORDER BY table_name", [dataset, f"%{pair}%"]).fetchall()]
+    features = [t for t in tables if t != targets_table(pair)]
+    select, joins = ["t.*"], []
+    for i, t in enumerate(features):
+        cols = [r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+            "ORDER BY ordinal_position", [dataset, t]).fetchall() if r[0] != KEY]
+        prefix = layout.prefix_of(pair, t)
+        select += [f"j{i}.{q(c)} AS {q(prefix + '_' + c)}" for c in cols]
+        joins.append(f"LEFT JOIN {q(dataset)}.{q(t)} j{i} USING ({KEY})")
+    sql = (f"SELECT {', '.join(select)} FROM {q(dataset)}.{q(targets_table(pair))} t {' '.join(joins)} "
+           f"ORDER BY {KEY}")
+    return con.sql(sql).to_arrow_table(), len(features) + 1
+
+
+def test_run_eurusd_end_to_end(local_stack: LocalStack, tmp_path: Path) -> None:
+    s = local_stack.settings
+    done = bqx(local_stack, "run", "eurusd", "--json", "--timeout", "240")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("pair", "run_id", "checkpoints", "rows", "columns", "output", "sha256", "seconds"):
+        assert key in summary
+    expected, n_tables = reference_join(s.warehouse, s.dataset, "eurusd")
+    assert summary["checkpoints"] == n_tables
+    assert summary["rows"] == expected.num_rows == 300
+    assert summary["columns"] == expected.num_columns
+    assert expected.schema.names[1 : 1 + len(TARGET_COLUMNS)] == list(TARGET_COLUMNS)
+
+    out = tmp_path / "training.parquet"
+    storage.bucket(local_stack.settings, s.output_bucket).blob(layout.output("eurusd")).download_to_filename(out)
+    got = pq.read_table(out)
+    assert got.schema.field(KEY).type.unit == "us" and got.schema.field(KEY).type.tz == "UTC"
+    assert got.schema.names == expected.schema.names
+    assert got.equals(expected.cast(got.schema))
+    assert pq.read_table(out).column(KEY).to_pylist() == sorted(set(got.column(KEY).to_pylist()))
+
+    # the merge was started by the completion function, exactly once, not by the CLI
+    completion_log = (s.home / "stack" / "completion.log").read_text()
+    assert "merge job started" in completion_log and summary["run_id"] in completion_log
+    journal = [json.loads(line) for line in (s.home / "run-api" / "executions.jsonl").read_text().splitlines()]
+    merges = [e for e in journal if e["event"] == "started" and e["job"] == s.merge_job
+              and e["env"].get("BQX_RUN_ID") == summary["run_id"]]
+    assert len(merges) == 1
+    status = bqx(local_stack, "status", "eurusd", "--json")
+    assert json.loads(status.stdout)[0]["state"] == "done"
+
+
+def test_unknown_pair_is_refused_and_starts_nothing(local_stack: LocalStack) -> None:
+    s = local_stack.settings
+    before = (s.home / "run-api" / "executions.jsonl")
+    n_before = len(before.read_text().splitlines()) if before.exists() else 0
+    done = bqx(local_stack, "run", "notapair", timeout=60)
+    assert done.returncode != 0
+    assert "unknown pair 'notapair'" in done.stderr and "eurusd" in done.stderr and "usdjpy" in done.stderr
+    assert not storage.exists(s, s.staging_bucket, "requests/notapair.json")
+    n_after = len(before.read_text().splitlines()) if before.exists() else 0
+    assert n_after == n_before
