@@ -14,12 +14,13 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from cloudevents.http import CloudEvent
+
 from bqx import handlers
 from bqx.config import Settings
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import Stack, client_env
 from bqx.warehouse import Shape, Warehouse
-from cloudevents.http import CloudEvent
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = Shape(rows=300, seed=11, table_scale=0.03, column_scale=0.5)
@@ -78,6 +79,20 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
 def stack_env(local_stack: LocalStack) -> LocalStack:
     local_stack.apply_env()
     return local_stack
+
+
+@pytest.fixture
+def isolated(stack_env: LocalStack) -> Settings:
+    """Settings with a staging bucket of this test's own, which the session stack's functions do not watch."""
+    import uuid
+
+    from bqx.clients import storage_client
+
+    os.environ["BQX_STAGING_BUCKET"] = f"t-{uuid.uuid4().hex[:16]}"
+    handlers.settings.cache_clear()
+    settings = Settings.from_env()
+    storage_client(settings).create_bucket(settings.staging_bucket)
+    return settings
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
-from conftest import LocalStack
 
 from bqx import layout, storage
 from bqx.catalog import KEY, TARGET_COLUMNS, targets_table
 from bqx.source import quote_duckdb as q
+
+from conftest import LocalStack
 
 
 def bqx(local_stack: LocalStack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -4,17 +4,18 @@ and a local Cloud Run API that counts launches. Acked = HTTP 200, redelivered = 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 
 import pytest
+from cloudevents.conversion import to_structured
+from functions_framework import create_app
+
 from bqx import layout, storage
 from bqx.catalog import Column, Manifest, TableEntry
 from bqx.local.runapi import RunApi
-from cloudevents.conversion import to_structured
+
 from conftest import REPO, gcs_notification, pubsub_event, storage_event
-from functions_framework import create_app
 
 
 def client(name: str):  # type: ignore[no-untyped-def]
@@ -37,15 +38,8 @@ def upload(settings, name: str, data: bytes) -> int:  # type: ignore[no-untyped-
 
 
 @pytest.fixture
-def s(stack_env, run_api):  # type: ignore[no-untyped-def]
-    """Settings with a bucket of this test's own, which the session stack's functions do not watch."""
-    from bqx.clients import storage_client
-    from bqx.config import Settings
-
-    os.environ["BQX_STAGING_BUCKET"] = f"t-{uuid.uuid4().hex[:16]}"
-    settings = Settings.from_env()
-    storage_client(settings).create_bucket(settings.staging_bucket)
-    return settings
+def s(isolated, run_api):  # type: ignore[no-untyped-def]
+    return isolated
 
 
 def test_request_object_starts_one_extract_even_when_delivered_twice(s, run_api) -> None:

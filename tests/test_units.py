@@ -8,10 +8,12 @@ import struct
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bqx import events, ids, layout, thrift
 from bqx.config import Settings, parse_bytes
 from bqx.errors import BadEvent, ConfigError, OutsideLayout, UnknownPair
 from bqx.pairs import PAIRS, validate_pair
+
 from conftest import gcs_notification, pubsub_event, storage_event
 
 

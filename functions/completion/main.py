@@ -1,6 +1,7 @@
 """Cloud Function `completion`: when a run's manifest is fully checkpointed, start its merge job once."""
 
 import functions_framework
+
 from bqx import handlers
 
 

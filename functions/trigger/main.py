@@ -1,6 +1,7 @@
 """Cloud Function `trigger`: a request object or Pub/Sub message starts the pair's extract job once."""
 
 import functions_framework
+
 from bqx import handlers
 
 

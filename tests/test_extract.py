@@ -1,0 +1,97 @@
+"""The extract job against the DuckDB warehouse and fake-gcs-server: manifest first, one checkpoint per table,
+resumable, sharded, keys checked; and the job entrypoint's exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bqx import extract, layout, storage
+from bqx.catalog import KEY, Manifest
+from bqx.errors import DuplicateKeys
+from bqx.source import DuckDBSource
+
+from conftest import REPO
+
+
+def _read(settings, name: str) -> pa.Table:  # type: ignore[no-untyped-def]
+    data = storage.bucket(settings, settings.staging_bucket).blob(name).download_as_bytes()
+    return pq.read_table(pa.BufferReader(data))
+
+
+def test_extract_writes_manifest_and_every_checkpoint_then_resumes(isolated) -> None:  # type: ignore[no-untyped-def]
+    s = isolated
+    run_id = "t" + uuid.uuid4().hex[:10]
+    report = extract.run(s, "eurusd", run_id)
+    found = storage.read_json(s, s.staging_bucket, layout.manifest("eurusd", run_id))
+    assert found is not None
+    manifest = Manifest.from_json(found[0])
+    names = storage.list_names(s, s.staging_bucket, layout.checkpoints_prefix("eurusd", run_id))
+    assert set(names) == manifest.expected_objects() and report.written == len(manifest.tables)
+    con = duckdb.connect(s.warehouse, read_only=True)
+    for entry in manifest.tables[:6]:
+        t = _read(s, entry.checkpoint)
+        assert t.schema.field(KEY).type == pa.timestamp("us", tz="UTC")
+        keys = t.column(KEY).cast(pa.int64()).to_pylist()
+        assert keys == sorted(set(keys))
+        rows = con.execute(f'SELECT count(*) FROM "{s.dataset}"."{entry.name}"').fetchone()[0]
+        assert t.num_rows == rows
+        assert [c.name for c in entry.columns] == t.schema.names
+    again = extract.run(s, "eurusd", run_id)
+    assert again.written == 0 and len(again.tables) == len(manifest.tables)
+
+
+def test_tasks_shard_the_tables_without_overlap(isolated) -> None:  # type: ignore[no-untyped-def]
+    s = isolated
+    run_id = "t" + uuid.uuid4().hex[:10]
+    a = extract.run(s, "eurusd", run_id, task_index=0, task_count=2)
+    b = extract.run(s, "eurusd", run_id, task_index=1, task_count=2)
+    ta, tb = {t.table for t in a.tables}, {t.table for t in b.tables}
+    assert ta and tb and not ta & tb
+    manifest = Manifest.from_json(storage.read_json(s, s.staging_bucket, layout.manifest("eurusd", run_id))[0])
+    assert ta | tb == {t.name for t in manifest.tables}
+
+
+def test_duplicate_keys_fail_the_table_by_name_and_leave_no_checkpoint(isolated, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s = isolated
+    path = tmp_path / "dups.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(f'CREATE SCHEMA "{s.dataset}"')
+    con.execute(f'CREATE TABLE "{s.dataset}".targets_eurusd AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
+                f'INTERVAL (i) MINUTE AS interval_time, i * 1.0 AS target_bqx45_h15 FROM range(100) t(i)')
+    con.execute(f'CREATE TABLE "{s.dataset}".mom_eurusd_000 AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
+                f'INTERVAL (i // 2) MINUTE AS interval_time, i * 1.0 AS f000 FROM range(100) t(i)')
+    con.close()
+    run_id = "t" + uuid.uuid4().hex[:10]
+    with pytest.raises(DuplicateKeys, match="mom_eurusd_000"):
+        extract.run(s, "eurusd", run_id, source=DuckDBSource(str(path), s.dataset))
+    assert not storage.exists(s, s.staging_bucket, layout.checkpoint("eurusd", run_id, "mom_eurusd_000"))
+
+
+def _job(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / script / "main.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_job_exit_codes(isolated) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "BQX_LOG_FORMAT": "json"}
+    bad_pair = _job("extract", "notapair", env=env)
+    assert bad_pair.returncode == 0  # terminal: logged, no retry asked
+    line = json.loads(bad_pair.stdout.strip().splitlines()[-1])
+    assert line["severity"] == "ERROR" and "unknown pair" in line["message"]
+    missing = _job("extract", "eurusd", env={**env, "BQX_WAREHOUSE": "/nonexistent/warehouse.duckdb",
+                                             "BQX_RUN_ID": "t" + uuid.uuid4().hex[:10]})
+    assert missing.returncode == 1  # may pass later: Cloud Run retries the task
+    ok_run = "t" + uuid.uuid4().hex[:10]
+    ok = _job("extract", "eurusd", env={**env, "BQX_RUN_ID": ok_run})
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    assert storage.exists(isolated, isolated.staging_bucket, layout.manifest("eurusd", ok_run))
