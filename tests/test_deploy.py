@@ -1,0 +1,883 @@
+"""Static checks of the Google Cloud deployment (deploy/*.tf, deploy/names.json, jobs/Dockerfile, function packaging).
+
+No cloud access: the Terraform is parsed with python-hcl2 and its expressions are evaluated by a small evaluator that
+understands the subset deploy/ uses (references, coalesce/merge/tostring/upper, jsondecode(file(names.json)), object
+literals, templates). Anything outside that subset fails loudly rather than being skipped, so a check cannot pass by
+not looking. Resource attributes known only after apply evaluate to Ref("type.name.attr").
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import hcl2  # python-hcl2, in the `test` extra
+import pytest
+
+from bqx import events
+from bqx.config import Settings, parse_bytes
+from bqx.pairs import PAIRS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+NAMES = json.loads((DEPLOY / "names.json").read_text())
+
+# ---------------------------------------------------------------------------------------------- HCL loading
+
+
+class Ref(str):
+    """An attribute Terraform knows only after apply, e.g. google_service_account.jobs.email."""
+
+
+class Unsupported(Exception):
+    pass
+
+
+def _clean(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {_unquote(k): _clean(v) for k, v in node.items() if k != "__is_block__"}
+    if isinstance(node, list):
+        return [_clean(v) for v in node]
+    return node
+
+
+def _unquote(key: str) -> str:
+    return key[1:-1] if len(key) >= 2 and key[0] == key[-1] == '"' else key
+
+
+def load_tf(texts: dict[str, str]) -> dict[str, Any]:
+    """{file name: HCL text} -> {"resource": {type: {name: body}}, "data": ..., "locals": {}, "variable": {}}."""
+    options = hcl2.SerializationOptions(strip_string_quotes=True, with_comments=False)
+    out: dict[str, Any] = {"resource": {}, "data": {}, "locals": {}, "variable": {}, "output": {}}
+    for name, text in sorted(texts.items()):
+        doc = _clean(hcl2.loads(text, serialization_options=options))
+        for block in doc.get("locals", []):
+            out["locals"].update(block)
+        for kind in ("variable", "output"):
+            for block in doc.get(kind, []):
+                out[kind].update(block)
+        for kind in ("resource", "data"):
+            for block in doc.get(kind, []):
+                for rtype, named in block.items():
+                    for rname, body in named.items():
+                        if rname in out[kind].setdefault(rtype, {}):
+                            raise AssertionError(f"{kind} {rtype}.{rname} declared twice ({name})")
+                        out[kind][rtype][rname] = body
+    return out
+
+
+def deploy_texts() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(DEPLOY.glob("*.tf"))}
+
+
+# ---------------------------------------------------------------------------------------------- expression evaluator
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>-?\d+(?:\.\d+)?)|(?P<id>[A-Za-z_][A-Za-z0-9_-]*)|(?P<str>\")|(?P<op>[()\[\],.{}=:*]))"
+)
+
+
+class Evaluator:
+    def __init__(self, tf: dict[str, Any], variables: dict[str, Any] | None = None) -> None:
+        self.tf = tf
+        self.vars = {name: body.get("default") for name, body in tf["variable"].items()}
+        for name, value in (variables or {}).items():
+            if name not in self.vars:
+                raise AssertionError(f"no variable {name!r} in deploy/variables.tf")
+            self.vars[name] = value
+        self._locals: dict[str, Any] = {}
+
+    # values as python-hcl2 gives them: "${expr}", "text ${expr} text", plain strings, numbers, dicts, lists
+    def value(self, node: Any) -> Any:
+        if isinstance(node, str):
+            return self.template(node)
+        if isinstance(node, dict):
+            return {k: self.value(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.value(v) for v in node]
+        return node
+
+    def template(self, text: str) -> Any:
+        parts: list[Any] = []
+        i = 0
+        while i < len(text):
+            start = text.find("${", i)
+            if start < 0:
+                parts.append(text[i:])
+                break
+            parts.append(text[i:start])
+            end = _matching_brace(text, start + 1)
+            parts.append(self.expr(text[start + 2 : end]))
+            i = end + 1
+        parts = [p for p in parts if p != ""]
+        if len(parts) == 1 and not (isinstance(parts[0], str) and not isinstance(parts[0], Ref)):
+            return parts[0]  # a lone ${expr} keeps its type
+        if any(isinstance(p, Ref) for p in parts):
+            return Ref("".join(f"${{{p}}}" if isinstance(p, Ref) else str(p) for p in parts))
+        return "".join(_to_str(p) for p in parts)
+
+    def expr(self, source: str) -> Any:
+        parser = _Parser(source, self)
+        result = parser.expression()
+        parser.end()
+        return result
+
+    def local(self, name: str) -> Any:
+        if name not in self._locals:
+            if name not in self.tf["locals"]:
+                raise AssertionError(f"no local {name!r}")
+            self._locals[name] = self.value(self.tf["locals"][name])
+        return self._locals[name]
+
+
+def _matching_brace(text: str, open_at: int) -> int:
+    depth, i, in_str = 0, open_at, False
+    while i < len(text):
+        c = text[i]
+        if in_str:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise Unsupported(f"unbalanced braces in {text!r}")
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class _Parser:
+    FUNCTIONS = {
+        "coalesce": lambda *a: next(v for v in a if v is not None and v != ""),
+        "tostring": _to_str,
+        "upper": lambda s: s.upper(),
+        "merge": lambda *maps: {k: v for m in maps for k, v in m.items()},
+        "jsondecode": json.loads,
+    }
+
+    def __init__(self, source: str, ev: Evaluator) -> None:
+        self.src, self.pos, self.ev = source, 0, ev
+
+    def peek(self) -> tuple[str, str] | None:
+        m = _TOKEN.match(self.src, self.pos)
+        if not m or m.end() == m.start():
+            return None
+        kind = m.lastgroup or ""
+        return kind, m.group(kind)
+
+    def take(self, expected: str | None = None) -> tuple[str, str]:
+        m = _TOKEN.match(self.src, self.pos)
+        if not m:
+            raise Unsupported(f"cannot parse {self.src[self.pos:]!r} in {self.src!r}")
+        kind = m.lastgroup or ""
+        text = m.group(kind)
+        if expected is not None and text != expected:
+            raise Unsupported(f"expected {expected!r} at {self.src[self.pos:]!r} in {self.src!r}")
+        self.pos = m.end()
+        return kind, text
+
+    def end(self) -> None:
+        if self.src[self.pos :].strip():
+            raise Unsupported(f"unsupported expression {self.src!r} (stopped at {self.src[self.pos:]!r})")
+
+    def expression(self) -> Any:
+        value = self.primary()
+        while (nxt := self.peek()) and nxt[1] == "*":
+            self.take("*")
+            value = value * self.primary()
+        return value
+
+    def primary(self) -> Any:
+        kind, text = self.take()
+        if kind == "num":
+            return float(text) if "." in text else int(text)
+        if kind == "str":
+            return self.string()
+        if text == "{":
+            return self.object()
+        if kind == "id":
+            if text in ("true", "false", "null"):
+                return {"true": True, "false": False, "null": None}[text]
+            nxt = self.peek()
+            if nxt and nxt[1] == "(":
+                return self.call(text)
+            return self.reference(text)
+        raise Unsupported(f"unsupported expression {self.src!r}")
+
+    def string(self) -> Any:
+        start = i = self.pos
+        depth = 0
+        while i < len(self.src):
+            c = self.src[i]
+            if c == "\\":
+                i += 2
+                continue
+            if c == "$" and self.src[i + 1 : i + 2] == "{":
+                i = _matching_brace(self.src, i + 1) + 1
+                continue
+            if c == '"' and depth == 0:
+                self.pos = i + 1
+                return self.ev.template(self.src[start:i].replace('\\"', '"'))
+            i += 1
+        raise Unsupported(f"unterminated string in {self.src!r}")
+
+    def object(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        while True:
+            nxt = self.peek()
+            if nxt and nxt[1] == "}":
+                self.take("}")
+                return out
+            kind, key = self.take()
+            if kind == "str":
+                key = self.string()
+            elif kind != "id":
+                raise Unsupported(f"object key {key!r} in {self.src!r}")
+            sep = self.take()[1]
+            if sep not in ("=", ":"):
+                raise Unsupported(f"object separator {sep!r} in {self.src!r}")
+            out[key] = self.expression()
+            nxt = self.peek()
+            if nxt and nxt[1] == ",":
+                self.take(",")
+
+    def call(self, name: str) -> Any:
+        self.take("(")
+        if name == "file":
+            path = self.expression()
+            self.take(")")
+            return (DEPLOY / Path(str(path)).name).read_text() if str(path).startswith("<module>/") else _fail(path)
+        if name not in self.FUNCTIONS:
+            raise Unsupported(f"function {name}() is not understood by this test's evaluator")
+        args = []
+        while True:
+            nxt = self.peek()
+            if nxt and nxt[1] == ")":
+                self.take(")")
+                break
+            args.append(self.expression())
+            nxt = self.peek()
+            if nxt and nxt[1] == ",":
+                self.take(",")
+        return self.FUNCTIONS[name](*args)
+
+    def reference(self, root: str) -> Any:
+        path = [root]
+        while True:
+            nxt = self.peek()
+            if nxt and nxt[1] == ".":
+                self.take(".")
+                path.append(self.take()[1])
+            elif nxt and nxt[1] == "[":
+                self.take("[")
+                path.append(self.expression())
+                self.take("]")
+            else:
+                break
+        return self.resolve(path)
+
+    def resolve(self, path: list[Any]) -> Any:
+        root = path[0]
+        if root == "var":
+            value, rest = self.ev.vars[path[1]], path[2:]
+        elif root == "local":
+            value, rest = self.ev.local(path[1]), path[2:]
+        elif root == "path" and path[1] == "module":
+            return "<module>"
+        elif root in ("each", "count", "env"):
+            return Ref(".".join(map(str, path)))
+        else:
+            kind = "data" if root == "data" else "resource"
+            rtype, rname = (path[1], path[2]) if kind == "data" else (path[0], path[1])
+            if rname not in self.ev.tf[kind].get(rtype, {}):
+                raise AssertionError(f"reference to undeclared {kind} {rtype}.{rname}")
+            return Ref(".".join(map(str, path)))
+        for key in rest:
+            if isinstance(value, Ref):
+                return Ref(f"{value}.{key}")
+            value = value[key]
+        return value
+
+
+def _fail(path: Any) -> Any:
+    raise Unsupported(f"file({path!r}) outside deploy/")
+
+
+@pytest.fixture(scope="module")
+def tf() -> dict[str, Any]:
+    return load_tf(deploy_texts())
+
+
+@pytest.fixture(scope="module")
+def ev(tf: dict[str, Any]) -> Evaluator:
+    return Evaluator(tf, {"project": "my-proj"})
+
+
+def resources(tf: dict[str, Any], rtype: str) -> dict[str, Any]:
+    return tf["resource"].get(rtype, {})
+
+
+def one(blocks: Any) -> Any:
+    assert isinstance(blocks, list) and len(blocks) == 1, blocks
+    return blocks[0]
+
+
+def dynamic_env(ev: Evaluator, container: dict[str, Any]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        env[ev.value(entry["name"])] = ev.value(entry["value"])
+    for dyn in container.get("dynamic", []):
+        for label, body in dyn.items():
+            assert label == "env", f"unexpected dynamic block {label}"
+            content = one(body["content"])
+            assert (content["name"], content["value"]) == ("${env.key}", "${env.value}")
+            env.update(ev.value(body["for_each"]))
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- names.json <-> code
+
+NAME_SETTINGS = {"project", "region", "staging_bucket", "output_bucket", "dataset", "temp_dataset", "extract_job",
+                 "merge_job", "request_topic", "dead_letter_topic"}
+
+
+def test_names_json_equals_settings_defaults():
+    defaults = Settings()
+    assert NAME_SETTINGS <= set(NAMES["settings"]), "names.json lacks a name the code uses"
+    for key, value in NAMES["settings"].items():
+        assert getattr(defaults, key) == value, f"names.json settings.{key}={value!r}, bqx.config says " \
+                                                f"{getattr(defaults, key)!r}"
+
+
+def _sentinel(field_name: str, default: Any) -> tuple[str, Any]:
+    """A value different from the default, as env text and as the parsed value."""
+    if field_name == "merge_method":
+        return "polars", "polars"
+    if field_name == "memory_budget":
+        return "3MiB", 3 << 20
+    if isinstance(default, bool):
+        raise AssertionError(f"no sentinel for {field_name}")
+    if isinstance(default, int):
+        return "7", 7
+    if isinstance(default, float):
+        return "7.5", 7.5
+    return f"sentinel-{field_name}", f"sentinel-{field_name}"
+
+
+def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("BQX_") or key in ("MERGE_METHOD", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"):
+            monkeypatch.delenv(key)
+
+
+def test_env_names_are_the_ones_settings_reads(monkeypatch):
+    settable = {f.name for f in fields(Settings)}
+    defaults = Settings()
+    for field_name, env_name in NAMES["env"].items():
+        assert field_name in settable, f"names.json env.{field_name}: Settings has no such field"
+        _clear_env(monkeypatch)
+        text, parsed = _sentinel(field_name, getattr(defaults, field_name))
+        monkeypatch.setenv(env_name, text)
+        got = getattr(Settings.from_env(), field_name)
+        assert got == parsed, f"{env_name}={text!r} did not set Settings.{field_name} (got {got!r})"
+
+
+def test_pairs_and_event_types_match_code():
+    assert NAMES["pairs"] == list(PAIRS)
+    assert NAMES["event_types"]["object_finalized"] == events.FINALIZED
+    assert NAMES["event_types"]["pubsub_published"] == events.PUBSUB
+
+
+def test_job_resources_are_the_original_systems():
+    # The issue fixes these numbers; names.json carries them to Terraform.
+    want = {"extract": ("4", "8Gi", 7200), "merge": ("1", "2Gi", 1800)}
+    for job, (cpu, memory, timeout) in want.items():
+        spec = NAMES["jobs"][job]
+        assert (spec["cpu"], spec["memory"], spec["timeout_seconds"]) == (cpu, memory, timeout), job
+        assert (ROOT / spec["entrypoint"]).is_file()
+    budget = parse_bytes(NAMES["jobs"]["merge"]["memory_budget"])
+    assert budget == Settings().memory_budget
+    assert budget <= parse_bytes(NAMES["jobs"]["merge"]["memory"].replace("Gi", "GiB")) // 2, \
+        "the merge's memory budget must leave headroom inside the container"
+
+
+def test_function_names_are_the_decorated_handlers():
+    for spec in NAMES["functions"].values():
+        tree = ast.parse((ROOT / spec["source"] / "main.py").read_text())
+        handlers = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)
+                    and any("cloud_event" in ast.unparse(d) for d in n.decorator_list)]
+        assert handlers == [spec["entry_point"]], f"{spec['source']}/main.py defines {handlers}"
+
+
+# ------------------------------------------------------------------------------------------- Terraform <-> names.json
+
+
+def test_jobs_match_names_json(tf, ev):
+    jobs = resources(tf, "google_cloud_run_v2_job")
+    assert set(jobs) == {"extract", "merge"}
+    for job, body in jobs.items():
+        spec = NAMES["jobs"][job]
+        assert ev.value(body["name"]) == NAMES["settings"][f"{job}_job"]
+        outer = one(body["template"])
+        inner = one(outer["template"])
+        container = one(inner["containers"])
+        limits = one(container["resources"])["limits"]
+        assert ev.value(limits["cpu"]) == spec["cpu"], f"{job} cpu"
+        assert ev.value(limits["memory"]) == spec["memory"], f"{job} memory"
+        assert ev.value(inner["timeout"]) == f"{spec['timeout_seconds']}s", f"{job} timeout"
+        assert ev.value(inner["max_retries"]) == NAMES["settings"]["task_max_retries"]
+        assert ev.value(outer["task_count"]) == spec["task_count"]
+        assert ev.value(inner["service_account"]) == "google_service_account.jobs.email"
+        image = ev.value(container["image"])
+        assert f"/{NAMES['images'][job]}:" in image, image
+        assert "args" not in container and "command" not in container, "the image's entrypoint and per-run args rule"
+
+
+def test_task_counts_and_retries_are_variables(tf):
+    ev = Evaluator(tf, {"project": "p", "extract_task_count": 6, "extract_max_retries": 5, "merge_max_retries": 2})
+    jobs = resources(tf, "google_cloud_run_v2_job")
+    ext, mrg = one(jobs["extract"]["template"]), one(jobs["merge"]["template"])
+    assert ev.value(ext["task_count"]) == 6 and ev.value(ext["parallelism"]) == 6
+    assert ev.value(one(ext["template"])["max_retries"]) == 5
+    assert ev.value(one(mrg["template"])["max_retries"]) == 2
+    # The job's own record of "last attempt" must agree with Cloud Run's retry count.
+    assert dynamic_env(ev, one(one(ext["template"])["containers"]))["BQX_TASK_MAX_RETRIES"] == "5"
+    assert dynamic_env(ev, one(one(mrg["template"])["containers"]))["BQX_TASK_MAX_RETRIES"] == "2"
+    assert "merge_task_count" in tf["variable"]
+
+
+OVERRIDES = {"project": "tf-proj", "region": "europe-west4", "staging_bucket": "tf-staging",
+             "output_bucket": "tf-output", "warehouse_dataset": "tf_wh", "temp_dataset": "tf_tmp",
+             "merge_method": "polars", "row_limit": 100000}
+
+
+def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    _clear_env(monkeypatch)
+    known = set(NAMES["env"].values())
+    for key, value in env.items():
+        assert key in known, f"Terraform sets {key}, which bqx.config does not read"
+        assert isinstance(value, str) and not isinstance(value, Ref), f"{key} is not a plain string: {value!r}"
+        monkeypatch.setenv(key, value)
+    return Settings.from_env()
+
+
+def test_job_env_carries_terraform_variables_into_settings(tf, monkeypatch):
+    ev = Evaluator(tf, OVERRIDES)
+    jobs = resources(tf, "google_cloud_run_v2_job")
+    for job in ("extract", "merge"):
+        env = dynamic_env(ev, one(one(one(jobs[job]["template"])["template"])["containers"]))
+        s = _settings_from(env, monkeypatch)
+        assert (s.project, s.region, s.staging_bucket, s.output_bucket) == \
+               ("tf-proj", "europe-west4", "tf-staging", "tf-output"), job
+        assert (s.dataset, s.temp_dataset, s.warehouse, s.row_limit) == ("tf_wh", "tf_tmp", "bigquery", 100000)
+        assert (s.extract_job, s.merge_job) == (NAMES["settings"]["extract_job"], NAMES["settings"]["merge_job"])
+        assert s.local is False
+        if job == "merge":
+            assert s.merge_method == "polars"
+            assert s.memory_budget == parse_bytes(NAMES["jobs"]["merge"]["memory_budget"])
+
+
+def test_defaults_flow_from_names_json(tf, monkeypatch):
+    ev = Evaluator(tf, {"project": NAMES["settings"]["project"]})
+    env = dynamic_env(ev, one(one(one(resources(tf, "google_cloud_run_v2_job")["merge"]["template"])["template"])
+                              ["containers"]))
+    s = _settings_from(env, monkeypatch)
+    d = Settings()
+    for key in NAME_SETTINGS | {"merge_method", "task_max_retries", "claim_lease_seconds"}:
+        assert getattr(s, key) == getattr(d, key), key
+
+
+def test_functions_env_carries_names_into_settings(tf, monkeypatch):
+    ev = Evaluator(tf, OVERRIDES)
+    for name in NAMES["functions"]:
+        fn = resources(tf, "google_cloudfunctions2_function")[name]
+        env = ev.value(one(fn["service_config"])["environment_variables"])
+        s = _settings_from(env, monkeypatch)
+        assert (s.project, s.region, s.staging_bucket) == ("tf-proj", "europe-west4", "tf-staging"), name
+        assert (s.extract_job, s.merge_job) == (NAMES["settings"]["extract_job"], NAMES["settings"]["merge_job"])
+        assert s.claim_lease_seconds == NAMES["settings"]["claim_lease_seconds"]
+
+
+def test_names_of_buckets_topics_datasets(tf, ev):
+    buckets = resources(tf, "google_storage_bucket")
+    assert ev.value(buckets["staging"]["name"]) == NAMES["settings"]["staging_bucket"]
+    assert ev.value(buckets["output"]["name"]) == NAMES["settings"]["output_bucket"]
+    topics = resources(tf, "google_pubsub_topic")
+    assert ev.value(topics["requests"]["name"]) == NAMES["settings"]["request_topic"]
+    assert ev.value(topics["dead_letter"]["name"]) == NAMES["settings"]["dead_letter_topic"]
+    temp = resources(tf, "google_bigquery_dataset")["temp"]
+    assert ev.value(temp["dataset_id"]) == NAMES["settings"]["temp_dataset"]
+    assert ev.value(temp["default_table_expiration_ms"]) == NAMES["temp_table_expiration_days"] * 86_400_000 > 0
+    assert ev.value(tf["data"]["google_bigquery_dataset"]["warehouse"]["dataset_id"]) == NAMES["settings"]["dataset"]
+    assert ev.local("region") == NAMES["settings"]["region"]
+    assert resources(tf, "google_artifact_registry_repository")["images"]["format"] == "DOCKER"
+
+
+# ---------------------------------------------------------------------------------------------- IAM
+
+PRIMITIVE = re.compile(r"roles/(owner|editor|viewer)\b")
+CUSTOM_LAUNCHER = "google_project_iam_custom_role.job_launcher.id"
+LAUNCH_PERMISSIONS = {"run.jobs.run", "run.jobs.runWithOverrides", "run.executions.get"}
+
+# Where each role may be granted. A role missing here, or an IAM resource type missing here, fails the test.
+ALLOWED = {
+    "google_project_iam_member": {"roles/bigquery.jobUser", "roles/eventarc.eventReceiver", "roles/logging.logWriter",
+                                  "roles/pubsub.publisher", "roles/storage.objectViewer"},
+    "google_storage_bucket_iam_member": {"roles/storage.objectUser", "roles/storage.objectViewer"},
+    "google_bigquery_dataset_iam_member": {"roles/bigquery.dataViewer", "roles/bigquery.dataEditor"},
+    "google_cloud_run_v2_job_iam_member": {CUSTOM_LAUNCHER},
+    "google_cloud_run_v2_service_iam_member": {"roles/run.invoker"},
+    "google_service_account_iam_member": {"roles/iam.serviceAccountUser", "roles/iam.serviceAccountTokenCreator"},
+    "google_pubsub_topic_iam_member": {"roles/pubsub.publisher"},
+    "google_pubsub_subscription_iam_member": {"roles/pubsub.subscriber"},
+    "google_artifact_registry_repository_iam_member": {"roles/artifactregistry.writer"},
+}
+# Project-wide grants only for these members' kinds; a conditional grant is required for storage reads.
+PROJECT_CONDITIONAL = {"roles/storage.objectViewer"}
+
+
+def iam_bindings(tf: dict[str, Any], ev: Evaluator) -> list[tuple[str, str, str, Any, dict[str, Any]]]:
+    """(resource type, resource name, role, member, body) for every IAM grant."""
+    out = []
+    for rtype, named in tf["resource"].items():
+        if "_iam_" not in rtype or rtype == "google_project_iam_custom_role":
+            continue
+        for rname, body in named.items():
+            members = [body["member"]] if "member" in body else body.get("members", [])
+            for member in members:
+                out.append((rtype, rname, ev.value(body["role"]), ev.value(member), body))
+    return out
+
+
+def check_iam(tf: dict[str, Any], ev: Evaluator, texts: dict[str, str]) -> None:
+    for name, text in texts.items():
+        assert not PRIMITIVE.search(text), f"{name} mentions a primitive role"
+        assert "allUsers" not in text and "allAuthenticatedUsers" not in text, f"{name} grants to the public"
+    for rtype in tf["resource"]:
+        assert not rtype.endswith(("_iam_policy", "_iam_binding")), f"{rtype}: authoritative IAM is not used here"
+    bindings = iam_bindings(tf, ev)
+    assert bindings, "no IAM bindings found"
+    for rtype, rname, role, _member, body in bindings:
+        assert rtype in ALLOWED, f"{rtype}.{rname}: IAM resource type not in the allow-list"
+        assert role in ALLOWED[rtype], f"{rtype}.{rname}: {role} is not allowed on that scope"
+        assert not PRIMITIVE.search(str(role)), f"{rtype}.{rname}: primitive role {role}"
+        if rtype == "google_project_iam_member" and role in PROJECT_CONDITIONAL:
+            assert body.get("condition"), f"{rtype}.{rname}: project-wide {role} needs an IAM condition"
+    for rname, body in resources(tf, "google_project_iam_custom_role").items():
+        perms = set(ev.value(body["permissions"]))
+        assert perms <= LAUNCH_PERMISSIONS, f"custom role {rname} has {perms - LAUNCH_PERMISSIONS}"
+
+
+def test_iam_roles_are_narrow(tf, ev):
+    check_iam(tf, ev, deploy_texts())
+
+
+@pytest.mark.parametrize("bad", [
+    'resource "google_project_iam_member" "x" {\n  project = "p"\n  role = "roles/editor"\n  member = "user:a@b"\n}\n',
+    'resource "google_storage_bucket_iam_member" "x" {\n  bucket = "b"\n  role = "roles/storage.admin"\n'
+    '  member = "user:a@b"\n}\n',
+    'resource "google_project_iam_member" "x" {\n  project = "p"\n  role = "roles/storage.objectViewer"\n'
+    '  member = "user:a@b"\n}\n',
+    'resource "google_project_iam_binding" "x" {\n  project = "p"\n  role = "roles/bigquery.jobUser"\n'
+    '  members = ["user:a@b"]\n}\n',
+    'resource "google_storage_bucket_iam_member" "x" {\n  bucket = "b"\n  role = "roles/storage.objectViewer"\n'
+    '  member = "allUsers"\n}\n',
+])
+def test_iam_check_rejects_broad_grants(bad):
+    texts = {**deploy_texts(), "zz_bad.tf": bad}
+    tf = load_tf(texts)
+    with pytest.raises(AssertionError):
+        check_iam(tf, Evaluator(tf, {"project": "p"}), texts)
+
+
+def _grants_of(tf: dict[str, Any], ev: Evaluator, account: str) -> set[tuple[str, str, str]]:
+    member = f"google_service_account.{account}.member"
+    out = set()
+    for rtype, _rname, role, m, body in iam_bindings(tf, ev):
+        if m != member:
+            continue
+        target = next((ev.value(body[k]) for k in ("bucket", "dataset_id", "name", "service_account_id",
+                                                   "repository", "topic", "subscription") if k in body), "project")
+        out.add((rtype, str(role), str(target)))
+    return out
+
+
+def test_functions_may_only_launch_the_two_jobs_and_use_staging(tf, ev):
+    assert _grants_of(tf, ev, "functions") == {
+        ("google_storage_bucket_iam_member", "roles/storage.objectUser", "google_storage_bucket.staging.name"),
+        ("google_cloud_run_v2_job_iam_member", CUSTOM_LAUNCHER, "google_cloud_run_v2_job.extract.name"),
+        ("google_cloud_run_v2_job_iam_member", CUSTOM_LAUNCHER, "google_cloud_run_v2_job.merge.name"),
+        ("google_service_account_iam_member", "roles/iam.serviceAccountUser", "google_service_account.jobs.name"),
+    }
+    perms = set(ev.value(resources(tf, "google_project_iam_custom_role")["job_launcher"]["permissions"]))
+    assert {"run.jobs.run", "run.jobs.runWithOverrides"} <= perms
+
+
+def test_jobs_grants(tf, ev):
+    assert _grants_of(tf, ev, "jobs") == {
+        ("google_bigquery_dataset_iam_member", "roles/bigquery.dataViewer",
+         "data.google_bigquery_dataset.warehouse.dataset_id"),
+        ("google_project_iam_member", "roles/bigquery.jobUser", "project"),
+        ("google_bigquery_dataset_iam_member", "roles/bigquery.dataEditor", "google_bigquery_dataset.temp.dataset_id"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectUser", "google_storage_bucket.staging.name"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectUser", "google_storage_bucket.output.name"),
+    }
+
+
+def test_events_account_only_receives_and_invokes(tf, ev):
+    assert _grants_of(tf, ev, "events") == {
+        ("google_project_iam_member", "roles/eventarc.eventReceiver", "project"),
+        ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "google_cloudfunctions2_function.trigger.name"),
+        ("google_cloud_run_v2_service_iam_member", "roles/run.invoker",
+         "google_cloudfunctions2_function.completion.name"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- buckets
+
+
+def test_buckets_are_private_with_uniform_access(tf, ev):
+    buckets = resources(tf, "google_storage_bucket")
+    assert {"staging", "output"} <= set(buckets)
+    for name, body in buckets.items():
+        assert body.get("uniform_bucket_level_access") is True, name
+        assert body.get("public_access_prevention") == "enforced", name
+    for rtype in tf["resource"]:
+        assert "acl" not in rtype, f"{rtype}: ACLs are off (uniform bucket-level access)"
+
+
+def _delete_prefixes(ev: Evaluator, bucket: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for rule in bucket.get("lifecycle_rule", []):
+        if one(rule["action"])["type"] != "Delete":
+            continue
+        cond = one(rule["condition"])
+        for prefix in ev.value(cond.get("matches_prefix", [])):
+            out[prefix] = ev.value(cond.get("age"))
+    return out
+
+
+def test_lifecycle_deletes_old_checkpoints_and_tmp(tf, ev):
+    buckets = resources(tf, "google_storage_bucket")
+    staging = _delete_prefixes(ev, buckets["staging"])
+    assert staging.get("checkpoints/") == NAMES["checkpoint_retention_days"] > 0
+    assert "runs/" not in staging and "requests/" not in staging, "run state and claims are never aged out"
+    assert _delete_prefixes(ev, buckets["output"]).get("tmp/") == NAMES["output_tmp_retention_days"] > 0
+    assert all(not p.startswith("training_") for p in _delete_prefixes(ev, buckets["output"]))
+
+
+# ---------------------------------------------------------------------------------------------- triggers
+
+
+def test_functions_and_their_storage_triggers(tf, ev):
+    fns = resources(tf, "google_cloudfunctions2_function")
+    assert set(fns) == set(NAMES["functions"])
+    for name, body in fns.items():
+        spec = NAMES["functions"][name]
+        build = one(body["build_config"])
+        assert ev.value(body["name"]) == name
+        assert ev.value(build["entry_point"]) == spec["entry_point"]
+        assert ev.value(build["runtime"]) == NAMES["runtime"]
+        source = one(one(build["source"])["storage_source"])
+        assert ev.value(source["object"]) == f"google_storage_bucket_object.function_source.{name}.name"
+        service = one(body["service_config"])
+        assert ev.value(service["service_account_email"]) == "google_service_account.functions.email"
+        assert ev.value(service["ingress_settings"]) == "ALLOW_INTERNAL_ONLY"
+        trigger = one(body["event_trigger"])
+        assert ev.value(trigger["event_type"]) == events.FINALIZED
+        filters = {ev.value(f["attribute"]): ev.value(f["value"]) for f in trigger["event_filters"]}
+        assert filters == {"bucket": "google_storage_bucket.staging.name"}, name
+        assert ev.value(trigger["trigger_region"]) == ev.local("region")
+        assert ev.value(trigger["retry_policy"]) == "RETRY_POLICY_RETRY", "transient failures must be redelivered"
+        assert ev.value(trigger["service_account_email"]) == "google_service_account.events.email"
+
+
+def test_requests_topic_triggers_the_trigger_function(tf, ev):
+    triggers = resources(tf, "google_eventarc_trigger")
+    assert set(triggers) == {"requests"}
+    t = triggers["requests"]
+    match = {ev.value(m["attribute"]): ev.value(m["value"]) for m in t["matching_criteria"]}
+    assert match == {"type": events.PUBSUB}
+    dest = one(one(t["destination"])["cloud_run_service"])
+    assert ev.value(dest["service"]) == "google_cloudfunctions2_function.trigger.name"
+    assert ev.value(one(one(t["transport"])["pubsub"])["topic"]) == "google_pubsub_topic.requests.id"
+    assert ev.value(t["service_account"]) == "google_service_account.events.email"
+
+
+def test_dead_letter_topic_is_wired(tf, ev):
+    sub = resources(tf, "google_pubsub_subscription")["dead_letters"]
+    assert ev.value(sub["topic"]) == "google_pubsub_topic.dead_letter.id"
+    pub = resources(tf, "google_pubsub_topic_iam_member")["dead_letter_publisher"]
+    assert ev.value(pub["topic"]) == "google_pubsub_topic.dead_letter.name"
+    assert ev.value(pub["member"]) == ev.local("pubsub_service_agent")
+    assert "requests_subscription" in tf["output"]
+
+
+# ---------------------------------------------------------------------------------------------- images and packaging
+
+
+def _requirements(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", line)
+        assert m, f"{path.name}: {line!r} is not pinned as name==version"
+        pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def test_dockerfile_builds_both_jobs_as_non_root():
+    text = (ROOT / "jobs" / "Dockerfile").read_text()
+    stages: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.I)
+        if m:
+            base, current = m.group(1), (m.group(2) or "")
+            assert base in stages or (":" in base and not base.endswith(":latest") and "slim" in base), base
+            stages[current] = list(stages.get(base, []))
+        elif line and not line.startswith("#"):
+            stages[current].append(line)
+    for job in ("extract", "merge"):
+        lines = stages[job]
+        users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+        assert users and users[-1].split(":")[0] not in ("root", "0"), f"{job} image runs as root"
+        entry = [ln for ln in lines if ln.startswith("ENTRYPOINT")]
+        assert json.loads(entry[-1][len("ENTRYPOINT"):]) == ["python", NAMES["jobs"][job]["entrypoint"]]
+    assert "--no-deps -r /tmp/jobs.txt" in text and "pip check" in text
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1 :] and "!requirements/jobs.txt" in ignore
+
+
+def test_requirements_are_pinned_and_closed():
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    env = {"python_version": "3.11", "python_full_version": "3.11.0", "sys_platform": "linux",
+           "platform_system": "Linux", "os_name": "posix", "platform_machine": "x86_64",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    for path in (ROOT / "requirements" / "jobs.txt", DEPLOY / "functions-requirements.txt"):
+        pins = _requirements(path)
+        checked = 0
+        for name, version in pins.items():
+            try:
+                dist = distribution(name)
+            except PackageNotFoundError:
+                continue
+            if dist.version != version:
+                continue  # metadata of another version says nothing about this pin
+            checked += 1
+            for raw in dist.requires or []:
+                req = Requirement(raw)
+                if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
+                    continue
+                dep = req.name.lower().replace("_", "-")
+                assert dep in pins, f"{path.name}: {name}=={version} needs {req}, which is not pinned"
+                assert req.specifier.contains(pins[dep], prereleases=True), \
+                    f"{path.name}: {name} needs {req}, pinned {dep}=={pins[dep]}"
+        assert checked >= len(pins) // 2, f"{path.name}: too few pins could be checked against installed metadata"
+
+
+_IMPORTED_DISTS = """
+import importlib, json, os, sys, site
+from importlib.metadata import distributions
+sys.path.insert(0, sys.argv[1])
+before = set(sys.modules)  # the interpreter's own start-up (site hooks) is not the code's doing
+for mod in sys.argv[2].split(","):
+    importlib.import_module(mod)
+roots = [p for p in sys.path if p.endswith("site-packages")]
+loaded = set()
+for name, m in list(sys.modules.items()):
+    path = None if name in before else getattr(m, "__file__", None)
+    for root in roots:
+        if path and path.startswith(root + os.sep):
+            loaded.add(os.path.relpath(path, root).replace(os.sep, "/"))
+used = set()
+for d in distributions():
+    record = d.read_text("RECORD") or ""
+    if any(line.split(",", 1)[0] in loaded for line in record.splitlines()):
+        used.add(d.metadata["Name"].lower().replace("_", "-"))
+import bqx
+print(json.dumps({"dists": sorted(used), "bqx": bqx.__file__}))
+"""
+
+
+def _start_import(where: Path, modules: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-I", "-c", _IMPORTED_DISTS, str(where), ",".join(modules)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=where)
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both function zips built twice, and (in parallel) what the packaged function and the jobs import."""
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import package_functions
+    finally:
+        sys.path.remove(str(DEPLOY))
+    base = tmp_path_factory.mktemp("functions")
+    first, second = package_functions.package(base / "a"), package_functions.package(base / "b")
+    fn_dir = base / "a" / "trigger"
+    fn = _start_import(fn_dir, ["main", "bqx.handlers", "google.cloud.run_v2", "google.cloud.storage"])
+    # What the job image holds: shared/bqx on PYTHONPATH, plus the modules the jobs import lazily in the cloud.
+    jobs = _start_import(ROOT / "shared", ["bqx.jobs.extract", "bqx.jobs.merge", "bqx.source", "bqx.publish",
+                                           "google.cloud.bigquery", "google.cloud.storage", "pyarrow.parquet",
+                                           "polars"])
+    return {"first": first, "second": second, "fn_dir": fn_dir, "fn": _result(fn), "jobs": _result(jobs)}
+
+
+def test_packaged_functions_import_their_bundled_bqx(packaged):
+    pins = _requirements(DEPLOY / "functions-requirements.txt")
+    for name, zip_path in packaged["first"].items():
+        assert zip_path.read_bytes() == packaged["second"][name].read_bytes(), f"{name}.zip is not reproducible"
+        with zipfile.ZipFile(zip_path) as zf:
+            names = set(zf.namelist())
+            assert zf.read("main.py") == (ROOT / NAMES["functions"][name]["source"] / "main.py").read_bytes()
+            assert zf.read("requirements.txt") == (DEPLOY / "functions-requirements.txt").read_bytes()
+        assert {"bqx/__init__.py", "bqx/handlers.py", "bqx/config.py"} <= names
+        assert not any(n.startswith("bqx/local/") for n in names)
+    # The function, run from its unpacked source, imports the bundled bqx and only pinned distributions.
+    got = packaged["fn"]
+    assert Path(got["bqx"]).is_relative_to(packaged["fn_dir"]), got["bqx"]
+    missing = set(got["dists"]) - set(pins) - {"bqx"}
+    assert not missing, f"the functions import {sorted(missing)}, not in deploy/functions-requirements.txt"
+
+
+def test_jobs_import_only_pinned_distributions(packaged):
+    pins = _requirements(ROOT / "requirements" / "jobs.txt")
+    got = packaged["jobs"]
+    assert "pyarrow" in got["dists"] and "google-cloud-bigquery" in got["dists"], got["dists"]
+    missing = set(got["dists"]) - set(pins) - {"bqx"}
+    assert not missing, f"the jobs import {sorted(missing)}, not in requirements/jobs.txt"
