@@ -852,9 +852,10 @@ def packaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     fn_dir = base / "a" / "trigger"
     fn = _start_import(fn_dir, ["main", "bqx.handlers", "google.cloud.run_v2", "google.cloud.storage"])
     # What the job image holds: shared/bqx on PYTHONPATH, plus the modules the jobs import lazily in the cloud.
-    jobs = _start_import(ROOT / "shared", ["bqx.jobs.extract", "bqx.jobs.merge", "bqx.source", "bqx.publish",
-                                           "google.cloud.bigquery", "google.cloud.storage", "pyarrow.parquet",
-                                           "polars"])
+    job_modules = ["bqx.jobs.extract", "bqx.jobs.merge", "bqx.source", "bqx.publish", "google.cloud.bigquery",
+                   "google.cloud.storage", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.fs", "polars"]
+    job_modules += [f"bqx.{p.stem}" for p in (ROOT / "shared" / "bqx").glob("methods.py")]  # merge methods, if any
+    jobs = _start_import(ROOT / "shared", job_modules)
     return {"first": first, "second": second, "fn_dir": fn_dir, "fn": _result(fn), "jobs": _result(jobs)}
 
 
