@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
+import pytest
 
 from bqx import layout, storage
 from bqx.catalog import KEY, TARGET_COLUMNS, targets_table
@@ -46,11 +47,16 @@ def reference_join(warehouse: str, dataset: str, pair: str) -> object:
     return con.sql(sql).to_arrow_table(), len(features) + 1
 
 
-def test_run_eurusd_end_to_end(local_stack: LocalStack, tmp_path: Path) -> None:
-    s = local_stack.settings
+@pytest.fixture(scope="module")
+def completed_run(local_stack: LocalStack) -> dict:
     done = bqx(local_stack, "run", "eurusd", "--json", "--timeout", "240")
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_run_eurusd_end_to_end(local_stack: LocalStack, completed_run: dict, tmp_path: Path) -> None:
+    s = local_stack.settings
+    summary = completed_run
     for key in ("pair", "run_id", "checkpoints", "rows", "columns", "output", "sha256", "seconds"):
         assert key in summary
     expected, n_tables = reference_join(s.warehouse, s.dataset, "eurusd")
@@ -74,8 +80,29 @@ def test_run_eurusd_end_to_end(local_stack: LocalStack, tmp_path: Path) -> None:
     merges = [e for e in journal if e["event"] == "started" and e["job"] == s.merge_job
               and e["env"].get("BQX_RUN_ID") == summary["run_id"]]
     assert len(merges) == 1
+
+
+def test_status_and_report_of_the_run(local_stack: LocalStack, completed_run: dict, tmp_path: Path) -> None:
     status = bqx(local_stack, "status", "eurusd", "--json")
-    assert json.loads(status.stdout)[0]["state"] == "done"
+    assert status.returncode == 0, status.stderr
+    st = json.loads(status.stdout)[0]
+    assert st["state"] == "done" and st["run_id"] == completed_run["run_id"]
+    assert st["present"] == st["expected"] == completed_run["checkpoints"]
+    assert sum(p for p, _ in st["families"].values()) == st["expected"]
+    assert st["summary"]["sha256"] == completed_run["sha256"]
+    assert completed_run["cost"]["total_usd"] > 0 and completed_run["cost"]["bigquery_bytes"] > 0
+
+    rep = bqx(local_stack, "report", "eurusd", "--out", str(tmp_path))
+    assert rep.returncode == 0, rep.stderr
+    html_path, png_path = (Path(p) for p in rep.stdout.split())
+    page = html_path.read_text()
+    manifest_tables = [t["name"] for t in json.loads(
+        storage.bucket(local_stack.settings, local_stack.settings.staging_bucket)
+        .blob(layout.manifest("eurusd", completed_run["run_id"])).download_as_bytes())["tables"]]
+    for table in manifest_tables:  # a timeline bar for every table
+        assert f'data-table="{table}"' in page
+    assert 'class="bar merge"' in page and 'class="bar handoff"' in page
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 10_000
 
 
 def test_unknown_pair_is_refused_and_starts_nothing(local_stack: LocalStack) -> None:

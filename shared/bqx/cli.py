@@ -163,15 +163,76 @@ def warehouse_info() -> None:
         click.echo(f"  {pair}: {shape}")
 
 
+def _watch(s, pairs: list[str], interval: float, explicit: bool) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.live import Live
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from bqx import runs
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("{task.fields[pair]:7s}"), TextColumn("{task.fields[state]:10s}"), BarColumn(),
+                        TextColumn("{task.completed:.0f}/{task.total:.0f}"), TextColumn("{task.fields[extra]}"),
+                        console=console)
+    tasks: dict[str, Any] = {}
+    with Live(progress, console=console, refresh_per_second=4):
+        while True:
+            states = [runs.state(s, p) for p in pairs]
+            for rs in states:
+                if rs.state == "none" and not explicit:
+                    continue
+                extra = ""
+                if rs.eta_seconds is not None and rs.state == "extracting":
+                    extra = f"{rs.tables_per_second:.1f} tables/s, ETA {rs.eta_seconds:.0f}s"
+                if rs.state == "failed" and rs.error:
+                    extra = f"{rs.error.get('stage')}: {str(rs.error.get('error'))[:80]}"
+                if rs.summary:
+                    extra = f"{rs.summary['rows']} rows x {rs.summary['columns']} cols"
+                fields = {"pair": rs.pair, "state": rs.state, "extra": extra}
+                if rs.pair not in tasks:
+                    tasks[rs.pair] = progress.add_task("", total=max(rs.expected, 1), **fields)
+                progress.update(tasks[rs.pair], completed=rs.present, total=max(rs.expected, 1), **fields)
+            if all(r.state in ("done", "failed", "none") for r in states):
+                break
+            time.sleep(interval)
+
+
+def _dry_run(s, pairs: list[str], as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """Estimate bytes scanned and Cloud Run time before anything runs."""
+    from bqx import pricing
+    from bqx.source import open_source
+
+    source = open_source(s)
+    for pair in pairs:
+        tables = source.discover(pair)
+        scanned = sum(source.estimate_bytes(t.name, s.row_limit) for t in tables)
+        # Throughput measured on the local stack (~12 tables/s on 2 cores) and ~60 MB/s merge; scaled guesses.
+        extract_s = len(tables) / 12.0 + scanned / 200e6
+        merge_s = scanned / 60e6 + 5
+        cost = pricing.Cost(scanned, extract_s, merge_s, 1, len(tables) + 8)
+        out = {"pair": pair, "tables": len(tables), "bytes_scanned": scanned, **cost.to_json()}
+        if as_json:
+            click.echo(json.dumps(out))
+        else:
+            click.echo(f"{pair}: {len(tables)} tables, {scanned / 1e9:.2f} GB scanned -> BigQuery "
+                       f"${cost.bigquery_usd:.4f}; extract ~{extract_s:.0f}s (${cost.extract_usd:.4f}), merge "
+                       f"~{merge_s:.0f}s (${cost.merge_usd:.4f}); total ~${cost.total_usd:.4f} at list prices")
+
+
 # ---------------------------------------------------------------------------------------------- run
 def _prepare_local(s, pairs: list[str], rows: int | None) -> None:  # type: ignore[no-untyped-def]
     from bqx.local.stack import Stack
-    from bqx.warehouse import DEFAULT_ROWS, Shape, Warehouse
 
     st = Stack(s)
     if not st.is_up():
         _echo("starting the local stack ...")
         st.up(progress=lambda m: _echo("  " + m))
+    _prepare_local_warehouse(s, pairs, rows)
+
+
+def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # type: ignore[no-untyped-def]
+    from bqx.warehouse import DEFAULT_ROWS, Shape, Warehouse
+
     have = Warehouse(Path(s.warehouse), s.dataset).pairs()
     for pair in pairs:
         if pair not in have:
@@ -199,13 +260,19 @@ def _progress_line(rs) -> str:  # type: ignore[no-untyped-def]
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Pairs followed at once.")
 @click.option("--cloud", is_flag=True, help="Use Google Cloud instead of the local stack.")
 @click.option("--force", is_flag=True, help="Start a new run even if one is active.")
+@click.option("--dry-run", is_flag=True, help="Only estimate bytes scanned, run time and cost; start nothing.")
 def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, rows: int | None,
-        concurrency: int, cloud: bool, force: bool) -> None:
+        concurrency: int, cloud: bool, force: bool, dry_run: bool) -> None:
     """Request PAIRS and follow each run until its training file is published."""
     from bqx import runs
 
     chosen = _pairs(pairs, all_pairs)
     s = _settings() if cloud else _local_settings()
+    if dry_run:
+        if not cloud:
+            _prepare_local_warehouse(s, chosen, rows)
+        _dry_run(s, chosen, as_json)
+        return
     if not cloud:
         _prepare_local(s, chosen, rows)
     tty = sys.stderr.isatty()
@@ -268,14 +335,19 @@ def submit(pairs: tuple[str, ...], all_pairs: bool, cloud: bool, force: bool) ->
 
 @main.command()
 @click.argument("pairs", nargs=-1)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of run states.")
+@click.option("--watch", is_flag=True, help="Live view with progress bars until every run is done or failed.")
+@click.option("--interval", type=float, default=1.0, show_default=True)
 @click.option("--cloud", is_flag=True)
-def status(pairs: tuple[str, ...], as_json: bool, cloud: bool) -> None:
-    """Where each pair's newest run stands, from the buckets alone."""
+def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, cloud: bool) -> None:
+    """Where each pair's newest run stands, from the buckets alone (state, checkpoints per family, ETA)."""
     from bqx import runs
 
     chosen = _pairs(pairs, not pairs)
     s = _settings() if cloud else _local_settings()
+    if watch and not as_json:
+        _watch(s, chosen, interval, explicit=bool(pairs))
+        return
     states = [runs.state(s, p) for p in chosen]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in states], default=str))
@@ -289,6 +361,25 @@ def status(pairs: tuple[str, ...], as_json: bool, cloud: bool) -> None:
         if rs.summary:
             extra = f"  {rs.summary['rows']} rows x {rs.summary['columns']} cols, {rs.summary['output']}"
         click.echo(f"{rs.pair:7s} {rs.state:10s} {rs.present:>4}/{rs.expected:<4} run {rs.run_id or '-'}{extra}")
+
+
+@main.command()
+@click.argument("pair")
+@click.option("--run-id", default=None, help="A run of PAIR other than its newest.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Directory for the HTML and PNG.")
+@click.option("--cloud", is_flag=True)
+def report(pair: str, run_id: str | None, out_dir: Path, cloud: bool) -> None:
+    """Write a run's report: timeline of every table, handoff and merge; slowest tables; retries; cost."""
+    from bqx import report as rep
+
+    pair = _pairs((pair,), False)[0]
+    s = _settings() if cloud else _local_settings()
+    html_path, png_path, tl = rep.write(s, pair, out_dir, run_id)
+    cost = tl.cost()
+    click.echo(f"{html_path}\n{png_path}")
+    _echo(f"{len(tl.tables)} tables, extract {tl.extract_seconds:.1f}s, handoff "
+          f"{'-' if tl.handoff_seconds is None else f'{tl.handoff_seconds:.2f}s'}, est. cost ${cost.total_usd:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------- merge

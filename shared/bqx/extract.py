@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -146,6 +146,19 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
     return result
 
 
+def save_report(settings: Settings, report: ExtractReport, failed: bool = False) -> None:
+    """Per-table timings of this task attempt, for `bqx report` (best effort: never fails the task)."""
+    import os
+
+    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0)
+    body = {**asdict(report), "failed": failed, "attempt": attempt, "finished_at": time.time()}
+    try:
+        storage.write_json(settings, settings.staging_bucket,
+                           layout.extract_report(report.pair, report.run_id, report.task_index, attempt), body)
+    except Exception as exc:  # noqa: BLE001
+        log.warning(f"could not save the extract report: {exc}", pair=report.pair, run_id=report.run_id)
+
+
 class _Progress:
     """Per-table log lines plus a summary at most once a minute."""
 
@@ -226,8 +239,11 @@ def run(
         except BaseException:
             for fut in futures:
                 fut.cancel()
+            report.seconds = time.time() - started
+            save_report(settings, report, failed=True)
             raise
     report.seconds = time.time() - started
+    save_report(settings, report)
     rlog.info("extract finished", written=report.written, skipped=len(report.tables) - report.written,
               seconds=round(report.seconds, 2))
     return report

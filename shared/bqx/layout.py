@@ -6,6 +6,7 @@ Staging bucket:
     runs/<pair>/<run_id>/manifest.json            expected tables and schemas, written before any checkpoint
     runs/<pair>/<run_id>/<stage>.claim            create-once marker guarding a job launch (extract, merge)
     runs/<pair>/<run_id>/error.json               a terminal failure of the run, for people and `bqx status`
+    runs/<pair>/<run_id>/extract/task-<i>-attempt-<a>.json   per-table timings of one extract task attempt
     checkpoints/<pair>/<run_id>/<table>.parquet   one table's rows, sorted by interval_time
     quarantine/<pair>/<run_id>/<table>.parquet    a checkpoint set aside because it was bad
 Output bucket:
@@ -72,6 +73,14 @@ def claim(pair: str, run_id: str, stage: str) -> str:
 
 def run_error(pair: str, run_id: str) -> str:
     return f"{run_prefix(pair, run_id)}error.json"
+
+
+def extract_report(pair: str, run_id: str, task_index: int, attempt: int) -> str:
+    return f"{run_prefix(pair, run_id)}extract/task-{int(task_index):04d}-attempt-{int(attempt):02d}.json"
+
+
+def extract_reports_prefix(pair: str, run_id: str) -> str:
+    return f"{run_prefix(pair, run_id)}extract/"
 
 
 def checkpoints_prefix(pair: str, run_id: str) -> str:

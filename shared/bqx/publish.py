@@ -80,10 +80,25 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
         token, _, _ = final.rewrite(temp, token=token)
     temp.delete()
     summary = build_summary(settings, manifest, stats, method, execution, started)
+    summary["cost"] = _cost(settings, manifest, summary["seconds"])
     storage.write_json(settings, settings.output_bucket, layout.summary(pair), summary)
     log.info("training file published", pair=pair, run_id=run_id, rows=stats.rows, columns=stats.columns,
              seconds=round(stats.seconds, 2), output=summary["output"])
     return summary
+
+
+def _cost(settings: Settings, manifest: Manifest, merge_seconds: float) -> dict[str, Any]:
+    """The run's cost at list prices, from measured durations (best effort: never blocks publishing)."""
+    from dataclasses import replace
+
+    from bqx import report
+
+    try:
+        tl = report.load(settings, manifest.pair, manifest.run_id)
+        return replace(tl.cost(), merge_seconds=merge_seconds).to_json()
+    except Exception as exc:  # noqa: BLE001
+        log.warning(f"cost estimate unavailable: {exc}", pair=manifest.pair, run_id=manifest.run_id)
+        return {}
 
 
 def _targets_rows(settings: Settings, manifest: Manifest) -> int:

@@ -26,6 +26,10 @@ class RunState:
     extract_execution: str | None = None
     requested_at: float | None = None
     bytes: int = 0
+    first_checkpoint_at: float | None = None
+    last_checkpoint_at: float | None = None
+    tables_per_second: float | None = None
+    eta_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -65,9 +69,18 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
     found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
     if found:
         manifest = Manifest.from_json(found[0])
-        present = storage.list_names(s, s.staging_bucket, layout.checkpoints_prefix(pair, run_id))
-        rs.expected, rs.present = len(manifest.tables), len(manifest.expected_objects() & present.keys())
-        rs.bytes = sum(present.values())
+        objects = storage.list_objects(s, s.staging_bucket, layout.checkpoints_prefix(pair, run_id))
+        present = {n: v for n, v in objects.items() if n in manifest.expected_objects()}
+        rs.expected, rs.present = len(manifest.tables), len(present)
+        rs.bytes = sum(size for size, _ in present.values())
+        if present:
+            times = sorted(t for _, t in present.values())
+            rs.first_checkpoint_at, rs.last_checkpoint_at = times[0], times[-1]
+            start = float(found[0].get("created_at") or times[0])
+            elapsed = max(time.time() if rs.present < rs.expected else times[-1], times[-1]) - start
+            if elapsed > 0:
+                rs.tables_per_second = round(rs.present / elapsed, 3)
+                rs.eta_seconds = round((rs.expected - rs.present) / rs.tables_per_second, 1)
         for t in manifest.tables:
             fam = rs.families.setdefault(family_of(t.name), [0, 0])
             fam[1] += 1

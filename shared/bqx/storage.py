@@ -81,5 +81,14 @@ def list_names(settings: Settings, bucket_name: str, prefix: str) -> dict[str, i
     return {b.name: int(b.size or 0) for b in storage_client(settings).list_blobs(bucket_name, prefix=prefix)}
 
 
+def list_objects(settings: Settings, bucket_name: str, prefix: str) -> dict[str, tuple[int, float]]:
+    """name -> (size, creation time as epoch seconds) of every object under prefix."""
+    out = {}
+    for b in storage_client(settings).list_blobs(bucket_name, prefix=prefix):
+        created = b.time_created.timestamp() if b.time_created else 0.0
+        out[b.name] = (int(b.size or 0), created)
+    return out
+
+
 def exists(settings: Settings, bucket_name: str, name: str) -> bool:
     return bucket(settings, bucket_name).blob(name).exists()
