@@ -75,11 +75,44 @@ def local_settings(home: Path, gcs_endpoint: str, **overrides: object):  # type:
 
 
 def create_buckets(settings, *names: str) -> None:  # type: ignore[no-untyped-def]
-    from bqx.clients import storage_client
     from google.api_core.exceptions import Conflict
+
+    from bqx.clients import storage_client
 
     for name in names:
         try:
             storage_client(settings).create_bucket(name)
         except Conflict:
             pass
+
+
+@contextmanager
+def merge_world(root: Path, shape, pair: str = "eurusd", run_id: str = "rplan", **settings_overrides):  # type: ignore[no-untyped-def]
+    """fake-gcs with one extracted run (checkpoints + manifest from a generated DuckDB warehouse) and the
+    reference output of bqx.merge.merge over those checkpoints. Yields a dict."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from bqx import extract, storage
+    from bqx.catalog import Manifest
+    from bqx.merge import merge
+    from bqx.publish import gcs_inputs
+    from bqx.source import DuckDBSource
+    from bqx.warehouse import Warehouse
+
+    warehouse = root / "warehouse.duckdb"
+    with fake_gcs_server(root / "gcs") as endpoint:
+        apply_env(gcs_env(endpoint))
+        settings = local_settings(root, endpoint, warehouse=str(warehouse), **settings_overrides)
+        Warehouse(warehouse, settings.dataset).generate(pair, shape)
+        create_buckets(settings, settings.staging_bucket, settings.output_bucket)
+        extract.run(settings, pair, run_id, source=DuckDBSource(str(warehouse), settings.dataset))
+        manifest = Manifest.from_json(storage.read_json(settings, settings.staging_bucket,
+                                                        f"runs/{pair}/{run_id}/manifest.json")[0])
+        sink = io.BytesIO()
+        targets, features = gcs_inputs(settings, manifest)
+        merge(targets, features, sink, memory_budget=settings.memory_budget, workers=1)
+        reference = pq.read_table(io.BytesIO(sink.getvalue()))
+        yield {"settings": settings, "manifest": manifest, "reference": reference, "endpoint": endpoint,
+               "reference_file": pq.ParquetFile(io.BytesIO(sink.getvalue()))}

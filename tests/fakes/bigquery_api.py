@@ -121,6 +121,7 @@ class FakeBigQuery:
     results: dict[str, pa.Table] = field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     statements: list[tuple[str, str]] = field(default_factory=list)  # (bigquery sql, duckdb sql) executed
+    dry_run_bytes: list[int] = field(default_factory=list)  # what each dry run answered
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()
@@ -129,36 +130,36 @@ class FakeBigQuery:
         self.con.execute("SET enable_progress_bar=false")
         if self.warehouse is not None:
             self.con.execute(f"ATTACH '{self.warehouse}' AS wh (READ_ONLY)")
+        self._refresh_catalog()
 
     # ------------------------------------------------------------------ catalog
-    def _schemas(self, catalog: str) -> set[str]:
+    def _refresh_catalog(self) -> None:
+        """(dataset, table) -> (catalog, rows, columns), read from DuckDB once and kept in step by the fake."""
+        self.catalog: dict[tuple[str, str], tuple[str, int, int]] = {}
+        self.warehouse_datasets: set[str] = set()
+        if self.warehouse is None:
+            return
         rows = self.con.execute(
-            "SELECT schema_name FROM information_schema.schemata WHERE catalog_name = ?", [catalog]).fetchall()
-        return {r[0] for r in rows}
+            "SELECT table_schema, table_name, count(*) FROM information_schema.columns WHERE table_catalog = 'wh' "
+            "GROUP BY ALL").fetchall()
+        for dataset, table, ncols in rows:
+            n = self.con.execute(f'SELECT count(*) FROM "wh"."{dataset}"."{table}"').fetchall()[0][0]
+            self.catalog[(dataset, table)] = ("wh", int(n), int(ncols))
+            self.warehouse_datasets.add(dataset)
 
     def _catalog_of(self, dataset: str) -> str:
         if dataset in self.datasets:
             return "memory"
-        if self.warehouse is not None and dataset in self._schemas("wh"):
+        if dataset in self.warehouse_datasets:
             return "wh"
         raise ApiError(404, "notFound", f"Not found: Dataset {self.project}:{dataset}")
 
     def table_exists(self, dataset: str, table: str) -> bool:
-        try:
-            catalog = self._catalog_of(dataset)
-        except ApiError:
-            return False
-        n = self.con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_catalog = ? AND table_schema = ? "
-            "AND table_name = ?", [catalog, dataset, table]).fetchall()
-        return bool(n and n[0][0])
+        return (dataset, table) in self.catalog
 
     def table_names(self, dataset: str) -> list[str]:
-        catalog = self._catalog_of(dataset)
-        rows = self.con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_catalog = ? AND table_schema = ? "
-            "ORDER BY table_name", [catalog, dataset]).fetchall()
-        return [r[0] for r in rows]
+        self._catalog_of(dataset)
+        return sorted(t for d, t in self.catalog if d == dataset)
 
     def _resolve(self, table: exp.Table, default_dataset: str | None) -> exp.Expression:
         name = table.name
@@ -215,12 +216,8 @@ class FakeBigQuery:
     def _size_of(self, dataset: str, table: str) -> int:
         if table.upper().startswith("INFORMATION_SCHEMA"):
             return 10 << 20  # BigQuery bills metadata queries at 10 MB minimum
-        catalog = self._catalog_of(dataset)
-        rows = self.con.execute(f'SELECT count(*) FROM "{catalog}"."{dataset}"."{table}"').fetchall()[0][0]
-        cols = self.con.execute(
-            "SELECT count(*) FROM information_schema.columns WHERE table_catalog = ? AND table_schema = ? "
-            "AND table_name = ?", [catalog, dataset, table]).fetchall()[0][0]
-        return int(rows) * int(cols) * 8
+        _, rows, cols = self.catalog[(dataset, table)]
+        return rows * cols * 8
 
     # ------------------------------------------------------------------ jobs
     def _job_resource(self, job_id: str, config: dict[str, Any], stats: dict[str, Any],
@@ -286,6 +283,7 @@ class FakeBigQuery:
                            "statementType": "EXPORT_DATA" if isinstance(tree, exp.Export) else "SELECT",
                            "cacheHit": False}}
         if dry:
+            self.dry_run_bytes.append(billed)
             return stats
         if isinstance(tree, exp.Export):
             options = {}
@@ -337,18 +335,22 @@ class FakeBigQuery:
         disposition = load.get("writeDisposition", "WRITE_APPEND")
         if disposition == "WRITE_EMPTY" and self.table_exists(dataset, table):
             raise ApiError(409, "duplicate", f"Already Exists: Table {self.project}:{dataset}.{table}")
-        parts = [pq.read_table(io.BytesIO(self.gcs.read(uri))) for uri in load["sourceUris"]]
+        raw = [self.gcs.read(uri) for uri in load["sourceUris"]]
+        parts = [pq.read_table(io.BytesIO(b)) for b in raw]
         data = pa.concat_tables(parts)
         self.con.register("_load", data)
         try:
             q = f'"memory"."{dataset}"."{table}"'
             if disposition == "WRITE_APPEND" and self.table_exists(dataset, table):
                 self.con.execute(f"INSERT INTO {q} SELECT * FROM _load")
+                rows = self.catalog[(dataset, table)][1] + data.num_rows
             else:
                 self.con.execute(f"CREATE OR REPLACE TABLE {q} AS SELECT * FROM _load")
+                rows = data.num_rows
+            self.catalog[(dataset, table)] = ("memory", rows, data.num_columns)
         finally:
             self.con.unregister("_load")
-        size = sum(len(self.gcs.read(u)) for u in load["sourceUris"])
+        size = sum(len(b) for b in raw)
         return {"load": {"inputFiles": str(len(parts)), "outputRows": str(data.num_rows),
                          "inputFileBytes": str(size), "outputBytes": str(data.nbytes)}}
 
@@ -417,9 +419,8 @@ class FakeBigQuery:
         with self.lock:
             if not self.table_exists(ds, table):
                 raise ApiError(404, "notFound", f"Not found: Table {self.project}:{ds}.{table}")
-            catalog = self._catalog_of(ds)
+            catalog, rows, _ = self.catalog[(ds, table)]
             arrow = self.con.sql(f'SELECT * FROM "{catalog}"."{ds}"."{table}" LIMIT 0').to_arrow_table()
-            rows = self.con.execute(f'SELECT count(*) FROM "{catalog}"."{ds}"."{table}"').fetchall()[0][0]
         return {"kind": "bigquery#table", "id": f"{self.project}:{ds}.{table}", "type": "TABLE",
                 "tableReference": {"projectId": self.project, "datasetId": ds, "tableId": table},
                 "schema": {"fields": [_field(f) for f in arrow.schema]}, "numRows": str(rows)}
@@ -429,6 +430,7 @@ class FakeBigQuery:
             if ds not in self.datasets or not self.table_exists(ds, table):
                 raise ApiError(404, "notFound", f"Not found: Table {self.project}:{ds}.{table}")
             self.con.execute(f'DROP TABLE "memory"."{ds}"."{table}"')
+            del self.catalog[(ds, table)]
 
     # ------------------------------------------------------------------ queries over the record
     def jobs_of(self, kind: str) -> list[dict[str, Any]]:
