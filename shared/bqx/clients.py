@@ -6,7 +6,22 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from google.api_core import exceptions as gexc
+
 from bqx.config import Settings
+
+# Provider errors worth another try (redelivery, task retry), in one list; everything else is terminal or a bug.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    gexc.ServiceUnavailable,
+    gexc.InternalServerError,
+    gexc.TooManyRequests,
+    gexc.GatewayTimeout,
+    gexc.BadGateway,
+    gexc.DeadlineExceeded,
+    gexc.RetryError,
+    ConnectionError,
+    TimeoutError,
+)
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, run_v2, storage
@@ -34,15 +49,6 @@ def jobs_client(settings: Settings) -> run_v2.JobsClient:
     options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
     transport = "rest" if settings.run_api_endpoint else None
     return run_v2.JobsClient(client_options=options, transport=transport, credentials=_credentials(settings))
-
-
-@functools.cache
-def executions_client(settings: Settings) -> run_v2.ExecutionsClient:
-    from google.cloud import run_v2
-
-    options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
-    transport = "rest" if settings.run_api_endpoint else None
-    return run_v2.ExecutionsClient(client_options=options, transport=transport, credentials=_credentials(settings))
 
 
 @functools.cache

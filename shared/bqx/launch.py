@@ -4,21 +4,9 @@ from __future__ import annotations
 
 from google.api_core import exceptions as gexc
 
-from bqx.clients import jobs_client
+from bqx.clients import TRANSIENT_ERRORS, jobs_client
 from bqx.config import Settings
 from bqx.errors import LaunchFailed, TerminalError
-
-_TRANSIENT = (
-    gexc.ServiceUnavailable,
-    gexc.InternalServerError,
-    gexc.TooManyRequests,
-    gexc.GatewayTimeout,
-    gexc.BadGateway,
-    gexc.DeadlineExceeded,
-    gexc.RetryError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 def job_path(settings: Settings, job: str) -> str:
@@ -48,7 +36,7 @@ def run_job(
         if not name:
             name = operation.operation.name
         return str(name)
-    except _TRANSIENT as exc:
+    except TRANSIENT_ERRORS as exc:
         raise LaunchFailed(f"could not start {job}: {exc}") from exc
     except gexc.GoogleAPICallError as exc:
         code = getattr(exc, "code", None)

@@ -7,21 +7,11 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from bqx.clients import storage_client
+from bqx.clients import TRANSIENT_ERRORS, storage_client
 from bqx.config import Settings
 from bqx.errors import TransientError
 
-# Errors worth another delivery; everything else from GCS is a bug or a permission problem.
-TRANSIENT = (
-    gexc.ServiceUnavailable,
-    gexc.InternalServerError,
-    gexc.TooManyRequests,
-    gexc.GatewayTimeout,
-    gexc.BadGateway,
-    gexc.DeadlineExceeded,
-    ConnectionError,
-    TimeoutError,
-)
+TRANSIENT = TRANSIENT_ERRORS
 
 
 def bucket(settings: Settings, name: str):  # type: ignore[no-untyped-def]
