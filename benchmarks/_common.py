@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from bqx.catalog import targets_table
 from bqx.parquet_io import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS
 from bqx.warehouse import Shape, feature_arrow, table_specs, targets_arrow

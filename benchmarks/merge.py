@@ -48,6 +48,7 @@ def _prefix(table: str) -> str:
 def run_floor(src: Path, dst: Path, scratch: Path) -> dict:
     """Decode every input fully and encode it again into one file (same writer settings, 2 threads)."""
     import pyarrow.parquet as pq
+
     from bqx.parquet_io import WRITER_OPTIONS
 
     targets, features = _tables(src)

@@ -9,31 +9,43 @@ set by the budget and the widest table, never by the number of tables or rows.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+# Arrow's allocator (mimalloc) keeps freed pages resident for a while by default; with many short-lived column
+# buffers that doubles the peak RSS over what is live. Return them at once. This only takes effect if it runs before
+# pyarrow is first imported in the process (the `bqx merge` command and the merge job import this module first);
+# set the same variables in the environment to be sure.
+os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
+os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
 
-from bqx.catalog import KEY
-from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
-from bqx.logs import Log
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
-from bqx.stitch import Stitcher
+import hashlib  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor, as_completed  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import BinaryIO  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from bqx import thrift  # noqa: E402
+from bqx.catalog import KEY  # noqa: E402
+from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError  # noqa: E402
+from bqx.logs import Log  # noqa: E402
+from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS  # noqa: E402
+from bqx.stitch import Stitcher  # noqa: E402
 
 log = Log("bqx.merge")
 
-READ_BUFFER = 1 << 20  # stream column chunks instead of loading whole row groups of a checkpoint
+READ_BUFFER = 262144  # stream column chunks
 MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
+COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into bigger output row groups
+COPY_PIECE = 4 << 20  # bytes per read when copying encoded column chunks
 BYTES_PER_CELL_IN_FLIGHT = 8 * 5  # decoded input + aligned copy + encoder buffers + compressed output
+MIN_SLICE_COLUMNS = 8
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class MergeStats:
     seconds: float = 0.0
     group_rows: int = 0
     workers: int = 1
+    copied_tables: int = 0  # tables whose column chunks were copied as they are (already aligned)
     table_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,10 +129,130 @@ def _check_increasing(table: str, keys: np.ndarray, previous: int | None) -> Non
             raise BadCheckpoint(f"{table}: not ordered by {KEY}")
 
 
+def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_names: list[str], keys: np.ndarray,
+                      bounds: list[tuple[int, int]], stitcher: Stitcher, worker_budget: int,
+                      with_key: bool = False) -> None:
+    """Decode, align and encode one table. Arrow's Parquet reader holds a whole row group of the columns it reads
+    (whatever the batch size), so the table is read in slices of columns narrow enough that a slice of one input
+    row group plus one output row group fits the worker's share of the budget: one pass per slice."""
+    md = pf.metadata
+    rg_rows = max((md.row_group(i).num_rows for i in range(md.num_row_groups)), default=0)
+    group_rows = max(e - s for s, e in bounds)
+    width = max(1, worker_budget // (max(rg_rows, group_rows, 1) * BYTES_PER_CELL_IN_FLIGHT))
+    for c0 in range(0, len(names), width):
+        sub, sub_out = names[c0 : c0 + width], out_names[c0 : c0 + width]
+        parts = (pf.read_row_group(r, columns=[KEY, *sub], use_threads=False) for r in range(md.num_row_groups))
+        cursor = Aligner(inp.table, parts, sub)
+        for g, (s, e) in enumerate(bounds):
+            part = cursor.align(keys[s:e]).rename_columns(sub_out)
+            if with_key and c0 == 0:
+                part = part.add_column(0, KEY, pa.array(keys[s:e], type=pa.int64()).cast(KEY_TYPE))
+            stitcher.add(g, part)
+            del part
+
+
+def _check_row_group_order(table: str, pf: pq.ParquetFile) -> None:
+    """Row groups in key order by their statistics, so disorder is caught even in rows the merge never decodes."""
+    md = pf.metadata
+    i = pf.schema_arrow.get_field_index(KEY)
+    previous = None
+    for r in range(md.num_row_groups):
+        st = md.row_group(r).column(i).statistics
+        if st is None or not st.has_min_max or not md.row_group(r).num_rows:
+            previous = None
+            continue
+        if previous is not None and st.min <= previous:
+            if st.min == previous:
+                raise DuplicateKeys(table, st.min)
+            raise BadCheckpoint(f"{table}: not ordered by {KEY} (row group {r})")
+        previous = st.max
+
+
+def _column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
+    c = schema.column(i)
+    return (c.physical_type, c.logical_type.to_json(), c.max_definition_level, c.max_repetition_level, c.length)
+
+
+def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_names: list[str], keys: np.ndarray,
+                  bounds: list[tuple[int, int]], stitcher: Stitcher, with_key: bool = False) -> bool:
+    """The stretch path: a checkpoint whose row groups hold exactly the output row groups' keys needs no decoding.
+    Its value columns' encoded chunks are copied as they are and only their footer entries rewritten. Returns
+    False (nothing written) when the checkpoint is not aligned that way."""
+    md = pf.metadata
+    if md.num_row_groups != len(bounds) or not keys.size:
+        return False
+    for r, (s, e) in enumerate(bounds):
+        if md.row_group(r).num_rows != e - s:
+            return False
+    # The encoded chunks must be exactly what the output's schema declares for these columns.
+    ours = pq.ParquetFile(pa.BufferReader(stitcher.encode(pf.schema_arrow.empty_table()))).schema
+    theirs = pf.schema
+    if [theirs.column(i).name for i in range(len(theirs))] != [ours.column(i).name for i in range(len(ours))]:
+        return False
+    if any(_column_signature(theirs, i) != _column_signature(ours, i) for i in range(len(theirs))):
+        return False
+    for r, (s, e) in enumerate(bounds):  # same keys, row for row (this also rules out duplicates and disorder)
+        k = _keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY))
+        if not np.array_equal(k, keys[s:e]):
+            return False
+    src = inp.open()
+    f = open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115 - closed below
+    try:
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+        size = f.tell()
+        n = int.from_bytes(tail[:4], "little")
+        f.seek(size - 8 - n)
+        footer = thrift.decode_struct(f.read(n))
+        position = {name: i for i, name in enumerate(theirs.names)}
+        out_of = dict(zip(names, out_names, strict=True))
+        if with_key:
+            out_of[KEY] = KEY
+        for r, rg in enumerate(footer[4][1][1]):
+            chunks = []
+            for cc in rg[1][1][1]:
+                path = cc[3][1][3][1][1]
+                name = b".".join(path).decode()
+                if name == KEY and not with_key:
+                    continue
+                if name not in out_of or position.get(name) is None:
+                    return False
+                cmd = cc[3][1]
+                start = cmd[11][1] if 11 in cmd and cmd[11][1] > 0 else cmd[9][1]
+                chunks.append((start, start + cmd[7][1], out_of[name], cc))
+            chunks.sort(key=lambda c: c[0])
+            run: list = []
+            for c in [*chunks, None]:  # contiguous runs of chunks are copied with one sequence of reads
+                if run and (c is None or c[0] != run[-1][1]):
+                    _copy_run(f, r, run, stitcher)
+                    run = []
+                if c is not None:
+                    run.append(c)
+        return True
+    finally:
+        f.close()
+
+
+def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher) -> None:
+    start, end = run[0][0], run[-1][1]
+
+    def pieces() -> Iterator[bytes]:
+        f.seek(start)
+        left = end - start
+        while left:
+            piece = f.read(min(COPY_PIECE, left))
+            if not piece:
+                raise BadCheckpoint("checkpoint ended inside a column chunk")
+            left -= len(piece)
+            yield piece
+
+    stitcher.add_raw(group, [(name, cc) for _, _, name, cc in run], pieces(), start)
+
+
 class Aligner:
     """A forward-only cursor over one sorted table that lines its rows up with successive key slices."""
 
-    def __init__(self, name: str, batches: Iterator[pa.RecordBatch], value_names: list[str]) -> None:
+    def __init__(self, name: str, batches: Iterator[pa.Table], value_names: list[str]) -> None:
         self.name = name
         self.batches = batches
         self.value_names = value_names
@@ -138,7 +271,7 @@ class Aligner:
         _check_increasing(self.name, keys, self.last)
         if keys.size:
             self.last = int(keys[-1])
-        values = pa.Table.from_batches([batch]).select(self.value_names)
+        values = batch.select(self.value_names)
         self.buf = values if self.buf is None else pa.concat_tables([self.buf, values])
         self.buf_keys = np.concatenate([self.buf_keys, keys]) if self.buf_keys.size else keys
         return True
@@ -164,14 +297,38 @@ class Aligner:
         return out
 
 
-def group_rows_for(budget: int, widest: int, workers: int, rows: int) -> int:
-    """Rows per output row group so that every worker's table row group fits in its share of the budget."""
+def group_rows_for(budget: int, workers: int, rows: int) -> int:
+    """Most rows per output row group: enough that a slice of MIN_SLICE_COLUMNS columns fits a worker's share."""
     per_worker = budget // max(workers, 1)
-    r = per_worker // max(widest * BYTES_PER_CELL_IN_FLIGHT, 1)
+    r = per_worker // (MIN_SLICE_COLUMNS * BYTES_PER_CELL_IN_FLIGHT)
     r = int(min(max(r, MIN_GROUP_ROWS), MAX_GROUP_ROWS))
     # Even groups so the last one is not a sliver.
     groups = max(1, -(-rows // r))
     return -(-rows // groups) if rows else r
+
+
+def group_bounds(tfile: pq.ParquetFile, cap: int, n: int) -> list[tuple[int, int]]:
+    """Output row groups: the targets' own row groups (so checkpoints written with the same boundaries can be
+    copied without decoding), split where one is over `cap` rows and small neighbours coalesced up to `cap`."""
+    sizes = [tfile.metadata.row_group(i).num_rows for i in range(tfile.metadata.num_row_groups)]
+    if sum(sizes) != n or not n:
+        return [(s, min(s + cap, n)) for s in range(0, n, cap)] or [(0, 0)]
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for size in sizes:
+        if not size:
+            continue
+        end = start + size
+        if size > cap:
+            parts = -(-size // cap)
+            step = -(-size // parts)
+            bounds += [(s, min(s + step, end)) for s in range(start, end, step)]
+        elif bounds and size < COALESCE_BELOW and bounds[-1][1] - bounds[-1][0] + size <= cap:
+            bounds[-1] = (bounds[-1][0], end)
+        else:
+            bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def merge(
@@ -186,6 +343,7 @@ def merge(
     started = time.time()
     workers = workers or min(2, os.cpu_count() or 1)
     tfile = _open(targets)
+    _check_row_group_order(targets.table, tfile)
     keys = _keys_int(targets.table, tfile.read(columns=[KEY]).column(KEY))
     _check_increasing(targets.table, keys, None)
     n = int(keys.size)
@@ -193,7 +351,6 @@ def merge(
     fields: list[pa.Field] = [pa.field(KEY, KEY_TYPE)]
     fields += [f for f in tfile.schema_arrow if f.name != KEY]
     plan: list[tuple[MergeInput, list[str], list[str]]] = []
-    widest = len(tfile.schema_arrow)
     for inp in features:
         schema = _open(inp).schema_arrow
         if KEY not in schema.names:
@@ -202,30 +359,29 @@ def merge(
         out_names = [f"{inp.prefix}_{c}" for c in names]
         fields += [pa.field(o, schema.field(c).type) for c, o in zip(names, out_names, strict=True)]
         plan.append((inp, names, out_names))
-        widest = max(widest, len(names))
     out_schema = pa.schema(fields)
     if len(set(out_schema.names)) != len(out_schema.names):
         raise TerminalError("merged column names collide; table prefixes must be unique")
 
-    rows_per_group = group_rows_for(memory_budget, widest, workers, n)
-    bounds = [(s, min(s + rows_per_group, n)) for s in range(0, n, rows_per_group)] or [(0, 0)]
+    rows_per_group = group_rows_for(memory_budget, workers, n)
+    worker_budget = memory_budget // workers
+    bounds = group_bounds(tfile, rows_per_group, n)
     hashing = HashingWriter(sink)
     md = {"bqx.rows": str(n), **(metadata or {})}
     if n == 0:
-        pq.write_table(out_schema.empty_table(), hashing, **WRITER_OPTIONS)  # type: ignore[arg-type]
+        buf = pa.BufferOutputStream()
+        pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
+        hashing.write(memoryview(buf.getvalue()).cast("B"))
         return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=hashing.size,
                           sha256=hashing.hash.hexdigest(), seconds=time.time() - started)
     stitcher = Stitcher(hashing, out_schema, [e - s for s, e in bounds], **WRITER_OPTIONS)  # type: ignore[arg-type]
     stats = MergeStats(rows=n, columns=len(out_schema), tables=len(features) + 1, row_groups=len(bounds),
                        group_rows=rows_per_group, workers=workers)
 
-    # The targets: already aligned, just cut into the row groups.
-    t_names = [f.name for f in tfile.schema_arrow]
-    t_cursor = Aligner(targets.table, tfile.iter_batches(batch_size=rows_per_group, columns=t_names),
-                       [c for c in t_names if c != KEY])
-    for g, (s, e) in enumerate(bounds):
-        part = t_cursor.align(keys[s:e])
-        stitcher.add(g, part.add_column(0, KEY, pa.array(keys[s:e], type=pa.int64()).cast(KEY_TYPE)))
+    # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
+    t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
+    if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
+        _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget, with_key=True)
 
     done = [0]
     lock = threading.Lock()
@@ -233,10 +389,12 @@ def merge(
     def one(inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
         t0 = time.time()
         pf = _open(inp)
-        cursor = Aligner(inp.table, pf.iter_batches(batch_size=rows_per_group, columns=[KEY, *names]), names)
-        for g, (s, e) in enumerate(bounds):
-            stitcher.add(g, cursor.align(keys[s:e]).rename_columns(out_names))
+        _check_row_group_order(inp.table, pf)
+        copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
+        if not copied:
+            _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget)
         with lock:
+            stats.copied_tables += copied
             done[0] += 1
             if progress:
                 progress(done[0], len(plan))

@@ -9,16 +9,16 @@ time plus ~100 bytes of metadata per column chunk, whatever the width of the who
 
 from __future__ import annotations
 
-import io
 import struct
 import threading
+from collections.abc import Iterable
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bqx import thrift
-from bqx.thrift import I16, I64, LIST, STRUCT, Raw
+from bqx.thrift import BINARY, I16, I64, LIST, STRUCT, Raw
 
 MAGIC = b"PAR1"
 
@@ -37,7 +37,7 @@ class Stitcher:
         self.sink = sink
         self.schema = schema
         self.group_rows = group_rows
-        self.options = {**writer_options, "write_page_index": False}
+        self.options = {**writer_options, "write_page_index": False, "store_schema": False}
         self.index = {name: i for i, name in enumerate(schema.names)}
         if len(self.index) != len(schema.names):
             raise ValueError("output column names are not unique")
@@ -48,10 +48,11 @@ class Stitcher:
         self.sink.write(MAGIC)
         self.pos = len(MAGIC)
 
-    def encode(self, table: pa.Table) -> bytes:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=max(table.num_rows, 1), **self.options)
-        return buf.getvalue()
+    def encode(self, table: pa.Table) -> pa.Buffer:
+        # Arrow-allocated (its memory pool returns it promptly), not a Python bytes that fragments the C heap.
+        out = pa.BufferOutputStream()
+        pq.write_table(table, out, row_group_size=max(table.num_rows, 1), **self.options)
+        return out.getvalue()
 
     def add(self, group: int, table: pa.Table) -> None:
         """Append the columns of `table` (output names, exactly row group `group`'s rows)."""
@@ -60,15 +61,36 @@ class Stitcher:
         target = pa.schema([self.schema.field(n) for n in table.column_names])
         if table.schema != target:
             table = table.cast(target)
-        mini = self.encode(table)
+        mini = memoryview(self.encode(table)).cast("B")
         meta, footer_start = footer_of(mini)
-        body = memoryview(mini)[len(MAGIC) : footer_start]
         chunks = meta[4][1][1][0][1][1][1] if table.num_rows else []  # row_groups[0].columns
+        self._append(group, list(zip(table.column_names, chunks, strict=True)), [mini[len(MAGIC) : footer_start]],
+                     len(MAGIC))
+        del mini
+
+    def add_raw(self, group: int, chunks: list[tuple[str, thrift.Struct]], pieces: Iterable[bytes | memoryview],
+                source_start: int) -> None:
+        """Append already-encoded column chunks as they are: `chunks` are (output name, ColumnChunk) whose byte
+        ranges, at offsets in their source file, together make up `pieces`, which start at `source_start`."""
+        fixed = []
+        for name, cc in chunks:
+            cc = {k: v for k, v in cc.items() if k in (1, 2, 3)}  # no page index or encryption: not copied
+            md = dict(cc[3][1])
+            md.pop(14, None)  # bloom filters are not copied
+            md.pop(15, None)
+            md[3] = (LIST, (BINARY, [name.encode()]))  # path_in_schema: the output's column name
+            cc[3] = (STRUCT, md)
+            fixed.append((name, cc))
+        self._append(group, fixed, pieces, source_start)
+
+    def _append(self, group: int, chunks: list[tuple[str, thrift.Struct]], pieces: Iterable[bytes | memoryview],
+                source_start: int) -> None:
         with self.lock:
-            delta = self.pos - len(MAGIC)
-            self.sink.write(body)
-            self.pos += len(body)
-            for cc, name in zip(chunks, table.column_names, strict=True):
+            delta = self.pos - source_start
+            for piece in pieces:
+                self.sink.write(piece)
+                self.pos += len(piece)
+            for name, cc in chunks:
                 md = cc[3][1]
                 for fid in (9, 10, 11, 14):
                     if fid in md:
@@ -84,7 +106,9 @@ class Stitcher:
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
         """Write the footer; returns the file's size."""
-        template, _ = footer_of(self.encode(self.schema.empty_table()))
+        out = pa.BufferOutputStream()  # the footer's template keeps the Arrow schema (store_schema)
+        pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
+        template, _ = footer_of(memoryview(out.getvalue()).cast("B"))
         groups = []
         for g, cols in enumerate(self.columns):
             missing = [self.schema.names[i] for i, c in enumerate(cols) if c is None]
