@@ -9,11 +9,13 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bqx import extract, storage
 from bqx.catalog import Manifest
 from bqx.errors import TerminalError
 from bqx.source import BigQuerySource, DuckDBSource
 from bqx.warehouse import Shape, Warehouse
+
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings
 from fakes.bigquery_api import FakeBigQuery, FakeBigQueryServer
 

@@ -42,8 +42,9 @@ from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.ids import digest
 from bqx.logs import Log
-from bqx.merge import HashingWriter, MergeStats, group_rows_for
+from bqx.merge import HashingWriter, MergeStats
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS, from_type_name
+from bqx.pricing import BIGQUERY_PER_TIB_SCANNED, TIB
 from bqx.source import quote_bigquery
 from bqx.stitch import Stitcher
 
@@ -59,12 +60,13 @@ STAGE_MAX_COLUMNS = 4_000
 STAGE_MAX_SQL_CHARS = 256 * 1024
 
 TEMP_TABLE_TTL_MS = 24 * 3600 * 1000  # backstop: the temp dataset's default table expiration
-USD_PER_TIB = 6.25  # on-demand query pricing, for the summary's estimate
 LOAD_CONCURRENCY = 8  # below the client's HTTP connection pool (10)
 STAGE_CONCURRENCY = 4
 JOB_ATTEMPTS = 5  # attempt suffixes tried when an existing job with the same id failed or lost its output
 READ_CHUNK = 4 * 1024 * 1024
 READ_BUFFER = 1 << 20
+MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
+BYTES_PER_CELL_IN_FLIGHT = 8 * 5  # decoded input + re-cut copy + encoder buffers + compressed output
 
 # Error reasons that another attempt may fix; every other job error is terminal.
 TRANSIENT_REASONS = frozenset({"backendError", "internalError", "rateLimitExceeded", "jobRateLimitExceeded",
@@ -140,6 +142,14 @@ class BigQueryMergeStats(MergeStats):
     bytes_processed: int = 0
     estimated_cost_usd: float = 0.0
     job_ids: list[str] = field(default_factory=list)
+
+
+def rows_per_group(budget: int, widest: int, rows: int) -> int:
+    """Rows per output row group so that one group of the widest column group fits the memory budget."""
+    r = budget // max(widest * BYTES_PER_CELL_IN_FLIGHT, 1)
+    r = int(min(max(r, MIN_GROUP_ROWS), MAX_GROUP_ROWS))
+    groups = max(1, -(-rows // r))  # even groups, so the last one is not a sliver
+    return -(-rows // groups) if rows else r
 
 
 def _safe(text: str) -> str:
@@ -406,8 +416,8 @@ def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_bud
            metadata: dict[str, str] | None = None) -> tuple[int, str, int]:
     """Stage exports -> one Parquet file in `sink`. Returns (bytes, sha256, rows per row group)."""
     widest = max(len(st.columns) for st in plan.stages)
-    rows_per_group = group_rows_for(memory_budget, widest, 1, rows)
-    bounds = [(s, min(s + rows_per_group, rows)) for s in range(0, rows, rows_per_group)]
+    group = rows_per_group(memory_budget, widest, rows)
+    bounds = [(s, min(s + group, rows)) for s in range(0, rows, group)]
     hashing = HashingWriter(sink)
     md = {"bqx.rows": str(rows), **(metadata or {})}
     if rows == 0:
@@ -420,7 +430,7 @@ def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_bud
         if not files:
             raise BadCheckpoint(f"stage {st.index} exported no files under {st.export_prefix}")
         what = f"stage {st.index} export"
-        stream = _batches(settings, files, list(st.columns), min(rows_per_group, 65_536))
+        stream = _batches(settings, files, list(st.columns), min(group, 65_536))
         for g, part in enumerate(_groups(stream, bounds, what)):
             s, e = bounds[g]
             k = _key_ints(part.column(KEY), what)
@@ -436,7 +446,7 @@ def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_bud
                     raise BadCheckpoint(f"{what}: keys differ from the targets' in rows {s}..{e}")
                 stitcher.add(g, part.drop_columns([KEY]))
     stitcher.close(md)
-    return hashing.size, hashing.hash.hexdigest(), rows_per_group
+    return hashing.size, hashing.hash.hexdigest(), group
 
 
 def _targets_rows(settings: Settings, manifest: Manifest) -> int:
@@ -480,7 +490,7 @@ def run(settings: Settings, manifest: Manifest, sink: BinaryIO, client: Any, met
             stats.loads = len(loads)
         estimates = [runner.dry_run(st) for st in pending]
         stats.bytes_processed = sum(estimates)
-        stats.estimated_cost_usd = round(stats.bytes_processed / 2**40 * USD_PER_TIB, 6)
+        stats.estimated_cost_usd = round(stats.bytes_processed / TIB * BIGQUERY_PER_TIB_SCANNED, 6)
         rlog.info("bigquery stages estimated", pending=len(pending), reused=stats.stages_reused,
                   bytes_processed=stats.bytes_processed, estimated_cost_usd=stats.estimated_cost_usd)
         # Every stage runs to its end even if one fails: what finished is kept for the retry to reuse.

@@ -26,7 +26,7 @@ from bqx.catalog import KEY, Manifest, TableEntry
 from bqx.config import MERGE_METHODS, Settings
 from bqx.errors import BadCheckpoint, ConfigError
 from bqx.logs import Log
-from bqx.merge import HashingWriter, MergeStats, group_rows_for
+from bqx.merge import HashingWriter, MergeStats
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
 from bqx.stitch import Stitcher
 
@@ -106,7 +106,7 @@ def polars_merge(settings: Settings, manifest: Manifest, sink: BinaryIO, metadat
     import polars as pl
     import pyarrow.dataset as ds
 
-    from bqx.bigquery_plan import output_schema
+    from bqx.bigquery_plan import output_schema, rows_per_group
 
     started = time.time()
     fs = filesystem or gcs_filesystem(settings)
@@ -129,12 +129,12 @@ def polars_merge(settings: Settings, manifest: Manifest, sink: BinaryIO, metadat
     n = int(keys.size)
     groups = column_groups(manifest.features, max_group_columns)
     widest = max([len(targets.columns), *(sum(len(t.value_columns) for t in g) for g in groups)])
-    rows_per_group = group_rows_for(settings.memory_budget, widest, 1, n)
-    bounds = [(s, min(s + rows_per_group, n)) for s in range(0, n, rows_per_group)]
+    group_rows = rows_per_group(settings.memory_budget, widest, n)
+    bounds = [(s, min(s + group_rows, n)) for s in range(0, n, group_rows)]
     hashing = HashingWriter(sink)
     md = {"bqx.rows": str(n), **(metadata or {})}
     stats = MergeStats(rows=n, columns=len(schema), tables=len(manifest.tables), row_groups=len(bounds),
-                       group_rows=rows_per_group, workers=1)
+                       group_rows=group_rows, workers=1)
     if n == 0:
         import pyarrow.parquet as pq
 
