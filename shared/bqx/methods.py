@@ -54,7 +54,8 @@ def run(method: str, settings: Settings, manifest: Manifest, temp_blob: Any, met
             from bqx import bigquery_plan
 
             client = bigquery_client or make_bigquery_client(settings)
-            return bigquery_plan.run(settings, manifest, sink, client, metadata)
+            location = getattr(settings, "bigquery_location", "") or None  # None: BigQuery infers it
+            return bigquery_plan.run(settings, manifest, sink, client, metadata, location=location)
         return polars_merge(settings, manifest, sink, metadata)
 
 
