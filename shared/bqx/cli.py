@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from bqx.config import MERGE_METHODS
 from bqx.errors import BqxError, UnknownPair
 from bqx.pairs import PAIRS, validate_pair
 
@@ -384,39 +385,78 @@ def report(pair: str, run_id: str | None, out_dir: Path, cloud: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- merge
 @main.command()
-@click.option("--from", "src", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Directory with one Parquet file per table.")
-@click.option("--to", "dst", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output Parquet file.")
-@click.option("--targets", default=None, help="Name (stem) of the targets file; default: the file named targets*.")
-@click.option("--pair", default=None, help="Strip this pair from table names when prefixing columns.")
+@click.argument("pair", required=False)
+@click.option("--from", "src", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Merge local files instead: a directory with one Parquet file per table.")
+@click.option("--to", "dst", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --from: the output Parquet file.")
+@click.option("--targets", default=None, help="With --from: stem of the targets file (default: the file targets*).")
+@click.option("--method", type=click.Choice(MERGE_METHODS), default=None, envvar="MERGE_METHOD",
+              help="With PAIR: stream (local default), polars or bigquery. [env: MERGE_METHOD]")
+@click.option("--run-id", default=None, help="With PAIR: a run other than the pair's newest.")
 @click.option("--memory-budget", default="1GiB", show_default=True, envvar="BQX_MEMORY_BUDGET")
 @click.option("--workers", type=int, default=None, help="Tables merged at once (default: up to 2).")
+@click.option("--cloud", is_flag=True, help="With PAIR: use Google Cloud instead of the local stack.")
 @click.option("--json", "as_json", is_flag=True)
-def merge(src: Path, dst: Path, targets: str | None, pair: str | None, memory_budget: str,
-          workers: int | None, as_json: bool) -> None:
-    """LEFT JOIN every Parquet file in --from onto the targets by interval_time, memory-bounded."""
+def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | None, method: str | None,
+          run_id: str | None, memory_budget: str, workers: int | None, cloud: bool, as_json: bool) -> None:
+    """LEFT JOIN every feature table onto the targets by interval_time, memory-bounded.
+
+    \b
+    bqx merge eurusd [--method stream|polars|bigquery]   re-merge the pair's newest run and publish it
+    bqx merge --from DIR --to FILE                        merge local Parquet files (one per table)
+    """
     from dataclasses import asdict, replace
 
     from bqx import layout
     from bqx.config import parse_bytes
-    from bqx.merge import local_inputs
-    from bqx.merge import merge as do_merge
 
-    t, features = local_inputs(src, targets)
-    if pair:
-        validate_pair(pair)
-        features = [replace(f, prefix=layout.prefix_of(pair, f.table)) for f in features]
-    tmp = dst.with_name(dst.name + ".partial")
-    with open(tmp, "wb") as sink:
-        stats = do_merge(t, features, sink, parse_bytes(memory_budget), workers)
-    tmp.replace(dst)
-    out = {k: v for k, v in asdict(stats).items() if k != "table_seconds"}
-    if as_json:
-        click.echo(json.dumps(out))
-    else:
-        click.echo(f"{dst}: {stats.rows} rows x {stats.columns} columns from {stats.tables} tables, "
-                   f"{stats.bytes / 1e6:.1f} MB in {stats.seconds:.2f}s")
+    budget = parse_bytes(memory_budget)
+    if src is not None:
+        from bqx.merge import local_inputs
+        from bqx.merge import merge as do_merge
+
+        if dst is None:
+            raise click.UsageError("--from needs --to FILE")
+        t, features = local_inputs(src, targets)
+        if pair:
+            pair = _pairs((pair,), False)[0]
+            features = [replace(f, prefix=layout.prefix_of(pair, f.table)) for f in features]
+        tmp = dst.with_name(dst.name + ".partial")
+        with open(tmp, "wb") as sink:
+            stats = do_merge(t, features, sink, budget, workers)
+        tmp.replace(dst)
+        out = {k: v for k, v in asdict(stats).items() if k != "table_seconds"}
+        if as_json:
+            click.echo(json.dumps(out))
+        else:
+            click.echo(f"{dst}: {stats.rows} rows x {stats.columns} columns from {stats.tables} tables, "
+                       f"{stats.bytes / 1e6:.1f} MB in {stats.seconds:.2f}s")
+        return
+    if not pair:
+        raise click.UsageError("name a PAIR, or merge local files with --from DIR --to FILE")
+    from bqx import runs, storage
+    from bqx.catalog import Manifest
+    from bqx.publish import merge_run
+
+    pair = _pairs((pair,), False)[0]
+    s = _settings() if cloud else _local_settings()
+    chosen = method or s.merge_method
+    if not cloud:
+        from bqx.local.stack import Stack
+
+        if not Stack(s).is_up():
+            Stack(s).up(progress=lambda m: _echo("  " + m))
+    run_id = run_id or runs.latest_run(s, pair)
+    if not run_id:
+        raise click.ClickException(f"{pair} has no run yet; start one with `bqx run {pair}`")
+    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
+    if found is None:
+        raise click.ClickException(f"run {run_id} of {pair} has no manifest (extraction never started?)")
+    summary = merge_run(replace(s, memory_budget=budget), Manifest.from_json(found[0]), chosen)
+    click.echo(json.dumps(summary) if as_json else
+               f"{pair}: {summary['rows']} rows x {summary['columns']} columns -> {summary['output']} "
+               f"({chosen}, {summary['merge_seconds']:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -55,4 +55,6 @@ def jobs_client(settings: Settings) -> run_v2.JobsClient:
 def bigquery_client(settings: Settings) -> bigquery.Client:
     from google.cloud import bigquery
 
-    return bigquery.Client(project=settings.project, credentials=_credentials(settings))
+    options = {"api_endpoint": settings.bigquery_api_endpoint} if settings.bigquery_api_endpoint else None
+    return bigquery.Client(project=settings.project, credentials=_credentials(settings), client_options=options,
+                           location=settings.bigquery_location or None)

@@ -115,6 +115,10 @@ class Settings:
     """Pub/Sub topic the local GCS emulator publishes object events to."""
     dead_letter_topic: str = "bqx-dead-letter"
     """Where poison messages end up after max delivery attempts."""
+    bigquery_api_endpoint: str = ""
+    """BigQuery API endpoint override (a local stand-in in tests); empty = Google's."""
+    bigquery_location: str = ""
+    """Location of BigQuery jobs and the temp dataset (e.g. US); empty = the client's default."""
     run_api_endpoint: str = ""
     """Cloud Run Admin API endpoint override (local stand-in); empty = Google's."""
     local: bool = False
@@ -148,6 +152,8 @@ class Settings:
             request_topic=_env("BQX_REQUEST_TOPIC", d.request_topic),
             events_topic=_env("BQX_EVENTS_TOPIC", d.events_topic),
             dead_letter_topic=_env("BQX_DEAD_LETTER_TOPIC", d.dead_letter_topic),
+            bigquery_api_endpoint=_env("BQX_BIGQUERY_API_ENDPOINT", ""),
+            bigquery_location=_env("BQX_BIGQUERY_LOCATION", ""),
             run_api_endpoint=_env("BQX_RUN_API_ENDPOINT", ""),
             local=local,
             home=home,

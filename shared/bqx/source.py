@@ -88,6 +88,17 @@ class DuckDBSource:
         ).fetchall()
         return _classify(pair, rows)
 
+    def estimate_bytes(self, table: str, row_limit: int = 0) -> int:
+        """What BigQuery would bill for reading the table: logical bytes of every column."""
+        from bqx.pricing import logical_bytes
+
+        ref = f"{quote_duckdb(self.dataset)}.{quote_duckdb(table)}"
+        rows = self._con.cursor().execute(f"SELECT count(*) FROM {ref}").fetchone()[0]
+        cols = self._con.cursor().execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
+            [self.dataset, table]).fetchall()
+        return logical_bytes(cols, min(rows, row_limit) if row_limit else rows)
+
     def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]:
         sql = f"SELECT * FROM {quote_duckdb(self.dataset)}.{quote_duckdb(table)} ORDER BY {quote_duckdb(KEY)}"
         if row_limit:
@@ -95,9 +106,9 @@ class DuckDBSource:
         cursor = self._con.cursor()  # one cursor per thread: DuckDB connections are not thread-safe
         try:
             cursor.execute("SET TimeZone='UTC'")
-            result = cursor.execute(sql)
-            # duckdb >= 1.4 names it to_arrow_reader; older releases fetch_record_batch
-            reader = getattr(result, "to_arrow_reader", None) or result.fetch_record_batch
+            relation = cursor.sql(sql)  # a relation streams Arrow batches without an extra copy
+            # duckdb >= 1.4 names it to_arrow_reader; older releases fetch_arrow_reader
+            reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
             yield from reader(BATCH_ROWS)
         finally:
             cursor.close()
