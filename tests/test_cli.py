@@ -1,0 +1,44 @@
+"""The command line: every command has help; bad input fails fast with a clear message and starts nothing."""
+
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from bqx.cli import main
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, (*prefix, name))
+    return out
+
+
+@pytest.mark.parametrize("path", _commands(main))
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 3
+
+
+def test_unknown_merge_method_is_refused_before_any_work(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(main, ["merge", "eurusd", "--method", "pandas"], env={"BQX_HOME": str(tmp_path)})
+    assert result.exit_code == 2 and "pandas" in result.output
+    assert not (tmp_path / "stack").exists()  # nothing was started
+
+
+def test_unknown_pair_lists_the_valid_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for args in (["run", "eurxxx"], ["submit", "eurxxx"], ["status", "eurxxx"], ["report", "eurxxx"]):
+        result = CliRunner().invoke(main, args, env={"BQX_HOME": str(tmp_path)})
+        assert result.exit_code == 1, args
+        assert "unknown pair 'eurxxx'" in result.output and "gbpusd" in result.output
+    assert not (tmp_path / "stack").exists()
+
+
+def test_merge_needs_a_pair_or_files() -> None:
+    result = CliRunner().invoke(main, ["merge"])
+    assert result.exit_code == 2 and "--from" in result.output
