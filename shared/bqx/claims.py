@@ -6,6 +6,11 @@
 3. anyone else reading the claim: execution recorded -> nothing to do; claim fresh -> ClaimHeld (raise, so
    the event comes back later); claim older than the lease with no execution -> its owner died between
    claiming and launching: take it over with a generation precondition, so exactly one taker launches.
+
+Fault injection (tests, scripts/chaos.py): with BQX_FAILPOINT_AFTER_CLAIM=<dir>, each claim won takes one token
+file from <dir> if there is one; a token named `exit-*` ends the process on the spot (os._exit: no cleanup, no
+reply, like a killed instance), any other token raises InjectedCrash (the claim is left unrecorded). Unset (as in
+production), it costs one environment lookup per claim.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from bqx.errors import ClaimHeld
 from bqx.logs import Log
 
 log = Log("bqx.claims")
+FAILPOINT_ENV = "BQX_FAILPOINT_AFTER_CLAIM"
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by the after-claim failpoint: an instance 'dying' between claiming and launching."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,26 @@ class Outcome:
 
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def failpoint_after_claim(name: str) -> None:
+    """See the module docstring: consume one token from $BQX_FAILPOINT_AFTER_CLAIM and crash as it says."""
+    directory = os.environ.get(FAILPOINT_ENV)
+    if not directory:
+        return
+    try:
+        tokens = sorted(os.listdir(directory))
+    except OSError:
+        return
+    for token in tokens:
+        try:
+            os.unlink(os.path.join(directory, token))  # atomic: exactly one instance gets each token
+        except FileNotFoundError:
+            continue
+        log.warning("failpoint: crashing right after claiming", claim=name, token=token)
+        if token.startswith("exit"):
+            os._exit(137)
+        raise InjectedCrash(f"failpoint {token} after claiming {name}")
 
 
 def launch_once(
@@ -63,8 +93,9 @@ def launch_once(
             raise ClaimHeld(f"claim {name} was taken over by another instance")
         took_over = True
         log.warning("took over a stale claim", claim=name, age_seconds=round(age, 1), **context)
+    failpoint_after_claim(name)  # an instance may die right here: tests make it
     if on_claimed is not None:
-        on_claimed()  # test hook point: an instance may die right here
+        on_claimed()
     try:
         execution = launch()
     except BaseException:
