@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bqx.catalog import targets_table
+from bqx.catalog import KEY, targets_table
 from bqx.parquet_io import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS
 from bqx.warehouse import Shape, feature_arrow, table_specs, targets_arrow
 
@@ -30,16 +31,22 @@ class BenchShape:
     rows: int
     value_columns: int | None  # None: the warehouse's real column mix
     table_scale: float = 1.0
+    aligned: bool = False  # every checkpoint already LEFT JOINed onto the targets' keys (same row groups)
 
     @property
     def dir(self) -> Path:
-        return CACHE / f"{self.key}-r{self.rows}-c{self.value_columns or 'real'}-t{self.table_scale}"
+        settings = zlib.crc32(json.dumps([WRITER_OPTIONS, CHECKPOINT_ROW_GROUP], sort_keys=True).encode())
+        return CACHE / (f"{self.key}-r{self.rows}-c{self.value_columns or 'real'}-t{self.table_scale}"
+                        f"{'-aligned' if self.aligned else ''}-w{settings:08x}")
 
 
 SHAPES = {
     "a": BenchShape("a", "10 cols x 100k rows", 100_000, 10),
     "b": BenchShape("b", "10 cols x 500k rows", 500_000, 10),
     "c": BenchShape("c", "~17k cols x 20k rows", 20_000, None),
+    # The stretch case: checkpoints written aligned to the targets (the LEFT JOIN pushed down into extraction).
+    "A": BenchShape("A", "10 cols x 100k rows, aligned", 100_000, 10, aligned=True),
+    "C": BenchShape("C", "~17k cols x 20k rows, aligned", 20_000, None, aligned=True),
 }
 
 
@@ -58,6 +65,9 @@ def _write_one(args: tuple[BenchShape, str | None]) -> int:
         if shape.value_columns:
             spec = replace(spec, columns=shape.value_columns)
         data, name = feature_arrow(PAIR, spec, ws), table
+        if shape.aligned:
+            keys = targets_arrow(PAIR, ws).select([KEY])
+            data = keys.join(data, KEY, join_type="left outer").sort_by(KEY).select(data.column_names)
     tmp = shape.dir / f".{name}.parquet.tmp"
     pq.write_table(data, tmp, row_group_size=CHECKPOINT_ROW_GROUP, **WRITER_OPTIONS)
     tmp.replace(shape.dir / f"{name}.parquet")
@@ -147,5 +157,5 @@ def gib(n: int) -> str:
 
 if __name__ == "__main__":
     for k in sys.argv[1:] or ["a", "c"]:
-        s = quick(SHAPES[k[0]]) if k.endswith("q") else SHAPES[k]
+        s = quick(SHAPES[k[0]]) if k.endswith("q") else SHAPES[k]  # e.g. "aq": shape a, quick
         print(k, ensure_data(s), flush=True)

@@ -19,6 +19,7 @@ os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
 os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
 
 import hashlib  # noqa: E402
+import queue  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -44,7 +45,7 @@ READ_BUFFER = 262144  # stream column chunks
 MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
 COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into bigger output row groups
 COPY_PIECE = 4 << 20  # bytes per read when copying encoded column chunks
-BYTES_PER_CELL_IN_FLIGHT = 8 * 5  # decoded input + aligned copy + encoder buffers + compressed output
+BYTES_PER_CELL_IN_FLIGHT = 8 * 6  # decoded input (2 row groups) + aligned copy + encoder + output (+ one being hashed)
 MIN_SLICE_COLUMNS = 8
 
 
@@ -71,16 +72,60 @@ class MergeStats:
 
 
 class HashingWriter:
-    """Counts and hashes what passes through to the real sink."""
+    """Counts and hashes (SHA-256) what passes through to the real sink. The hash runs on its own thread (hashlib
+    releases the GIL), overlapping the workers' reads and writes; at most `backlog` bytes wait to be hashed."""
 
-    def __init__(self, sink: BinaryIO) -> None:
-        self.sink, self.hash, self.size = sink, hashlib.sha256(), 0
+    PIECE = 4 << 20
+
+    def __init__(self, sink: BinaryIO, backlog: int = 64 << 20) -> None:
+        self.sink, self.size = sink, 0
+        self._hash = hashlib.sha256()
+        self._backlog, self._pending = backlog, 0
+        self._cv = threading.Condition()
+        self._queue: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._digest = ""
 
     def write(self, data: bytes | memoryview) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        self.sink.write(data)
-        return len(data)
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        self.sink.write(view)
+        n = len(view)
+        self.size += n
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="merge-sha256", daemon=True)
+            self._thread.start()
+        # The buffer stays alive until its last piece is hashed, so the backlog counts whole writes.
+        with self._cv:
+            while self._pending and self._pending + n > self._backlog:
+                self._cv.wait()
+            self._pending += n
+        for off in range(0, n, self.PIECE):
+            self._queue.put((view[off : off + self.PIECE], n if off + self.PIECE >= n else 0))
+        return n
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            piece, done = item
+            self._hash.update(piece)
+            del piece, item
+            if done:
+                with self._cv:
+                    self._pending -= done
+                    self._cv.notify_all()
+
+    def hexdigest(self) -> str:
+        """Finish (waits for the backlog) and return the digest; the writer is closed afterwards."""
+        if not self._digest:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+            self._digest = self._hash.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def local_inputs(directory: Path, targets: str | None = None) -> tuple[MergeInput, list[MergeInput]]:
@@ -100,7 +145,10 @@ def local_inputs(directory: Path, targets: str | None = None) -> tuple[MergeInpu
 
 def _open(inp: MergeInput) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(inp.open(), buffer_size=READ_BUFFER, pre_buffer=False)
+        src = inp.open()
+        if isinstance(src, str | os.PathLike):
+            src = pa.OSFile(os.fspath(src))  # a native file: no filesystem resolution per open, no mmap
+        return pq.ParquetFile(src, buffer_size=READ_BUFFER, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise BadCheckpoint(f"{inp.table}: not a readable Parquet file ({exc})") from exc
 
@@ -366,52 +414,55 @@ def merge(
     rows_per_group = group_rows_for(memory_budget, workers, n)
     worker_budget = memory_budget // workers
     bounds = group_bounds(tfile, rows_per_group, n)
-    hashing = HashingWriter(sink)
-    md = {"bqx.rows": str(n), **(metadata or {})}
-    if n == 0:
-        buf = pa.BufferOutputStream()
-        pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
-        hashing.write(memoryview(buf.getvalue()).cast("B"))
-        return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=hashing.size,
-                          sha256=hashing.hash.hexdigest(), seconds=time.time() - started)
-    stitcher = Stitcher(hashing, out_schema, [e - s for s, e in bounds], **WRITER_OPTIONS)  # type: ignore[arg-type]
-    stats = MergeStats(rows=n, columns=len(out_schema), tables=len(features) + 1, row_groups=len(bounds),
-                       group_rows=rows_per_group, workers=workers)
+    hashing = HashingWriter(sink, backlog=max(memory_budget // 16, HashingWriter.PIECE))
+    try:
+        md = {"bqx.rows": str(n), **(metadata or {})}
+        if n == 0:
+            buf = pa.BufferOutputStream()
+            pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
+            hashing.write(memoryview(buf.getvalue()).cast("B"))
+            return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=hashing.size,
+                              sha256=hashing.hexdigest(), seconds=time.time() - started)
+        stitcher = Stitcher(hashing, out_schema, [e - s for s, e in bounds], **WRITER_OPTIONS)  # type: ignore[arg-type]
+        stats = MergeStats(rows=n, columns=len(out_schema), tables=len(features) + 1, row_groups=len(bounds),
+                           group_rows=rows_per_group, workers=workers)
 
-    # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
-    t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
-    if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
-        _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget, with_key=True)
+        # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
+        t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
+        if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
+            _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget, with_key=True)
 
-    done = [0]
-    lock = threading.Lock()
+        done = [0]
+        lock = threading.Lock()
 
-    def one(inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
-        t0 = time.time()
-        pf = _open(inp)
-        _check_row_group_order(inp.table, pf)
-        copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
-        if not copied:
-            _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget)
-        with lock:
-            stats.copied_tables += copied
-            done[0] += 1
-            if progress:
-                progress(done[0], len(plan))
-        return inp.table, time.time() - t0
+        def one(inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
+            t0 = time.time()
+            pf = _open(inp)
+            _check_row_group_order(inp.table, pf)
+            copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
+            if not copied:
+                _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget)
+            with lock:
+                stats.copied_tables += copied
+                done[0] += 1
+                if progress:
+                    progress(done[0], len(plan))
+            return inp.table, time.time() - t0
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
-        futures = [pool.submit(one, *p) for p in plan]
-        try:
-            for fut in as_completed(futures):
-                table, secs = fut.result()
-                stats.table_seconds[table] = round(secs, 4)
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
-    stitcher.close(md)
+        with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
+            futures = [pool.submit(one, *p) for p in plan]
+            try:
+                for fut in as_completed(futures):
+                    table, secs = fut.result()
+                    stats.table_seconds[table] = round(secs, 4)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+        stitcher.close(md)
+    finally:
+        hashing.close()
     stats.bytes = hashing.size
-    stats.sha256 = hashing.hash.hexdigest()
+    stats.sha256 = hashing.hexdigest()
     stats.seconds = time.time() - started
     return stats
