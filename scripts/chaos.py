@@ -386,11 +386,13 @@ def run_many(harnesses: list[Harness], seeds: list[int], progress: Any = None) -
     return totals, results
 
 
-def start_fake_gcs(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def start_fake_gcs(port: int, workdir: Path, backend: str = "memory") -> subprocess.Popen[bytes]:
     from bqx.local.stack import fake_gcs_binary
 
+    storage_flags = ["-backend", "memory"] if backend == "memory" else [
+        "-backend", "filesystem", "-filesystem-root", str(workdir / "gcs")]  # as `bqx stack up` runs it
     proc = subprocess.Popen([str(fake_gcs_binary()), "-host", "127.0.0.1", "-port", str(port), "-scheme", "http",
-                             "-backend", "memory", "-log-level", "warn"],
+                             *storage_flags, "-log-level", "warn"],
                             stdout=open(workdir / "gcs.log", "ab"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 30
@@ -407,12 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="first seed; schedules use seed, seed+1, ...")
     ap.add_argument("--parallel", type=int, default=2, help="independent harnesses (server + Run API) at once")
     ap.add_argument("--lease", type=float, default=1.0, help="BQX_CLAIM_LEASE_SECONDS for the function")
+    ap.add_argument("--backend", choices=["memory", "filesystem"], default="memory",
+                    help="fake-gcs-server storage backend (the local stack uses filesystem)")
     ap.add_argument("--json", action="store_true", help="print the totals as JSON")
     args = ap.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bqx-chaos-"))
     gcs_port = free_port()
-    gcs = start_fake_gcs(gcs_port, workdir)
+    gcs = start_fake_gcs(gcs_port, workdir, args.backend)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BQX_")}
     env.update({"BQX_LOCAL": "1", "BQX_HOME": str(workdir), "BQX_PROJECT": "bqx-ml", "GOOGLE_CLOUD_PROJECT": "bqx-ml",
                 "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_port}", "NO_GCE_CHECK": "True",
