@@ -166,28 +166,49 @@ def load_manifest(s: Settings, pair: str, run_id: str) -> Manifest | None:
 
 
 def completion(s: Settings, cloud_event: Any) -> claims.Outcome | None:
+    """A checkpoint arrived (validate it: a bad one is set aside and reported) or the extract reported its end
+    (sweep the run); when every manifest checkpoint is present and validated, start the merge once."""
+    from bqx import validate
+
     ev = events.parse(cloud_event)
     if not isinstance(ev, events.ObjectEvent):
         raise BadRequest("completion expects storage events, got a plain Pub/Sub message")
-    if ev.bucket != s.staging_bucket or not ev.name.startswith(layout.CHECKPOINTS) or ev.kind != "finalize":
+    if ev.bucket != s.staging_bucket or ev.kind != "finalize":
         return None
-    cp = layout.parse_checkpoint(ev.name)
-    rlog = log.bind(pair=cp.pair, run_id=cp.run_id, stage="completion", table=cp.table)
-    manifest = load_manifest(s, cp.pair, cp.run_id)
+    if ev.name.startswith(layout.CHECKPOINTS):
+        cp = layout.parse_checkpoint(ev.name)
+        pair, run_id, table = cp.pair, cp.run_id, cp.table
+    elif (finished := validate.report_run(ev.name)) is not None:
+        (pair, run_id), table = finished, None
+    else:
+        return None
+    rlog = log.bind(pair=pair, run_id=run_id, stage="completion", table=table)
+    manifest = load_manifest(s, pair, run_id)
     if manifest is None:
-        raise BadRequest(f"checkpoint {ev.name} belongs to no run with a manifest")
+        raise BadRequest(f"object {ev.name} belongs to no run with a manifest")
+    if table is not None:
+        if not validate.arrival(s, manifest, ev.name, int(ev.generation)):
+            rlog.info("stale event: that checkpoint generation is gone", generation=ev.generation)
+            return None
+    else:
+        if not validate.extract_finished(s, pair, run_id):
+            return None
+        validate.sweep(s, manifest)
     expected = manifest.expected_objects()
-    if ev.name not in expected:
-        raise BadRequest(f"checkpoint {ev.name} is not in run {cp.run_id}'s manifest")
-    present = storage.list_names(s, s.staging_bucket, layout.checkpoints_prefix(cp.pair, cp.run_id))
-    missing = expected - present.keys()
+    valid = validate.validated(s, manifest)
+    missing = expected - valid
     if missing:
         rlog.debug("run not complete yet", present=len(expected) - len(missing), expected=len(expected))
         return None
+    blocking = validate.blocking_error(s, manifest, valid)
+    if blocking is not None:
+        rlog.error("all checkpoints present, but the run has a recorded error: merge not started",
+                   error=blocking.get("error"), error_stage=blocking.get("stage"))
+        return None
     outcome = claims.launch_once(
-        s, layout.claim(cp.pair, cp.run_id, "merge"),
-        lambda: run_job(s, s.merge_job, [cp.pair], {"BQX_RUN_ID": cp.run_id}),
-        {"pair": cp.pair, "run_id": cp.run_id},
+        s, layout.claim(pair, run_id, "merge"),
+        lambda: run_job(s, s.merge_job, [pair], {"BQX_RUN_ID": run_id}),
+        {"pair": pair, "run_id": run_id},
     )
     if outcome.launched:
         rlog.info("all checkpoints present: merge job started", checkpoints=len(expected),
