@@ -289,6 +289,11 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
                 _echo(line)
 
     def one(pair: str):  # type: ignore[no-untyped-def]
+        active = None if force else runs.active_run_id(s, pair)
+        if active:
+            # The trigger would acknowledge a new request as "already running": follow the active run instead.
+            _echo(f"{pair}: run {active} is already active; following it (--force starts a new run)")
+            return runs.follow(s, pair, active, timeout, on_update=show)
         run_id = runs.submit(s, pair, force=force)
         _echo(f"{pair}: requested gs://{s.staging_bucket}/requests/{pair}.json (run {run_id})")
         return runs.follow(s, pair, run_id, timeout, on_update=show)

@@ -48,6 +48,16 @@ def latest_run(settings: Settings, pair: str) -> str | None:
     return None if found is None else str(found[0].get("run_id"))
 
 
+def active_run_id(settings: Settings, pair: str) -> str | None:
+    """The pair's latest run id while it is active (the same rule the trigger applies), else None."""
+    from bqx.handlers import active_run
+
+    found = storage.read_json(settings, settings.staging_bucket, layout.latest(pair))
+    if found is None:
+        return None
+    return str(found[0]["run_id"]) if active_run(settings, pair, found[0]) is not None else None
+
+
 def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
     s = settings
     pointer = storage.read_json(s, s.staging_bucket, layout.latest(pair))
