@@ -422,7 +422,7 @@ def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_bud
     md = {"bqx.rows": str(rows), **(metadata or {})}
     if rows == 0:
         pq.write_table(plan.schema.empty_table(), hashing, **WRITER_OPTIONS)  # type: ignore[arg-type]
-        return hashing.size, hashing.hash.hexdigest(), 0
+        return hashing.size, hashing.hexdigest(), 0
     stitcher = Stitcher(hashing, plan.schema, [e - s for s, e in bounds], **WRITER_OPTIONS)  # type: ignore[arg-type]
     keys: np.ndarray | None = None
     for st in plan.stages:
@@ -446,7 +446,7 @@ def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_bud
                     raise BadCheckpoint(f"{what}: keys differ from the targets' in rows {s}..{e}")
                 stitcher.add(g, part.drop_columns([KEY]))
     stitcher.close(md)
-    return hashing.size, hashing.hash.hexdigest(), group
+    return hashing.size, hashing.hexdigest(), group
 
 
 def _targets_rows(settings: Settings, manifest: Manifest) -> int:

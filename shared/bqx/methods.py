@@ -164,7 +164,7 @@ def polars_merge(settings: Settings, manifest: Manifest, sink: BinaryIO, metadat
                 stitcher.add(g, frame.drop(KEY).to_arrow())
         stitcher.close(md)
     stats.bytes = hashing.size
-    stats.sha256 = hashing.hash.hexdigest()
+    stats.sha256 = hashing.hexdigest()
     stats.seconds = time.time() - started
     return stats
 
