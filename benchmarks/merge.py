@@ -172,7 +172,7 @@ def _dir_size(path: Path) -> int:
 def run_contender(name: str, src: Path, dst: Path, timeout: float, cap: int, budget: str) -> tuple[Result, int]:
     scratch = Path(tempfile.mkdtemp(prefix=f"bqx-bench-{name}-", dir=dst.parent))
     if name == "ours":
-        cmd = [str(Path(PY).with_name("bqx")), "merge", "--from", str(src), "--to", str(dst), "--pair", PAIR,
+        cmd = [str(Path(PY).with_name("bqx")), "merge", PAIR, "--from", str(src), "--to", str(dst),
                "--memory-budget", budget, "--json"]
     else:
         cmd = [PY, str(Path(__file__).resolve()), "--child", name, "--src", str(src), "--dst", str(dst),

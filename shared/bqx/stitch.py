@@ -49,10 +49,19 @@ class Stitcher:
         self.pos = len(MAGIC)
 
     def encode(self, table: pa.Table) -> pa.Buffer:
-        # Arrow-allocated (its memory pool returns it promptly), not a Python bytes that fragments the C heap.
-        out = pa.BufferOutputStream()
-        pq.write_table(table, out, row_group_size=max(table.num_rows, 1), **self.options)
-        return out.getvalue()
+        """`table` as a small Parquet file, in an Arrow buffer (its pool returns memory promptly; a Python bytes
+        would fragment the C heap). The buffer is allocated once at an upper bound of the encoded size: growing
+        one while writing copies it over and over, which cost more than the encoding."""
+        bound = int(table.nbytes * 1.2) + 4096 * table.num_columns + (1 << 20)  # snappy's worst case + headers
+        try:
+            buf = pa.allocate_buffer(bound)
+            out = pa.FixedSizeBufferWriter(buf)
+            pq.write_table(table, out, row_group_size=max(table.num_rows, 1), **self.options)
+            return buf.slice(0, out.tell())
+        except (OSError, pa.ArrowException):  # over the bound after all (e.g. long strings): let it grow
+            grow = pa.BufferOutputStream()
+            pq.write_table(table, grow, row_group_size=max(table.num_rows, 1), **self.options)
+            return grow.getvalue()
 
     def add(self, group: int, table: pa.Table) -> None:
         """Append the columns of `table` (output names, exactly row group `group`'s rows)."""
