@@ -3,10 +3,13 @@ and a local Cloud Run API that counts launches. Acked = HTTP 200, redelivered = 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from cloudevents.conversion import to_structured
 from functions_framework import create_app
@@ -61,7 +64,11 @@ def test_pubsub_message_starts_one_extract_per_message(s, run_api) -> None:
     assert post(c, pubsub_event(json.dumps({"pair": "usdjpy"}), message_id=mid)) == 200
     assert post(c, pubsub_event(json.dumps({"pair": "usdjpy"}), message_id=mid)) == 200
     assert len(launches(run_api, "bqx-ml-extract")) == 1
+    # another message while that run is active: acknowledged as "already running" ...
     assert post(c, pubsub_event(json.dumps({"pair": "usdjpy"}), message_id=uuid.uuid4().hex)) == 200
+    assert len(launches(run_api, "bqx-ml-extract")) == 1
+    # ... unless it asks for a new run on purpose
+    assert post(c, pubsub_event(json.dumps({"pair": "usdjpy", "force": True}), message_id=uuid.uuid4().hex)) == 200
     assert len(launches(run_api, "bqx-ml-extract")) == 2
 
 
@@ -87,6 +94,14 @@ def test_objects_outside_the_layout_are_acknowledged(s, run_api) -> None:
     assert run_api.executions == {}
 
 
+def checkpoint_bytes(rows: int = 5) -> bytes:
+    """A small valid checkpoint matching the manifest entries below."""
+    keys = pa.array([i * 60_000_000 for i in range(rows)], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"interval_time": keys, "f000": [float(i) for i in range(rows)]}), buf)
+    return buf.getvalue()
+
+
 def _run_with_checkpoints(s, n: int = 3) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
     run_id = "t" + uuid.uuid4().hex[:12]
     names = ["targets_eurusd", *[f"mom_eurusd_{i:03d}" for i in range(n - 1)]]
@@ -103,7 +118,7 @@ def test_merge_starts_once_when_the_last_checkpoint_lands(s, run_api) -> None:
     c = client("completion")
     gens = []
     for i, name in enumerate(objects):
-        gens.append(upload(s, name, b"parquet"))
+        gens.append(upload(s, name, checkpoint_bytes()))
         assert post(c, storage_event(s.staging_bucket, name, gens[-1], f"e{i}")) == 200
         expected = 1 if i == len(objects) - 1 else 0
         assert len(launches(run_api, "bqx-ml-merge")) == expected
@@ -119,7 +134,7 @@ def test_merge_starts_once_when_the_last_checkpoint_lands(s, run_api) -> None:
 
 def test_launch_failure_is_redelivered_then_succeeds_once(s, run_api) -> None:
     run_id, objects = _run_with_checkpoints(s, 2)
-    gens = [upload(s, n, b"p") for n in objects]
+    gens = [upload(s, n, checkpoint_bytes()) for n in objects]
     run_api.fail_next = 2  # Cloud Run answers 503 twice
     c = client("completion")
     ev = storage_event(s.staging_bucket, objects[-1], gens[-1])
@@ -134,7 +149,7 @@ def test_launch_failure_is_redelivered_then_succeeds_once(s, run_api) -> None:
 
 def test_instance_dying_after_claim_is_taken_over_after_the_lease(s, run_api) -> None:
     run_id, objects = _run_with_checkpoints(s, 2)
-    gens = [upload(s, n, b"p") for n in objects]
+    gens = [upload(s, n, checkpoint_bytes()) for n in objects]
     claim_name = layout.claim("eurusd", run_id, "merge")
     # what a crashed instance leaves: a claim with no execution recorded
     dead = {"owner": "dead:1", "claimed_at": time.time(), "execution": None}
