@@ -98,6 +98,7 @@ class Result:
     status: str  # ok | timeout | oom | error
     seconds: float
     peak_rss: int
+    cpu: float = 0.0  # user + system seconds of the whole tree (less sensitive than wall time to other load)
     detail: str = ""
     output: dict | None = None
 
@@ -106,8 +107,11 @@ def run_tree(cmd: list[str], timeout: float, env: dict[str, str] | None = None, 
              memory_cap: int | None = None) -> Result:
     """Run cmd; wall time and peak RSS summed over the process tree (polled). The last stdout line, if JSON,
     is the contender's own report."""
+    import resource
+
     import psutil
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
                             start_new_session=True)
@@ -137,6 +141,8 @@ def run_tree(cmd: list[str], timeout: float, env: dict[str, str] | None = None, 
         os.killpg(proc.pid, 9)
     out, err = proc.communicate()
     secs = time.time() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if status == "ok" and proc.returncode != 0:
         low = err.decode(errors="replace").lower()
         status = "oom" if proc.returncode in (-9, 137) or "out of memory" in low or "memoryerror" in low else "error"
@@ -148,7 +154,7 @@ def run_tree(cmd: list[str], timeout: float, env: dict[str, str] | None = None, 
         except json.JSONDecodeError:
             report = None
     detail = err.decode(errors="replace").strip().splitlines()[-1][:200] if status == "error" and err.strip() else ""
-    return Result(status, secs, peak, detail, report)
+    return Result(status, secs, peak, cpu, detail, report)
 
 
 def gib(n: int) -> str:

@@ -258,21 +258,24 @@ def main() -> None:
             shutil.rmtree(out_dir, ignore_errors=True)
         print(f"#   inputs: {meta['tables']} tables, {meta['columns']} columns, {input_bytes(src) / 2**30:.2f} GiB",
               file=sys.stderr, flush=True)
-        base = {n: results[n][0].seconds for n in ("floor", "copy") if n in results and results[n][0].status == "ok"}
+        base = {n: results[n][0] for n in ("floor", "copy") if n in results and results[n][0].status == "ok"}
         rows = [(*r, base) if r[0] is shape else r for r in rows]
 
     print()
-    print("| shape | contender | seconds | / floor | / byte copy | peak RSS | scratch | equals ours |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | contender | seconds | / floor | / byte copy | CPU s | CPU / floor | peak RSS | scratch "
+          "| equals ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for shape, name, res, scratch, eq, base in rows:
         if res.status == "ok":
             secs = f"{res.seconds:.1f}"
-            rf = f"{res.seconds / base['floor']:.2f}x" if "floor" in base else "-"
-            rc = f"{res.seconds / base['copy']:.2f}x" if "copy" in base else "-"
+            rf = f"{res.seconds / base['floor'].seconds:.2f}x" if "floor" in base else "-"
+            rc = f"{res.seconds / base['copy'].seconds:.2f}x" if "copy" in base else "-"
+            cf = f"{res.cpu / base['floor'].cpu:.2f}x" if "floor" in base else "-"
         else:
             what = {"timeout": f"no result in {args.timeout:.0f} s", "oom": f"OOM (> {args.memory_cap:.0f} GiB)"}
-            secs, rf, rc = what.get(res.status, f"error: {res.detail}"), "-", "-"
-        print(f"| {shape.label} | {name} | {secs} | {rf} | {rc} | {gib(res.peak_rss)} | {gib(scratch)} | {eq} |")
+            secs, rf, rc, cf = what.get(res.status, f"error: {res.detail}"), "-", "-", "-"
+        print(f"| {shape.label} | {name} | {secs} | {rf} | {rc} | {res.cpu:.1f} | {cf} | {gib(res.peak_rss)} | "
+              f"{gib(scratch)} | {eq} |")
 
 
 if __name__ == "__main__":
