@@ -304,12 +304,33 @@ def record(s: Settings, pair: str, run_id: str, table: str | None, reason: str, 
 
 def validated(s: Settings, manifest: Manifest) -> set[str]:
     """The run's checkpoints whose current content passed validation (one listing)."""
-    out = set()
+    return listing(s, manifest)[1]
+
+
+def listing(s: Settings, manifest: Manifest) -> tuple[set[str], set[str]]:
+    """(present, validated): the objects under the run's checkpoint prefix, and those marked valid (one listing)."""
+    present, valid = set(), set()
     for b in storage_client(s).list_blobs(s.staging_bucket,
                                           prefix=layout.checkpoints_prefix(manifest.pair, manifest.run_id)):
+        present.add(b.name)
         if _is_marked(b):
-            out.add(b.name)
-    return out
+            valid.add(b.name)
+    return present, valid
+
+
+def complete(s: Settings, manifest: Manifest) -> tuple[bool, set[str], int]:
+    """(every manifest checkpoint present and validated, the validated set, how many are missing).
+    When all are present but some are not marked yet (their events are in flight, or were lost), those are
+    validated here — a few extra small reads at most, and a lost event cannot leave the run hanging."""
+    expected = manifest.expected_objects()
+    present, valid = listing(s, manifest)
+    if expected <= present and not expected <= valid:
+        for name in sorted(present - valid):
+            blob = storage.bucket(s, s.staging_bucket).get_blob(name)
+            if blob is not None:
+                arrival(s, manifest, name, int(blob.generation))
+        present, valid = listing(s, manifest)
+    return expected <= valid, valid, len(expected - valid)
 
 
 def _is_marked(blob: Any) -> bool:
