@@ -6,6 +6,8 @@
 3. anyone else reading the claim: execution recorded -> nothing to do; claim fresh -> ClaimHeld (raise, so
    the event comes back later); claim older than the lease with no execution -> its owner died between
    claiming and launching: take it over with a generation precondition, so exactly one taker launches.
+   While launching, a live owner renews the claim every lease/3 (`renewed_at`), so a slow launch is never
+   mistaken for a dead owner; the age that counts is since the last renewal.
 
 Fault injection (tests, scripts/chaos.py): with BQX_FAILPOINT_AFTER_CLAIM=<dir>, each claim won takes one token
 file from <dir> if there is one; a token named `exit-*` ends the process on the spot (os._exit: no cleanup, no
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +68,48 @@ def failpoint_after_claim(name: str) -> None:
         raise InjectedCrash(f"failpoint {token} after claiming {name}")
 
 
+class _Renewal:
+    """Keeps a won claim fresh while its owner is alive: every lease/3 it rewrites `renewed_at` with a generation
+    precondition. Only a claim whose owner stopped renewing (died) ever looks stale, however slow a launch is."""
+
+    def __init__(self, settings: Settings, name: str, body: dict[str, object], generation: int) -> None:
+        self.settings, self.name, self.body, self.generation = settings, name, body, generation
+        self.lost = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._interval = settings.claim_lease_seconds / 3
+        threading.Thread(target=self._run, name=f"renew {name}", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                body = {**self.body, "renewed_at": time.time()}
+                try:
+                    gen = storage.replace_json(self.settings, self.settings.staging_bucket, self.name, body,
+                                               self.generation)
+                except storage.TRANSIENT as exc:
+                    log.warning("could not renew the claim; trying again", claim=self.name, error=str(exc))
+                    continue
+                if gen is None:
+                    self.lost = True
+                    log.error("claim taken over while its owner was alive (stalled longer than the lease)",
+                              claim=self.name)
+                    return
+                self.body, self.generation = body, gen
+
+    def stop(self) -> int:
+        """Stop renewing (waits for a renewal in flight); returns the claim's current generation."""
+        self._stop.set()
+        with self._lock:
+            return self.generation
+
+
+def _age(state: dict[str, object]) -> float:
+    return time.time() - max(float(state.get("claimed_at") or 0), float(state.get("renewed_at") or 0))
+
+
 def launch_once(
     settings: Settings,
     name: str,
@@ -74,7 +119,7 @@ def launch_once(
 ) -> Outcome:
     """Run `launch` (which returns an execution name) at most once per claim object `name`."""
     bucket = settings.staging_bucket
-    body = {"owner": _owner(), "claimed_at": time.time(), "execution": None, **context}
+    body: dict[str, object] = {"owner": _owner(), "claimed_at": time.time(), "execution": None, **context}
     generation = storage.create_json(settings, bucket, name, body)
     took_over = False
     if generation is None:
@@ -84,29 +129,38 @@ def launch_once(
         state, current_gen = current
         if state.get("execution"):
             return Outcome(False, state["execution"])
-        age = time.time() - float(state.get("claimed_at") or 0)
+        age = _age(state)
         if age < settings.claim_lease_seconds:
             raise ClaimHeld(f"claim {name} held by {state.get('owner')} for {age:.1f}s, launch not yet recorded")
-        body = {**body, "took_over_from": state}
+        body = {**body, "claimed_at": time.time(), "took_over_from": state}
         generation = storage.replace_json(settings, bucket, name, body, current_gen)
         if generation is None:
             raise ClaimHeld(f"claim {name} was taken over by another instance")
         took_over = True
         log.warning("took over a stale claim", claim=name, age_seconds=round(age, 1), **context)
-    failpoint_after_claim(name)  # an instance may die right here: tests make it
-    if on_claimed is not None:
-        on_claimed()
+    renewal = _Renewal(settings, name, body, generation)
+    try:
+        failpoint_after_claim(name)  # an instance may die right here: tests make it
+        if on_claimed is not None:
+            on_claimed()
+        if renewal.lost:
+            raise ClaimHeld(f"claim {name} was taken over before the launch")
+    except BaseException:
+        renewal.stop()  # a crash leaves the claim behind, no longer renewed: it goes stale after the lease
+        raise
     try:
         execution = launch()
     except BaseException:
+        generation = renewal.stop()
         # Give the claim back so a redelivery can try at once; if this fails too, the lease frees it.
         try:
             storage.delete_if_generation(settings, bucket, name, generation)
         except storage.TRANSIENT as exc:
             log.warning("could not release the claim; it frees itself after the lease", claim=name, error=str(exc))
         raise
+    generation = renewal.stop()
     recorded = storage.replace_json(
-        settings, bucket, name, {**body, "execution": execution, "launched_at": time.time()}, generation
+        settings, bucket, name, {**renewal.body, "execution": execution, "launched_at": time.time()}, generation
     )
     if recorded is None:
         log.error("claim changed under us after launching; another launch may follow", claim=name, **context)
