@@ -1,10 +1,18 @@
 """The memory-bounded merge: LEFT JOIN every feature table onto the targets by interval_time.
 
 Every input is sorted by interval_time with unique keys (extraction guarantees it; this checks again). The
-output's row groups follow the targets' rows. Each feature table is streamed once, aligned to the targets'
-keys one row group at a time (a sorted merge-join: no hash table, no sort), encoded, and its column chunks
-appended to the output (see stitch.py). At any moment a worker holds one table's row group, so memory is
-set by the budget and the widest table, never by the number of tables or rows.
+output's row groups are the targets' row groups (split if over the budget's cap, tiny ones coalesced). Per
+feature table, on one of `workers` threads:
+
+- if its row groups hold exactly the output row groups' keys (a checkpoint written aligned to the targets), its
+  encoded column chunks are copied into the output as they are: no decoding (the "below the floor" path);
+- otherwise it is decoded, aligned to the targets' keys one output row group at a time (a sorted merge-join: no
+  hash table, no sort), encoded and its column chunks appended (see stitch.py). Arrow's reader holds a whole input
+  row group of the columns it reads, so a wide table is read in slices of columns sized to the worker's share of
+  the budget.
+
+Memory is therefore set by the budget (BYTES_PER_CELL_IN_FLIGHT x rows x columns of a slice per worker), never by
+the number of tables, their width or the number of rows, and nothing is staged on local disk.
 """
 
 from __future__ import annotations
@@ -256,19 +264,22 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_nam
         out_of = dict(zip(names, out_names, strict=True))
         if with_key:
             out_of[KEY] = KEY
-        for r, rg in enumerate(footer[4][1][1]):
+        plan = []
+        for rg in footer[4][1][1]:  # check every chunk before copying any: a refusal writes nothing
             chunks = []
             for cc in rg[1][1][1]:
-                path = cc[3][1][3][1][1]
-                name = b".".join(path).decode()
+                name = b".".join(cc[3][1][3][1][1]).decode()  # meta_data.path_in_schema
                 if name == KEY and not with_key:
                     continue
-                if name not in out_of or position.get(name) is None:
+                if name not in out_of or name not in position:
                     return False
                 cmd = cc[3][1]
                 start = cmd[11][1] if 11 in cmd and cmd[11][1] > 0 else cmd[9][1]
                 chunks.append((start, start + cmd[7][1], out_of[name], cc))
-            chunks.sort(key=lambda c: c[0])
+            if len(chunks) != len(out_of):
+                return False
+            plan.append(sorted(chunks, key=lambda c: c[0]))
+        for r, chunks in enumerate(plan):
             run: list = []
             for c in [*chunks, None]:  # contiguous runs of chunks are copied with one sequence of reads
                 if run and (c is None or c[0] != run[-1][1]):
