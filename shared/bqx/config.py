@@ -109,6 +109,8 @@ class Settings:
     """Rows read per table (0 = all); the original runs sampled ~100k."""
     claim_lease_seconds: float = 60.0
     """After this long without a recorded execution, a claim may be taken over."""
+    active_run_max_seconds: float = 6 * 3600.0
+    """A pair's run older than this no longer makes new requests wait ("already running")."""
     request_topic: str = "bqx-requests"
     """Pub/Sub topic carrying {"pair": ...} requests."""
     events_topic: str = "bqx-gcs-events"
@@ -149,6 +151,7 @@ class Settings:
             task_max_retries=_env_int("BQX_TASK_MAX_RETRIES", d.task_max_retries),
             row_limit=_env_int("BQX_ROW_LIMIT", d.row_limit),
             claim_lease_seconds=_env_float("BQX_CLAIM_LEASE_SECONDS", d.claim_lease_seconds),
+            active_run_max_seconds=_env_float("BQX_ACTIVE_RUN_MAX_SECONDS", d.active_run_max_seconds),
             request_topic=_env("BQX_REQUEST_TOPIC", d.request_topic),
             events_topic=_env("BQX_EVENTS_TOPIC", d.events_topic),
             dead_letter_topic=_env("BQX_DEAD_LETTER_TOPIC", d.dead_letter_topic),

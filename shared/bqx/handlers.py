@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -20,7 +19,6 @@ from bqx.pairs import validate_pair
 
 MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_FIELDS = {"pair", "force", "requested_by", "note"}
-ACTIVE_RUN_MAX_SECONDS = 6 * 3600.0  # BQX_ACTIVE_RUN_MAX_SECONDS: a run older than this no longer blocks requests
 
 log = Log("bqx.functions")
 
@@ -81,8 +79,7 @@ def active_run(s: Settings, pair: str, latest: dict[str, Any]) -> dict[str, Any]
     than BQX_ACTIVE_RUN_MAX_SECONDS ago, its extract launched (or being launched within the claim lease), no
     error.json, and no summary of that run in the output bucket."""
     run_id = latest.get("run_id")
-    max_age = float(os.environ.get("BQX_ACTIVE_RUN_MAX_SECONDS") or ACTIVE_RUN_MAX_SECONDS)
-    if not isinstance(run_id, str) or time.time() - float(latest.get("requested_at") or 0) > max_age:
+    if not isinstance(run_id, str) or time.time() - float(latest.get("requested_at") or 0) > s.active_run_max_seconds:
         return None
     try:
         claim_name = layout.claim(pair, run_id, "extract")
