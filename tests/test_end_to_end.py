@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bqx import layout, storage
-from bqx.catalog import KEY, TARGET_COLUMNS, targets_table
+from bqx.catalog import KEY, TARGET_COLUMNS, belongs_to, targets_table
 from bqx.source import quote_duckdb as q
 
 from conftest import LocalStack
@@ -32,7 +32,7 @@ def reference_join(warehouse: str, dataset: str, pair: str) -> object:
     con.execute("SET TimeZone='UTC'")
     tables = [r[0] for r in con.execute(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = ? AND table_name LIKE ? "
-        "ORDER BY table_name", [dataset, f"%{pair}%"]).fetchall()]
+        "ORDER BY table_name", [dataset, f"%{pair}%"]).fetchall() if belongs_to(pair, r[0])]
     features = [t for t in tables if t != targets_table(pair)]
     select, joins = ["t.*"], []
     for i, t in enumerate(features):

@@ -45,6 +45,23 @@ def test_layout_round_trips_and_rejects() -> None:
     with pytest.raises(OutsideLayout):
         layout.checkpoint("eurusd", "r1", 'x"; drop table')
     assert layout.prefix_of("eurusd", "cov_eurusd_gbpusd_w45") == "cov_gbpusd_w45"
+    assert layout.prefix_of("eurusd", "cov_eurusd_eurusd_w45") == "cov_eurusd_w45"
+
+
+def test_a_pair_owns_only_tables_named_family_pair_variant() -> None:
+    from bqx.catalog import belongs_to
+    from bqx.warehouse import Shape, table_specs
+
+    assert belongs_to("eurusd", "targets_eurusd") and belongs_to("eurusd", "cov_eurusd_eurgbp_w45")
+    assert not belongs_to("eurusd", "cov_eurgbp_eurusd_w45")  # eurgbp's table that mentions eurusd
+    assert not belongs_to("eurusd", "targets_eurusdx")
+    # with every pair in one warehouse, each pair finds exactly its own tables, and their prefixes are unique
+    names = {p: [t.name for t in table_specs(p, Shape())] for p in ("eurusd", "eurgbp", "gbpusd")}
+    every = [n for ns in names.values() for n in ns]
+    for pair, own in names.items():
+        assert sorted(n for n in every if belongs_to(pair, n)) == sorted(own)
+        prefixes = [layout.prefix_of(pair, n) for n in own]
+        assert len(set(prefixes)) == len(prefixes) == 667
 
 
 def test_events_parse_both_storage_shapes_and_requests() -> None:

@@ -32,8 +32,9 @@ def family_of(table: str) -> str:
 
 
 def belongs_to(pair: str, table: str) -> bool:
-    """A table is the pair's if the pair is one of its name's tokens."""
-    return re.search(rf"(^|_){re.escape(pair)}(_|$)", table) is not None
+    """A table is the pair's when the pair is its name's second token: `<family>_<pair>[_<variant>]`.
+    (`cov_eurgbp_eurusd_w45` is eurgbp's covariance with eurusd, not one of eurusd's tables.)"""
+    return re.match(rf"^[a-z0-9]+_{re.escape(pair)}(_|$)", table) is not None
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ def parse_request(name: str) -> str:
 
 
 def prefix_of(pair: str, table: str) -> str:
-    """Column prefix of a table in the merged file: the table's name less the pair."""
-    parts = [p for p in table.split("_") if p != pair]
+    """Column prefix of a table in the merged file: the table's name less the pair (its second token), so
+    `cov_eurusd_eurgbp_w45` -> `cov_eurgbp_w45`. Unique, since the pair's table names are."""
+    parts = table.split("_")
+    if len(parts) > 1 and parts[1] == pair:
+        del parts[1]
     return "_".join(parts)
