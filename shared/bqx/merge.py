@@ -434,25 +434,29 @@ def merge(
             hashing.write(memoryview(buf.getvalue()).cast("B"))
             return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=hashing.size,
                               sha256=hashing.hexdigest(), seconds=time.time() - started)
-        stitcher = Stitcher(hashing, out_schema, [e - s for s, e in bounds], **WRITER_OPTIONS)  # type: ignore[arg-type]
+        stitcher = Stitcher(hashing, out_schema, [e - s for s, e in bounds],  # type: ignore[arg-type]
+                            reorder_limit=max(memory_budget // 16, 1 << 20), **WRITER_OPTIONS)
         stats = MergeStats(rows=n, columns=len(out_schema), tables=len(features) + 1, row_groups=len(bounds),
                            group_rows=rows_per_group, workers=workers)
 
         # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
         t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
-        if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
-            _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget, with_key=True)
+        with stitcher.turn(0):
+            if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
+                _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
+                                  with_key=True)
 
         done = [0]
         lock = threading.Lock()
 
-        def one(inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
+        def one(order: int, inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
             t0 = time.time()
-            pf = _open(inp)
-            _check_row_group_order(inp.table, pf)
-            copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
-            if not copied:
-                _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget)
+            with stitcher.turn(order):
+                pf = _open(inp)
+                _check_row_group_order(inp.table, pf)
+                copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
+                if not copied:
+                    _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget)
             with lock:
                 stats.copied_tables += copied
                 done[0] += 1
@@ -461,7 +465,7 @@ def merge(
             return inp.table, time.time() - t0
 
         with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
-            futures = [pool.submit(one, *p) for p in plan]
+            futures = [pool.submit(one, i, *p) for i, p in enumerate(plan, start=1)]
             try:
                 for fut in as_completed(futures):
                     table, secs = fut.result()

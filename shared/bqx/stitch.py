@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -33,7 +34,8 @@ def footer_of(data: bytes | memoryview) -> tuple[thrift.Struct, int]:
 
 
 class Stitcher:
-    def __init__(self, sink: BinaryIO, schema: pa.Schema, group_rows: list[int], **writer_options: object):
+    def __init__(self, sink: BinaryIO, schema: pa.Schema, group_rows: list[int], reorder_limit: int = 64 << 20,
+                 **writer_options: object):
         self.sink = sink
         self.schema = schema
         self.group_rows = group_rows
@@ -45,6 +47,16 @@ class Stitcher:
         self.sizes = [[0, 0] for _ in group_rows]  # uncompressed, compressed per row group
         self.first_offset = [0 for _ in group_rows]
         self.lock = threading.Lock()
+        # Deterministic output: tables write in their turn order, whichever worker finishes first. A piece of a
+        # later table waits in a bounded reorder buffer; past the bound its worker waits for its turn.
+        self.turns = threading.Condition(self.lock)
+        self.local = threading.local()
+        self.head = 0
+        self.finished: set[int] = set()
+        self.waiting: dict[int, list[tuple[int, list[tuple[str, thrift.Struct]], list[bytes | memoryview], int]]] = {}
+        self.waiting_bytes = 0
+        self.reorder_limit = reorder_limit
+        self.failed = False
         self.sink.write(MAGIC)
         self.pos = len(MAGIC)
 
@@ -92,28 +104,75 @@ class Stitcher:
             fixed.append((name, cc))
         self._append(group, fixed, pieces, source_start)
 
+    @contextmanager
+    def turn(self, order: int) -> Iterator[None]:
+        """Everything this thread appends inside is written in `order`'s turn (0, 1, 2, ...), so the file's bytes
+        do not depend on which worker finishes first. Every order from 0 up must take its turn once."""
+        self.local.order = order
+        try:
+            yield
+        except BaseException:
+            with self.turns:
+                self.failed = True
+                self.turns.notify_all()
+            raise
+        finally:
+            self.local.order = None
+        with self.turns:
+            self.finished.add(order)
+            self._advance()
+
+    def _advance(self) -> None:
+        while self.head in self.finished:
+            self.head += 1
+            for item in self.waiting.pop(self.head, []):
+                self.waiting_bytes -= sum(len(p) for p in item[2])
+                self._write(*item)
+        self.turns.notify_all()
+
     def _append(self, group: int, chunks: list[tuple[str, thrift.Struct]], pieces: Iterable[bytes | memoryview],
                 source_start: int) -> None:
-        with self.lock:
-            delta = self.pos - source_start
-            for piece in pieces:
-                self.sink.write(piece)
-                self.pos += len(piece)
-            for name, cc in chunks:
-                md = cc[3][1]
-                for fid in (9, 10, 11, 14):
-                    if fid in md:
-                        md[fid] = (I64, md[fid][1] + delta)
-                if cc.get(2, (I64, 0))[1]:
-                    cc[2] = (I64, cc[2][1] + delta)
-                i = self.index[name]
-                if i == 0:
-                    self.first_offset[group] = md.get(11, md[9])[1]
-                self.sizes[group][0] += md[6][1]
-                self.sizes[group][1] += md[7][1]
-                self.columns[group][i] = Raw(thrift.encode_struct(cc))
+        order = getattr(self.local, "order", None)
+        with self.turns:
+            if order is None or order == self.head:
+                self._write(group, chunks, pieces, source_start)
+                return
+        pieces = list(pieces)  # read before waiting: a later table's bytes are kept until its turn
+        with self.turns:
+            size = sum(len(p) for p in pieces)
+            while order != self.head and self.waiting_bytes and self.waiting_bytes + size > self.reorder_limit:
+                if self.failed:
+                    raise RuntimeError("another table of this merge failed")
+                self.turns.wait()
+            if order == self.head:
+                self._write(group, chunks, pieces, source_start)
+            else:
+                self.waiting.setdefault(order, []).append((group, chunks, pieces, source_start))
+                self.waiting_bytes += size
+
+    def _write(self, group: int, chunks: list[tuple[str, thrift.Struct]], pieces: Iterable[bytes | memoryview],
+               source_start: int) -> None:
+        delta = self.pos - source_start
+        for piece in pieces:
+            self.sink.write(piece)
+            self.pos += len(piece)
+        for name, cc in chunks:
+            md = cc[3][1]
+            for fid in (9, 10, 11, 14):
+                if fid in md:
+                    md[fid] = (I64, md[fid][1] + delta)
+            if cc.get(2, (I64, 0))[1]:
+                cc[2] = (I64, cc[2][1] + delta)
+            i = self.index[name]
+            if i == 0:
+                self.first_offset[group] = md.get(11, md[9])[1]
+            self.sizes[group][0] += md[6][1]
+            self.sizes[group][1] += md[7][1]
+            self.columns[group][i] = Raw(thrift.encode_struct(cc))
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
+        if self.waiting:
+            raise ValueError(f"tables {sorted(self.waiting)[:5]} never got their turn (turn {self.head} missing)")
         """Write the footer; returns the file's size."""
         out = pa.BufferOutputStream()  # the footer's template keeps the Arrow schema (store_schema)
         pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
