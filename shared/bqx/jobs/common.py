@@ -76,7 +76,7 @@ def run_main(component: str, body: Callable[[JobContext], None], argv: list[str]
 
 
 def record_error(ctx: JobContext, stage: str, exc: BaseException, started: float) -> None:
-    retry = f"bqx retry {ctx.pair} --run-id {ctx.run_id}" if stage == "merge" else f"bqx run {ctx.pair}"
+    retry = f"bqx merge {ctx.pair} --run-id {ctx.run_id}" if stage == "merge" else f"bqx run {ctx.pair}"
     try:
         storage.write_json(ctx.settings, ctx.settings.staging_bucket, layout.run_error(ctx.pair, ctx.run_id), {
             "pair": ctx.pair, "run_id": ctx.run_id, "stage": stage, "error": str(exc),
