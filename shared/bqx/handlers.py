@@ -169,7 +169,7 @@ def load_manifest(s: Settings, pair: str, run_id: str) -> Manifest | None:
 def completion(s: Settings, cloud_event: Any) -> claims.Outcome | None:
     """A checkpoint arrived (validate it: a bad one is set aside and reported) or the extract reported its end
     (sweep the run); when every manifest checkpoint is present and validated, start the merge once."""
-    from bqx import validate
+    from bqx import validate  # pyarrow and numpy: only the completion function pays for them at cold start
 
     ev = events.parse(cloud_event)
     if not isinstance(ev, events.ObjectEvent):
