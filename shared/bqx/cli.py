@@ -336,6 +336,11 @@ def submit(pairs: tuple[str, ...], all_pairs: bool, cloud: bool, force: bool) ->
     if not cloud:
         _prepare_local(s, chosen, None)
     for pair in chosen:
+        active = None if force else runs.active_run_id(s, pair)
+        if active:
+            _echo(f"{pair}: run {active} is already active; not requesting another (--force starts one)")
+            click.echo(json.dumps({"pair": pair, "run_id": active, "already_active": True}))
+            continue
         click.echo(json.dumps({"pair": pair, "run_id": runs.submit(s, pair, force=force)}))
 
 
