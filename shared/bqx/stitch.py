@@ -171,9 +171,9 @@ class Stitcher:
             self.columns[group][i] = Raw(thrift.encode_struct(cc))
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
+        """Write the footer; returns the file's size."""
         if self.waiting:
             raise ValueError(f"tables {sorted(self.waiting)[:5]} never got their turn (turn {self.head} missing)")
-        """Write the footer; returns the file's size."""
         out = pa.BufferOutputStream()  # the footer's template keeps the Arrow schema (store_schema)
         pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
         template, _ = footer_of(memoryview(out.getvalue()).cast("B"))
