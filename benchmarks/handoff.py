@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,18 +35,12 @@ import pyarrow.parquet as pq
 from bqx import layout, storage
 from bqx.catalog import TARGET_COLUMNS, Column, Manifest, TableEntry
 from bqx.config import Settings
-from bqx.local.stack import Stack, client_env
+from bqx.local.stack import Stack, client_env, use_free_ports
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
 
 PAIR = "eurusd"
 GOAL_P99 = 2.0
 ROWS = 50
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parquet(columns: tuple[Column, ...]) -> bytes:
@@ -140,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     home = Path(tempfile.mkdtemp(prefix="bqx-handoff-"))
     os.environ.update({"BQX_LOCAL": "1", "BQX_HOME": str(home)})
-    for name in ("gcs", "pubsub", "trigger", "completion", "run_api"):
-        os.environ[f"BQX_PORT_{name.upper()}"] = str(free_port())
+    use_free_ports()
     settings = Settings.from_env()
     os.environ.update(client_env(settings))
     stack = Stack(settings)

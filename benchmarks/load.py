@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -31,16 +30,10 @@ import pyarrow.parquet as pq
 from bqx import layout, runs, storage
 from bqx.catalog import KEY, Manifest
 from bqx.config import Settings
-from bqx.local.stack import Stack, client_env
+from bqx.local.stack import Stack, client_env, use_free_ports
 from bqx.pairs import PAIRS
 from bqx.source import quote_duckdb as q
 from bqx.warehouse import Shape, Warehouse
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MemorySampler(threading.Thread):
@@ -107,8 +100,7 @@ def main() -> int:
 
     home = Path(tempfile.mkdtemp(prefix="bqx-load-"))
     os.environ.update({"BQX_LOCAL": "1", "BQX_HOME": str(home)})
-    for name in ("gcs", "pubsub", "trigger", "completion", "run_api"):
-        os.environ[f"BQX_PORT_{name.upper()}"] = str(free_port())
+    use_free_ports()
     s = Settings.from_env()
     os.environ.update(client_env(s))
     shape = Shape(rows=args.rows, seed=11, table_scale=args.table_scale, column_scale=args.column_scale)

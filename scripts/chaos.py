@@ -54,6 +54,7 @@ from bqx import layout, storage
 from bqx.catalog import Column, Manifest, TableEntry
 from bqx.config import Settings
 from bqx.local.runapi import RunApi, make_handler
+from bqx.local.stack import free_port
 from bqx.pairs import PAIRS
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
 
@@ -61,12 +62,6 @@ REPO = Path(__file__).resolve().parents[1]
 SENDERS = 8
 MAX_ATTEMPTS = 10  # the local push subscriptions' dead-letter policy
 COLUMNS = (Column("interval_time", "timestamp[us, tz=UTC]"), Column("f000", "double"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,17 +18,11 @@ from cloudevents.http import CloudEvent
 from bqx import handlers
 from bqx.config import Settings
 from bqx.local.runapi import RunApi, make_handler
-from bqx.local.stack import Stack, client_env
+from bqx.local.stack import Stack, client_env, use_free_ports
 from bqx.warehouse import Shape, Warehouse
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = Shape(rows=300, seed=11, table_scale=0.03, column_scale=0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +52,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     home = tmp_path_factory.mktemp("bqx-home")
     saved = dict(os.environ)
     os.environ.update({"BQX_LOCAL": "1", "BQX_HOME": str(home), "BQX_CLAIM_LEASE_SECONDS": "5"})
-    for name in ("gcs", "pubsub", "trigger", "completion", "run_api"):
-        os.environ[f"BQX_PORT_{name.upper()}"] = str(free_port())
+    use_free_ports()
     settings = Settings.from_env()
     env = {**client_env(settings), "BQX_CLAIM_LEASE_SECONDS": "5"}
     os.environ.update(env)
@@ -92,6 +84,20 @@ def isolated(stack_env: LocalStack) -> Settings:
     handlers.settings.cache_clear()
     settings = Settings.from_env()
     storage_client(settings).create_bucket(settings.staging_bucket)
+    return settings
+
+
+@pytest.fixture
+def isolated_output(isolated: Settings) -> Settings:
+    """`isolated`, plus an output bucket of the test's own (summaries of other tests' runs must not count)."""
+    import uuid
+
+    from bqx.clients import storage_client
+
+    os.environ["BQX_OUTPUT_BUCKET"] = f"o-{uuid.uuid4().hex[:16]}"
+    handlers.settings.cache_clear()
+    settings = handlers.settings()
+    storage_client(settings).create_bucket(settings.output_bucket)
     return settings
 
 

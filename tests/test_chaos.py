@@ -27,7 +27,6 @@ from cloudevents.conversion import to_structured
 from functions_framework import create_app
 
 from bqx import handlers, layout, storage
-from bqx.clients import storage_client
 from bqx.local.runapi import RunApi
 
 from conftest import REPO, pubsub_event, storage_event
@@ -122,13 +121,9 @@ def _request(s, pair: str, body: dict) -> tuple[str, int]:  # type: ignore[no-un
 
 
 @pytest.fixture
-def s(isolated, run_api):  # type: ignore[no-untyped-def]
+def s(isolated_output, run_api):  # type: ignore[no-untyped-def]
     """The test's own staging and output buckets (summaries of other tests' runs must not count)."""
-    os.environ["BQX_OUTPUT_BUCKET"] = f"o-{uuid.uuid4().hex[:16]}"
-    handlers.settings.cache_clear()
-    settings = handlers.settings()
-    storage_client(settings).create_bucket(settings.output_bucket)
-    return settings
+    return isolated_output
 
 
 def test_second_request_while_a_run_is_active_is_acknowledged_not_started(s, run_api) -> None:

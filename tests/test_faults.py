@@ -32,7 +32,7 @@ from bqx.config import Settings
 from bqx.local.runapi import RunApi
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS, schema_of
 
-from conftest import REPO, SMALL, free_port, storage_event
+from conftest import REPO, SMALL, storage_event
 
 PAIR = "eurusd"
 
@@ -522,14 +522,13 @@ def test_extract_from_the_local_duckdb_warehouse_leaves_no_scratch(isolated, tmp
 
 def own_stack(tmp: Path) -> tuple[Any, Settings, dict[str, str]]:
     """A whole stack of this test's own (ports, BQX_HOME, warehouse), so restarting it disturbs nobody."""
-    from bqx.local.stack import Stack, client_env
+    from bqx.local.stack import Stack, client_env, use_free_ports
     from bqx.warehouse import Warehouse
 
     os.environ.update({"BQX_LOCAL": "1", "BQX_HOME": str(tmp), "BQX_CLAIM_LEASE_SECONDS": "5",
                        "BQX_STAGING_BUCKET": "bqx-ml-staging", "BQX_OUTPUT_BUCKET": "bqx-ml-output"})
     os.environ.pop("BQX_WAREHOUSE", None)
-    for name in ("gcs", "pubsub", "trigger", "completion", "run_api"):
-        os.environ[f"BQX_PORT_{name.upper()}"] = str(free_port())
+    use_free_ports()
     handlers.settings.cache_clear()
     s = Settings.from_env()
     env = {**client_env(s), "BQX_CLAIM_LEASE_SECONDS": "5"}

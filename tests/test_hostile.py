@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from bqx import extract, handlers, layout, storage
+from bqx import extract, layout, storage
 from bqx.catalog import KEY, Column, Manifest, TableEntry
 from bqx.clients import storage_client
 from bqx.local.runapi import RunApi
@@ -108,11 +108,8 @@ def _listing(s: Any) -> dict[str, set[str]]:
 
 
 @pytest.fixture
-def env(isolated, run_api):  # type: ignore[no-untyped-def]
-    os.environ["BQX_OUTPUT_BUCKET"] = f"o-{uuid.uuid4().hex[:16]}"
-    handlers.settings.cache_clear()
-    s = handlers.settings()
-    storage_client(s).create_bucket(s.output_bucket)
+def env(isolated_output, run_api):  # type: ignore[no-untyped-def]
+    s = isolated_output
     return {"s": s, "api": run_api, "trigger": _client("trigger"), "completion": _client("completion"),
 }
 

@@ -59,13 +59,12 @@ class Timeline:
 
 def load(settings: Settings, pair: str, run_id: str | None = None) -> Timeline:
     s = settings
+    latest = storage.read_json(s, s.staging_bucket, layout.latest(pair))
     if run_id is None:
-        latest = storage.read_json(s, s.staging_bucket, layout.latest(pair))
         if latest is None:
             raise TerminalError(f"{pair} has no run yet; start one with `bqx run {pair}`")
         run_id = str(latest[0]["run_id"])
     tl = Timeline(pair, run_id)
-    latest = storage.read_json(s, s.staging_bucket, layout.latest(pair))
     if latest and latest[0].get("run_id") == run_id:
         tl.requested_at = latest[0].get("requested_at")
     for stage in ("extract", "merge"):

@@ -303,6 +303,22 @@ class Stack:
         return out
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def use_free_ports() -> None:
+    """Point every BQX_PORT_* at a free loopback port: a stack of a test's or benchmark's own."""
+    from dataclasses import fields
+
+    from bqx.config import Ports
+
+    for f in fields(Ports):
+        os.environ[f"BQX_PORT_{f.name.upper()}"] = str(free_port())
+
+
 def port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.2)
