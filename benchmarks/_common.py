@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,9 +105,10 @@ class Result:
 
 
 def run_tree(cmd: list[str], timeout: float, env: dict[str, str] | None = None, poll: float = 0.05,
-             memory_cap: int | None = None) -> Result:
+             memory_cap: int | None = None, disk_floor: tuple[Path, int] | None = None) -> Result:
     """Run cmd; wall time and peak RSS summed over the process tree (polled). The last stdout line, if JSON,
-    is the contender's own report."""
+    is the contender's own report. Killed (status timeout/oom/disk) past `timeout`, `memory_cap`, or when the
+    disk holding `disk_floor[0]` has less than `disk_floor[1]` bytes free."""
     import resource
 
     import psutil
@@ -135,6 +137,9 @@ def run_tree(cmd: list[str], timeout: float, env: dict[str, str] | None = None, 
             break
         if memory_cap and total > memory_cap:
             status = "oom"
+            break
+        if disk_floor and shutil.disk_usage(disk_floor[0]).free < disk_floor[1]:
+            status = "disk"
             break
         time.sleep(poll)
     if status != "ok":

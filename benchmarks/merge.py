@@ -1,6 +1,7 @@
 """Merge benchmark (issue 9): one command, one table.
 
-    python benchmarks/merge.py [--shapes a,b,c] [--quick] [--timeout 600] [--contenders floor,copy,ours,polars,duckdb]
+    python benchmarks/merge.py [--shapes a,b,c] [--quick] [--timeout 600]
+                               [--contenders floor,copy,ours,ours-gcs,polars,duckdb]
 
 Shapes: (a) 10 value columns x 100k rows x 667 tables + targets, (b) the same at 500k rows, (c) the warehouse's real
 column mix (~17,000 columns) x 20k rows. Inputs are generated once into benchmarks/.cache/ (one Parquet file per
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +31,9 @@ sys.path.insert(0, str(HERE))
 from _common import PAIR, SHAPES, BenchShape, Result, ensure_data, gib, input_bytes, quick, run_tree  # noqa: E402
 
 KEY = "interval_time"
-CONTENDERS = ("floor", "copy", "ours", "polars", "duckdb")
+CONTENDERS = ("floor", "copy", "ours", "ours-gcs", "polars", "duckdb")
+BUCKET = "bench-checkpoints"
+DISK_RESERVE = 4 << 30  # a contender whose output or scratch would leave less free disk than this is stopped
 PY = sys.executable
 
 
@@ -74,6 +79,89 @@ def run_copy(src: Path, dst: Path, scratch: Path) -> dict:
             with open(p, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 20)
     return {"bytes": dst.stat().st_size}
+
+
+def run_ours_gcs(src: Path, dst: Path, scratch: Path) -> dict:
+    """Ours as the merge job runs it: every checkpoint read from fake-gcs-server (STORAGE_EMULATOR_HOST), the
+    output streamed to an object there through a resumable upload, as bqx.publish does."""
+    from bqx import allocator
+
+    allocator.configure(int(os.environ["BQX_MEMORY_BUDGET_BYTES"]))
+    from bqx import storage
+    from bqx.config import Settings
+    from bqx.merge import MergeInput, merge
+    from bqx.publish import READ_CHUNK, WRITE_CHUNK
+
+    settings = Settings.from_env()
+    bucket = storage.bucket(settings, BUCKET)
+    targets, features = _tables(src)
+
+    def opener(name: str):  # type: ignore[no-untyped-def]
+        return lambda: bucket.blob(name).open("rb", chunk_size=READ_CHUNK)
+
+    t = MergeInput(targets.stem, "", opener(targets.name))
+    fs = [MergeInput(p.stem, _prefix(p.stem), opener(p.name)) for p in features]
+    out = bucket.blob(f"out/{dst.name}")  # the driver fetches it afterwards (untimed) to compare it
+    with out.open("wb", chunk_size=WRITE_CHUNK, ignore_flush=True) as sink:
+        stats = merge(t, fs, sink, memory_budget=int(os.environ["BQX_MEMORY_BUDGET_BYTES"]))
+    return {"bytes": stats.bytes, "rows": stats.rows, "merge_seconds": round(stats.seconds, 2)}
+
+
+class FakeGcs:
+    """fake-gcs-server (filesystem backend) on a free loopback port, holding one shape's inputs in BUCKET."""
+
+    def __init__(self, root: Path) -> None:
+        from bqx.local.stack import fake_gcs_binary, free_port
+
+        self.root, self.port = root, free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(fake_gcs_binary()), "-host", "127.0.0.1", "-port", str(self.port), "-scheme", "http",
+             "-backend", "filesystem", "-filesystem-root", str(root), "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{self.port}", "BQX_LOCAL": "1",
+                    "NO_GCE_CHECK": "True"}
+
+    def load(self, src: Path) -> None:
+        import urllib.request
+
+        from bqx import storage
+        from bqx.config import Settings
+
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/storage/v1/b", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            settings = Settings.from_env()
+            from bqx.clients import storage_client
+
+            storage_client(settings).create_bucket(BUCKET)
+            bucket = storage.bucket(settings, BUCKET)
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda p: bucket.blob(p.name).upload_from_filename(str(p)), src.glob("*.parquet")))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def fetch(self, name: str, dst: Path) -> None:
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.port}/download/storage/v1/b/{BUCKET}/o/out%2F{name}?alt=media"
+        with urllib.request.urlopen(url) as r, open(dst, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def run_polars(src: Path, dst: Path, scratch: Path) -> dict:
@@ -158,7 +246,8 @@ def compare(ours: Path, other: Path, sample: int = 300) -> str:
 # ----------------------------------------------------------------------------------------------- driver
 def _child(args: argparse.Namespace) -> None:
     src, dst, scratch = Path(args.src), Path(args.dst), Path(args.scratch)
-    fn = {"floor": run_floor, "copy": run_copy, "polars": run_polars, "duckdb": run_duckdb}[args.child]
+    fn = {"floor": run_floor, "copy": run_copy, "polars": run_polars, "duckdb": run_duckdb,
+          "ours-gcs": run_ours_gcs}[args.child]
     t0 = time.time()
     report = fn(src, dst, scratch)
     report["inner_seconds"] = round(time.time() - t0, 2)
@@ -169,7 +258,8 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_contender(name: str, src: Path, dst: Path, timeout: float, cap: int, budget: str) -> tuple[Result, int]:
+def run_contender(name: str, src: Path, dst: Path, timeout: float, cap: int, budget: str,
+                  env: dict[str, str] | None = None) -> tuple[Result, int]:
     scratch = Path(tempfile.mkdtemp(prefix=f"bqx-bench-{name}-", dir=dst.parent))
     if name == "ours":
         cmd = [str(Path(PY).with_name("bqx")), "merge", PAIR, "--from", str(src), "--to", str(dst),
@@ -190,7 +280,10 @@ def run_contender(name: str, src: Path, dst: Path, timeout: float, cap: int, bud
     w = threading.Thread(target=watch, daemon=True)
     w.start()
     try:
-        res = run_tree(cmd, timeout, memory_cap=cap, env={"BQX_MEMORY_BUDGET": budget})
+        from bqx.config import parse_bytes
+
+        run_env = {"BQX_MEMORY_BUDGET": budget, "BQX_MEMORY_BUDGET_BYTES": str(parse_bytes(budget)), **(env or {})}
+        res = run_tree(cmd, timeout, memory_cap=cap, disk_floor=(dst.parent, DISK_RESERVE), env=run_env)
     finally:
         stop.set()
         w.join()
@@ -237,13 +330,30 @@ def main() -> None:
         order = ["ours", *[c for c in contenders if c != "ours"]] if "ours" in contenders else contenders
         for name in order:
             dst = out_dir / f"{name}.parquet"
-            # Warm the page cache the same way for everyone.
+            gcs = None
+            if name == "ours-gcs":
+                print("#   ours-gcs: loading the inputs into fake-gcs-server ...", file=sys.stderr, flush=True)
+                gcs = FakeGcs(out_dir / "gcs")
+                gcs.load(src)
+            # The same start for everyone: the previous writer's dirty pages flushed, the inputs in the page cache.
+            os.sync()
             for p in src.glob("*.parquet"):
                 p.read_bytes()
             print(f"#   {name} ...", file=sys.stderr, flush=True)
-            res, scratch = run_contender(name, src, dst, args.timeout, cap, args.memory_budget)
+            try:
+                res, scratch = run_contender(name, src, dst, args.timeout, cap, args.memory_budget,
+                                             gcs.env if gcs else None)
+                if gcs and res.status == "ok":
+                    gcs.fetch(dst.name, dst)
+            finally:
+                if gcs:
+                    gcs.stop()
             eq = "-"
-            if res.status == "ok" and name in ("polars", "duckdb") and ours_path.exists():
+            if res.status == "ok" and name == "ours-gcs" and ours_path.exists():
+                import filecmp
+
+                eq = "same bytes" if filecmp.cmp(ours_path, dst, shallow=False) else compare(ours_path, dst)
+            elif res.status == "ok" and name in ("polars", "duckdb") and ours_path.exists():
                 eq = compare(ours_path, dst)
             elif name == "ours" and res.status == "ok":
                 eq = "(ours)"
@@ -272,7 +382,8 @@ def main() -> None:
             rc = f"{res.seconds / base['copy'].seconds:.2f}x" if "copy" in base else "-"
             cf = f"{res.cpu / base['floor'].cpu:.2f}x" if "floor" in base else "-"
         else:
-            what = {"timeout": f"no result in {args.timeout:.0f} s", "oom": f"OOM (> {args.memory_cap:.0f} GiB)"}
+            what = {"timeout": f"no result in {args.timeout:.0f} s", "oom": f"OOM (> {args.memory_cap:.0f} GiB)",
+                    "disk": f"out of disk (scratch {gib(scratch)})"}
             secs, rf, rc, cf = what.get(res.status, f"error: {res.detail}"), "-", "-", "-"
         print(f"| {shape.label} | {name} | {secs} | {rf} | {rc} | {res.cpu:.1f} | {cf} | {gib(res.peak_rss)} | "
               f"{gib(scratch)} | {eq} |")

@@ -4,6 +4,8 @@ merge job; the training file is checked against a LEFT JOIN computed directly in
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -57,7 +59,7 @@ def completed_run(local_stack: LocalStack) -> dict:
 def test_run_eurusd_end_to_end(local_stack: LocalStack, completed_run: dict, tmp_path: Path) -> None:
     s = local_stack.settings
     summary = completed_run
-    for key in ("pair", "run_id", "checkpoints", "rows", "columns", "output", "sha256", "seconds"):
+    for key in ("pair", "run_id", "checkpoints", "rows", "columns", "output", "crc32c", "md5", "seconds"):
         assert key in summary
     expected, n_tables = reference_join(s.warehouse, s.dataset, "eurusd")
     assert summary["checkpoints"] == n_tables
@@ -67,6 +69,9 @@ def test_run_eurusd_end_to_end(local_stack: LocalStack, completed_run: dict, tmp
 
     out = tmp_path / "training.parquet"
     storage.bucket(local_stack.settings, s.output_bucket).blob(layout.output("eurusd")).download_to_filename(out)
+    data = out.read_bytes()
+    assert summary["bytes"] == len(data)
+    assert summary["md5"] == base64.b64encode(hashlib.md5(data).digest()).decode()  # GCS's checksum of our bytes
     got = pq.read_table(out)
     assert got.schema.field(KEY).type.unit == "us" and got.schema.field(KEY).type.tz == "UTC"
     assert got.schema.names == expected.schema.names
@@ -89,7 +94,7 @@ def test_status_and_report_of_the_run(local_stack: LocalStack, completed_run: di
     assert st["state"] == "done" and st["run_id"] == completed_run["run_id"]
     assert st["present"] == st["expected"] == completed_run["checkpoints"]
     assert sum(p for p, _ in st["families"].values()) == st["expected"]
-    assert st["summary"]["sha256"] == completed_run["sha256"]
+    assert st["summary"]["crc32c"] == completed_run["crc32c"]
     assert completed_run["cost"]["total_usd"] > 0 and completed_run["cost"]["bigquery_bytes"] > 0
 
     rep = bqx(local_stack, "report", "eurusd", "--out", str(tmp_path))

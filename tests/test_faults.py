@@ -6,6 +6,7 @@ The helpers at the top are also driven by scripts/faults.py (the long version, m
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -149,6 +150,12 @@ def sha256_of(settings: Settings, bucket: str, name: str) -> str | None:
     return None if blob is None else hashlib.sha256(blob.download_as_bytes()).hexdigest()
 
 
+def md5_of(settings: Settings, bucket: str, name: str) -> str | None:
+    """Base64 MD5 of the object's bytes, computed here (the summary carries the one GCS reported)."""
+    blob = storage.bucket(settings, bucket).get_blob(name)
+    return None if blob is None else base64.b64encode(hashlib.md5(blob.download_as_bytes()).digest()).decode()
+
+
 def read_output(settings: Settings, bucket: str) -> pa.Table | None:
     blob = storage.bucket(settings, bucket).get_blob(layout.output(PAIR))
     return None if blob is None else pq.read_table(pa.BufferReader(blob.download_as_bytes()))
@@ -194,7 +201,7 @@ def kill_merge_scenario(settings: Settings, seed: int, run_id: str, want_sha: st
     table = read_output(s, out) if want is not None else None
     return {"seed": seed, "delay": round(delay, 2), "finished_before_kill": finished_first, "polls": polls,
             "visible_after_kill": visible_after_kill, "partial_seen": seen_partial, "rerun_exit": code,
-            "summary_matches_object": bool(summary) and summary[0]["sha256"] == got,
+            "summary_matches_object": bool(summary) and summary[0]["md5"] == md5_of(s, out, final),
             "same_content": None if want is None else bool(table is not None and table.equals(want)),
             "same_sha256": got == want_sha}
 
@@ -215,7 +222,8 @@ def extracted(local_stack) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     assert run_job_to_end("merge", job_env(s, run_id)) == 0
     sha = sha256_of(s, s.output_bucket, layout.output(PAIR))
     summary = storage.read_json(s, s.output_bucket, layout.summary(PAIR))
-    assert sha and summary and summary[0]["sha256"] == sha
+    assert sha and summary and summary[0]["md5"] == md5_of(s, s.output_bucket, layout.output(PAIR))
+    assert summary[0]["bytes"] == len(storage.bucket(s, s.output_bucket).blob(layout.output(PAIR)).download_as_bytes())
     return {"settings": s, "run_id": run_id, "digests": digests, "sha256": sha,
             "table": read_output(s, s.output_bucket)}
 

@@ -183,8 +183,10 @@ BUDGET = 64 << 20
 ALLOWANCE = 16 << 20
 
 CHILD = textwrap.dedent("""
-    import bqx.merge  # first: it configures Arrow's allocator before pyarrow loads
-    import json, sys, tempfile
+    import sys
+    from bqx import allocator
+    allocator.configure(int(sys.argv[3]))  # first, as `bqx merge` and the merge job do: before pyarrow loads
+    import json, tempfile
     from dataclasses import replace
     from pathlib import Path
     from bqx.layout import prefix_of

@@ -1,11 +1,15 @@
 """Cloud Run job entrypoint (the container runs this file; the local stack runs it as a process)."""
 
-import os
 import sys
 
-# Before anything imports pyarrow: Arrow's allocator then returns freed pages at once (peak RSS follows the budget).
-os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
-os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
+from bqx import allocator
+from bqx.config import Settings
+
+# Before anything imports pyarrow: Arrow's allocator keeps or returns freed pages by the memory budget.
+try:
+    allocator.configure(Settings.from_env().memory_budget)
+except Exception:  # noqa: BLE001 - a bad setting is reported by main() below, with its exit code
+    allocator.configure(Settings().memory_budget)
 
 from bqx.jobs.merge import main  # noqa: E402
 

@@ -42,7 +42,7 @@ from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.ids import digest
 from bqx.logs import Log
-from bqx.merge import HashingWriter, MergeStats
+from bqx.merge import CountingWriter, MergeStats
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS, from_type_name
 from bqx.pricing import BIGQUERY_PER_TIB_SCANNED, TIB
 from bqx.source import quote_bigquery
@@ -413,17 +413,17 @@ def _key_ints(arr: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
 
 
 def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_budget: int,
-           metadata: dict[str, str] | None = None) -> tuple[int, str, int]:
-    """Stage exports -> one Parquet file in `sink`. Returns (bytes, sha256, rows per row group)."""
+           metadata: dict[str, str] | None = None) -> tuple[int, int]:
+    """Stage exports -> one Parquet file in `sink`. Returns (bytes, rows per row group)."""
     widest = max(len(st.columns) for st in plan.stages)
     group = rows_per_group(memory_budget, widest, rows)
     bounds = [(s, min(s + group, rows)) for s in range(0, rows, group)]
-    hashing = HashingWriter(sink)
+    counting = CountingWriter(sink)
     md = {"bqx.rows": str(rows), **(metadata or {})}
     if rows == 0:
-        pq.write_table(plan.schema.empty_table(), hashing, **WRITER_OPTIONS)  # type: ignore[arg-type]
-        return hashing.size, hashing.hexdigest(), 0
-    stitcher = Stitcher(hashing, plan.schema, [e - s for s, e in bounds], **WRITER_OPTIONS)  # type: ignore[arg-type]
+        pq.write_table(plan.schema.empty_table(), counting, **WRITER_OPTIONS)  # type: ignore[arg-type]
+        return counting.size, 0
+    stitcher = Stitcher(counting, plan.schema, [e - s for s, e in bounds], **WRITER_OPTIONS)  # type: ignore[arg-type]
     keys: np.ndarray | None = None
     for st in plan.stages:
         files = _stage_files(settings, st)
@@ -446,7 +446,7 @@ def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_bud
                     raise BadCheckpoint(f"{what}: keys differ from the targets' in rows {s}..{e}")
                 stitcher.add(g, part.drop_columns([KEY]))
     stitcher.close(md)
-    return hashing.size, hashing.hexdigest(), group
+    return counting.size, group
 
 
 def _targets_rows(settings: Settings, manifest: Manifest) -> int:
@@ -505,7 +505,7 @@ def run(settings: Settings, manifest: Manifest, sink: BinaryIO, client: Any, met
 
     rows = _targets_rows(settings, manifest)
     stats.rows, stats.row_groups = rows, 0
-    stats.bytes, stats.sha256, stats.group_rows = stitch(settings, plan, rows, sink, settings.memory_budget,
+    stats.bytes, stats.group_rows = stitch(settings, plan, rows, sink, settings.memory_budget,
                                                          metadata)
     stats.row_groups = -(-rows // stats.group_rows) if stats.group_rows else 0
     delete_exports(settings, plan)

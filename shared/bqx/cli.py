@@ -315,7 +315,7 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
                 click.echo(
                     f"{rs.pair}: {summary['rows']} rows x {summary['columns']} columns from "
                     f"{summary['checkpoints']} checkpoints -> {summary['output']} "
-                    f"({summary['bytes'] / 1e6:.1f} MB, sha256 {summary['sha256'][:16]}..., "
+                    f"({summary['bytes'] / 1e6:.1f} MB, crc32c {summary.get('crc32c')}, "
                     f"merge {summary['merge_seconds']:.1f}s, run {summary['run_id']})"
                 )
     if failed:
@@ -422,6 +422,9 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
     from bqx.config import parse_bytes
 
     budget = parse_bytes(memory_budget)
+    from bqx import allocator
+
+    allocator.configure(budget)  # before pyarrow loads
     if src is not None:
         from bqx.merge import local_inputs
         from bqx.merge import merge as do_merge

@@ -18,34 +18,24 @@ the number of tables, their width or the number of rows, and nothing is staged o
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
-# Arrow's allocator (mimalloc) keeps freed pages resident for a while by default; with many short-lived column
-# buffers that doubles the peak RSS over what is live. Return them at once. This only takes effect if it runs before
-# pyarrow is first imported in the process (the `bqx merge` command and the merge job import this module first);
-# set the same variables in the environment to be sure.
-os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
-os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import hashlib  # noqa: E402
-import queue  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor, as_completed  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import BinaryIO  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from bqx import thrift  # noqa: E402
-from bqx.catalog import KEY  # noqa: E402
-from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError  # noqa: E402
-from bqx.logs import Log  # noqa: E402
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS  # noqa: E402
-from bqx.stitch import Stitcher  # noqa: E402
+from bqx import allocator, thrift
+from bqx.catalog import KEY
+from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
+from bqx.logs import Log
+from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
+from bqx.stitch import Stitcher
 
 log = Log("bqx.merge")
 
@@ -53,7 +43,7 @@ READ_BUFFER = 262144  # stream column chunks
 MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
 COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into bigger output row groups
 COPY_PIECE = 4 << 20  # bytes per read when copying encoded column chunks
-BYTES_PER_CELL_IN_FLIGHT = 8 * 6  # decoded input (2 row groups) + aligned copy + encoder + output (+ one being hashed)
+BYTES_PER_CELL_IN_FLIGHT = 8 * 8  # decoded input (2 row groups), aligned copy, encoder, output, allocator slack
 MIN_SLICE_COLUMNS = 8
 
 
@@ -71,7 +61,6 @@ class MergeStats:
     tables: int = 0
     row_groups: int = 0
     bytes: int = 0
-    sha256: str = ""
     seconds: float = 0.0
     group_rows: int = 0
     workers: int = 1
@@ -79,61 +68,18 @@ class MergeStats:
     table_seconds: dict[str, float] = field(default_factory=dict)
 
 
-class HashingWriter:
-    """Counts and hashes (SHA-256) what passes through to the real sink. The hash runs on its own thread (hashlib
-    releases the GIL), overlapping the workers' reads and writes; at most `backlog` bytes wait to be hashed."""
+class CountingWriter:
+    """Counts what passes through to the real sink. The output is not hashed here: GCS computes its CRC32C and
+    MD5 on upload, and publishing records those (hashing 2-3 GB in Python cost ~20% of the merge's CPU)."""
 
-    PIECE = 4 << 20
-
-    def __init__(self, sink: BinaryIO, backlog: int = 64 << 20) -> None:
+    def __init__(self, sink: BinaryIO) -> None:
         self.sink, self.size = sink, 0
-        self._hash = hashlib.sha256()
-        self._backlog, self._pending = backlog, 0
-        self._cv = threading.Condition()
-        self._queue: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._digest = ""
 
     def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        self.sink.write(view)
-        n = len(view)
+        n = self.sink.write(data)
+        n = len(memoryview(data).cast("B")) if n is None else n
         self.size += n
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="merge-sha256", daemon=True)
-            self._thread.start()
-        # The buffer stays alive until its last piece is hashed, so the backlog counts whole writes.
-        with self._cv:
-            while self._pending and self._pending + n > self._backlog:
-                self._cv.wait()
-            self._pending += n
-        for off in range(0, n, self.PIECE):
-            self._queue.put((view[off : off + self.PIECE], n if off + self.PIECE >= n else 0))
         return n
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            piece, done = item
-            self._hash.update(piece)
-            del piece, item
-            if done:
-                with self._cv:
-                    self._pending -= done
-                    self._cv.notify_all()
-
-    def hexdigest(self) -> str:
-        """Finish (waits for the backlog) and return the digest; the writer is closed afterwards."""
-        if not self._digest:
-            if self._thread is not None:
-                self._queue.put(None)
-                self._thread.join()
-            self._digest = self._hash.hexdigest()
-        return self._digest
-
-    def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
 
 
 def local_inputs(directory: Path, targets: str | None = None) -> tuple[MergeInput, list[MergeInput]]:
@@ -187,7 +133,7 @@ def _check_increasing(table: str, keys: np.ndarray, previous: int | None) -> Non
 
 def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_names: list[str], keys: np.ndarray,
                       bounds: list[tuple[int, int]], stitcher: Stitcher, worker_budget: int,
-                      with_key: bool = False) -> None:
+                      with_key: bool = False, govern: Callable[[], None] = lambda: None) -> None:
     """Decode, align and encode one table. Arrow's Parquet reader holds a whole row group of the columns it reads
     (whatever the batch size), so the table is read in slices of columns narrow enough that a slice of one input
     row group plus one output row group fits the worker's share of the budget: one pass per slice."""
@@ -205,6 +151,7 @@ def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out
                 part = part.add_column(0, KEY, pa.array(keys[s:e], type=pa.int64()).cast(KEY_TYPE))
             stitcher.add(g, part)
             del part
+            govern()
 
 
 def _check_row_group_order(table: str, pf: pq.ParquetFile) -> None:
@@ -425,59 +372,58 @@ def merge(
     rows_per_group = group_rows_for(memory_budget, workers, n)
     worker_budget = memory_budget // workers
     bounds = group_bounds(tfile, rows_per_group, n)
-    hashing = HashingWriter(sink, backlog=max(memory_budget // 16, HashingWriter.PIECE))
-    try:
-        md = {"bqx.rows": str(n), **(metadata or {})}
-        if n == 0:
-            buf = pa.BufferOutputStream()
-            pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
-            hashing.write(memoryview(buf.getvalue()).cast("B"))
-            return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=hashing.size,
-                              sha256=hashing.hexdigest(), seconds=time.time() - started)
-        stitcher = Stitcher(hashing, out_schema, [e - s for s, e in bounds],  # type: ignore[arg-type]
-                            reorder_limit=max(memory_budget // 16, 1 << 20), **WRITER_OPTIONS)
-        stats = MergeStats(rows=n, columns=len(out_schema), tables=len(features) + 1, row_groups=len(bounds),
-                           group_rows=rows_per_group, workers=workers)
+    counting = CountingWriter(sink)
+    governor = allocator.MemoryGovernor(int(memory_budget * allocator.GOVERNOR_SHARE))
+    md = {"bqx.rows": str(n), **(metadata or {})}
+    if n == 0:
+        buf = pa.BufferOutputStream()
+        pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
+        counting.write(memoryview(buf.getvalue()).cast("B"))
+        return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=counting.size,
+                          seconds=time.time() - started)
+    stitcher = Stitcher(counting, out_schema, [e - s for s, e in bounds],  # type: ignore[arg-type]
+                        reorder_limit=max(memory_budget // 16, 1 << 20), **WRITER_OPTIONS)
+    stats = MergeStats(rows=n, columns=len(out_schema), tables=len(features) + 1, row_groups=len(bounds),
+                       group_rows=rows_per_group, workers=workers)
 
-        # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
-        t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
-        with stitcher.turn(0):
-            if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
-                _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
-                                  with_key=True)
+    # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
+    t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
+    with stitcher.turn(0):
+        if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
+            _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
+                              with_key=True)
 
-        done = [0]
-        lock = threading.Lock()
+    done = [0]
+    lock = threading.Lock()
 
-        def one(order: int, inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
-            t0 = time.time()
-            with stitcher.turn(order):
-                pf = _open(inp)
-                _check_row_group_order(inp.table, pf)
-                copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
-                if not copied:
-                    _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget)
-            with lock:
-                stats.copied_tables += copied
-                done[0] += 1
-                if progress:
-                    progress(done[0], len(plan))
-            return inp.table, time.time() - t0
+    def one(order: int, inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
+        t0 = time.time()
+        with stitcher.turn(order):
+            pf = _open(inp)
+            _check_row_group_order(inp.table, pf)
+            copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
+            if not copied:
+                _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
+                                  govern=governor.check)
+            governor.check()
+        with lock:
+            stats.copied_tables += copied
+            done[0] += 1
+            if progress:
+                progress(done[0], len(plan))
+        return inp.table, time.time() - t0
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
-            futures = [pool.submit(one, i, *p) for i, p in enumerate(plan, start=1)]
-            try:
-                for fut in as_completed(futures):
-                    table, secs = fut.result()
-                    stats.table_seconds[table] = round(secs, 4)
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
-        stitcher.close(md)
-    finally:
-        hashing.close()
-    stats.bytes = hashing.size
-    stats.sha256 = hashing.hexdigest()
+    with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
+        futures = [pool.submit(one, i, *p) for i, p in enumerate(plan, start=1)]
+        try:
+            for fut in as_completed(futures):
+                table, secs = fut.result()
+                stats.table_seconds[table] = round(secs, 4)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    stitcher.close(md)
+    stats.bytes = counting.size
     stats.seconds = time.time() - started
     return stats

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from bqx import layout, storage
 from bqx.catalog import KEY, Manifest
 from bqx.config import Settings
-from bqx.errors import BadCheckpoint, TerminalError
+from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.logs import Log
 from bqx.merge import MergeInput, MergeStats, merge
 
@@ -66,6 +66,8 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
 
         stats = methods.run(method, settings, manifest, temp, md)
     temp.reload()
+    if temp.size != stats.bytes:
+        raise TransientError(f"merged object has {temp.size} bytes, the merge wrote {stats.bytes}; not published")
     with temp.open("rb", chunk_size=READ_CHUNK) as f:
         meta = pq.ParquetFile(f).metadata
     want_rows = _targets_rows(settings, manifest)
@@ -78,8 +80,12 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     token, _, _ = final.rewrite(temp)
     while token is not None:
         token, _, _ = final.rewrite(temp, token=token)
+    if final.crc32c != temp.crc32c:  # the rewrite response carries the new object's checksum
+        raise TransientError(f"published object's crc32c {final.crc32c} != merged {temp.crc32c}; not trusted")
     temp.delete()
     summary = build_summary(settings, manifest, stats, method, execution, started)
+    # GCS's own checksums of what it stored (base64, as `gcloud storage hash` prints them): the merge does not hash.
+    summary["crc32c"], summary["md5"] = temp.crc32c, temp.md5_hash
     summary["cost"] = _cost(settings, manifest, summary["seconds"])
     storage.write_json(settings, settings.output_bucket, layout.summary(pair), summary)
     log.info("training file published", pair=pair, run_id=run_id, rows=stats.rows, columns=stats.columns,
@@ -120,7 +126,6 @@ def build_summary(settings: Settings, manifest: Manifest, stats: MergeStats, met
         "columns": stats.columns,
         "checkpoints": len(manifest.tables),
         "bytes": stats.bytes,
-        "sha256": stats.sha256,
         "seconds": round(time.time() - started, 3),
         "merge_seconds": round(stats.seconds, 3),
         "method": method,

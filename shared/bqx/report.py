@@ -180,7 +180,7 @@ def html_report(tl: Timeline) -> str:
 padding:2px 8px;text-align:left}}.error{{color:#b00}}</style></head><body>
 <h1>{tl.pair}: run {tl.run_id}</h1>{err}
 <p>{summary.get('rows', '-')} rows × {summary.get('columns', '-')} columns from {len(tl.tables)} checkpoints;
-output {html.escape(str(summary.get('output', '(not published)')))}; sha256 {summary.get('sha256', '-')}</p>
+output {html.escape(str(summary.get('output', '(not published)')))}; crc32c {summary.get('crc32c', '-')}</p>
 <h2>Timeline</h2><p>Each bar is one table's extraction (red: retried), then the handoff and the merge.</p>
 {svg(tl)}
 <h2>Stages</h2><table>{stage_rows}</table>
