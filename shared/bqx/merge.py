@@ -65,6 +65,7 @@ class MergeStats:
     group_rows: int = 0
     workers: int = 1
     copied_tables: int = 0  # tables whose column chunks were copied as they are (already aligned)
+    memory_releases: int = 0  # times the process reached its budget and gave the allocator's free pages back
     table_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -425,5 +426,6 @@ def merge(
             raise
     stitcher.close(md)
     stats.bytes = counting.size
+    stats.memory_releases = governor.releases
     stats.seconds = time.time() - started
     return stats
