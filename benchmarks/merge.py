@@ -125,31 +125,23 @@ class FakeGcs:
     def load(self, src: Path) -> None:
         import urllib.request
 
-        from bqx import storage
-        from bqx.config import Settings
-
-        for _ in range(100):
+        for _ in range(300):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fake-gcs-server exited with {self.proc.returncode}")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/storage/v1/b", timeout=1)
                 break
             except OSError:
                 time.sleep(0.1)
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            settings = Settings.from_env()
-            from bqx.clients import storage_client
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
 
-            storage_client(settings).create_bucket(BUCKET)
-            bucket = storage.bucket(settings, BUCKET)
-            with ThreadPoolExecutor(4) as pool:
-                list(pool.map(lambda p: bucket.blob(p.name).upload_from_filename(str(p)), src.glob("*.parquet")))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        # A client of its own: the library's clients are cached per Settings, and STORAGE_EMULATOR_HOST differs.
+        client = storage.Client(project="bench", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": self.env["STORAGE_EMULATOR_HOST"]})
+        bucket = client.create_bucket(BUCKET)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: bucket.blob(p.name).upload_from_filename(str(p)), src.glob("*.parquet")))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -324,16 +316,16 @@ def main() -> None:
         for name in order:
             dst = out_dir / f"{name}.parquet"
             gcs = None
-            if name == "ours-gcs":
-                print("#   ours-gcs: loading the inputs into fake-gcs-server ...", file=sys.stderr, flush=True)
-                gcs = FakeGcs(out_dir / "gcs")
-                gcs.load(src)
-            # The same start for everyone: the previous writer's dirty pages flushed, the inputs in the page cache.
-            os.sync()
-            for p in src.glob("*.parquet"):
-                p.read_bytes()
-            print(f"#   {name} ...", file=sys.stderr, flush=True)
             try:
+                if name == "ours-gcs":
+                    print("#   ours-gcs: loading the inputs into fake-gcs-server ...", file=sys.stderr, flush=True)
+                    gcs = FakeGcs(out_dir / "gcs")
+                    gcs.load(src)
+                # The same start for everyone: the previous writer's dirty pages flushed, the inputs in page cache.
+                os.sync()
+                for p in src.glob("*.parquet"):
+                    p.read_bytes()
+                print(f"#   {name} ...", file=sys.stderr, flush=True)
                 res, scratch = run_contender(name, src, dst, args.timeout, cap, args.memory_budget,
                                              gcs.env if gcs else None)
             finally:

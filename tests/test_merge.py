@@ -3,6 +3,7 @@ bad checkpoints, and stays inside the memory budget it is given."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -94,6 +95,17 @@ def test_equals_duckdb_left_join(merged) -> None:  # type: ignore[no-untyped-def
         assert ours.column(name).equals(ref.column(name)), name  # values and row order
     # Gaps and early-start rows really were exercised: some feature cells are null.
     assert sum(ours.column(i).null_count for i in range(50, ours.num_columns)) > 0
+
+
+def test_kernel_copy_and_plain_copy_write_the_same_bytes(merged) -> None:  # type: ignore[no-untyped-def]
+    # Into a file, copied chunks go through copy_file_range; into memory, through read + write.
+    src, out, stats = merged
+    t, features = local_inputs(src)
+    features = [replace(f, prefix=prefix_of(PAIR, f.table)) for f in features]
+    buf = io.BytesIO()
+    again = merge(t, features, buf, memory_budget=1 << 20 if stats.copied_tables == 0 else 1 << 30)
+    assert again.copied_tables == stats.copied_tables
+    assert buf.getvalue() == out.read_bytes()
 
 
 def test_timestamps_microsecond_utc_and_sorted(merged) -> None:  # type: ignore[no-untyped-def]

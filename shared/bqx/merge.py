@@ -30,19 +30,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx import allocator, thrift
+from bqx import allocator
 from bqx.catalog import KEY
+from bqx.chunks import row_groups as chunks_of
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
 from bqx.logs import Log
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
-from bqx.stitch import Stitcher
+from bqx.stitch import FileRange, Stitcher
+from bqx.stitch import column_signature as _column_signature
 
 log = Log("bqx.merge")
 
 READ_BUFFER = 262144  # stream column chunks
 MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
 COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into bigger output row groups
-COPY_PIECE = 4 << 20  # bytes per read when copying encoded column chunks
 BYTES_PER_CELL_IN_FLIGHT = 8 * 8  # decoded input (2 row groups), aligned copy, encoder, output, allocator slack
 MIN_SLICE_COLUMNS = 8
 
@@ -81,6 +82,24 @@ class CountingWriter:
         n = len(memoryview(data).cast("B")) if n is None else n
         self.size += n
         return n
+
+    def copy_range(self, r: FileRange) -> None:
+        """Write `r`'s bytes: between two local files with copy_file_range (the kernel moves page-cache pages, the
+        bytes never enter Python), otherwise read and written in pieces."""
+        done = 0
+        try:
+            src, dst = r.f.fileno(), self.sink.fileno()
+            self.sink.flush()
+            while done < r.length:
+                n = os.copy_file_range(src, dst, r.length - done, r.start + done)
+                if not n:
+                    break
+                done += n
+        except (AttributeError, OSError, ValueError):  # not two OS files, or the kernel declines: plain copy
+            pass
+        self.size += done
+        for piece in r.read_from(done):
+            self.write(piece)
 
 
 def local_inputs(directory: Path, targets: str | None = None) -> tuple[MergeInput, list[MergeInput]]:
@@ -172,11 +191,6 @@ def _check_row_group_order(table: str, pf: pq.ParquetFile) -> None:
         previous = st.max
 
 
-def _column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
-    c = schema.column(i)
-    return (c.physical_type, c.logical_type.to_json(), c.max_definition_level, c.max_repetition_level, c.length)
-
-
 def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_names: list[str], keys: np.ndarray,
                   bounds: list[tuple[int, int]], stitcher: Stitcher, with_key: bool = False) -> bool:
     """The stretch path: a checkpoint whose row groups hold exactly the output row groups' keys needs no decoding.
@@ -189,11 +203,10 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_nam
         if md.row_group(r).num_rows != e - s:
             return False
     # The encoded chunks must be exactly what the output's schema declares for these columns.
-    ours = pq.ParquetFile(pa.BufferReader(stitcher.encode(pf.schema_arrow.empty_table()))).schema
     theirs = pf.schema
-    if [theirs.column(i).name for i in range(len(theirs))] != [ours.column(i).name for i in range(len(ours))]:
+    if [theirs.column(i).name for i in range(len(theirs))] != pf.schema_arrow.names:
         return False
-    if any(_column_signature(theirs, i) != _column_signature(ours, i) for i in range(len(theirs))):
+    if [_column_signature(theirs, i) for i in range(len(theirs))] != stitcher.signatures(pf.schema_arrow):
         return False
     for r, (s, e) in enumerate(bounds):  # same keys, row for row (this also rules out duplicates and disorder)
         k = _keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY))
@@ -207,23 +220,21 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_nam
         size = f.tell()
         n = int.from_bytes(tail[:4], "little")
         f.seek(size - 8 - n)
-        footer = thrift.decode_struct(f.read(n))
+        groups = chunks_of(f.read(n))
         position = {name: i for i, name in enumerate(theirs.names)}
         out_of = dict(zip(names, out_names, strict=True))
         if with_key:
             out_of[KEY] = KEY
         plan = []
-        for rg in footer[4][1][1]:  # check every chunk before copying any: a refusal writes nothing
+        for rg in groups:  # check every chunk before copying any: a refusal writes nothing
             chunks = []
-            for cc in rg[1][1][1]:
-                name = b".".join(cc[3][1][3][1][1]).decode()  # meta_data.path_in_schema
+            for cc in rg:
+                name = cc.path
                 if name == KEY and not with_key:
                     continue
                 if name not in out_of or name not in position:
                     return False
-                cmd = cc[3][1]
-                start = cmd[11][1] if 11 in cmd and cmd[11][1] > 0 else cmd[9][1]
-                chunks.append((start, start + cmd[7][1], out_of[name], cc))
+                chunks.append((cc.start, cc.start + cc.compressed, out_of[name], cc))
             if len(chunks) != len(out_of):
                 return False
             plan.append(sorted(chunks, key=lambda c: c[0]))
@@ -242,18 +253,8 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_nam
 
 def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher) -> None:
     start, end = run[0][0], run[-1][1]
-
-    def pieces() -> Iterator[bytes]:
-        f.seek(start)
-        left = end - start
-        while left:
-            piece = f.read(min(COPY_PIECE, left))
-            if not piece:
-                raise BadCheckpoint("checkpoint ended inside a column chunk")
-            left -= len(piece)
-            yield piece
-
-    stitcher.add_raw(group, [(name, cc) for _, _, name, cc in run], pieces(), start)
+    stitcher.add_raw(group, [(name, cc) for _, _, name, cc in run], FileRange(f, start, end - start), start,
+                     end - start)
 
 
 class Aligner:

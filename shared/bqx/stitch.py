@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bqx import thrift
-from bqx.thrift import BINARY, I16, I64, LIST, STRUCT, Raw
+from bqx.chunks import Chunk, row_groups
+from bqx.errors import BadCheckpoint
+from bqx.thrift import I16, I64, LIST, STRUCT, Raw
 
 MAGIC = b"PAR1"
 
@@ -33,6 +35,35 @@ def footer_of(data: bytes | memoryview) -> tuple[thrift.Struct, int]:
     return thrift.decode_struct(memoryview(data)[start : len(data) - 8]), start
 
 
+class FileRange:
+    """`length` bytes at `start` of an open binary file. Iterating reads them in pieces; a sink with `copy_range`
+    may instead copy them inside the kernel (two local files: no trip through Python's memory)."""
+
+    PIECE = 4 << 20
+
+    def __init__(self, f: BinaryIO, start: int, length: int) -> None:
+        self.f, self.start, self.length = f, start, length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.read_from(0)
+
+    def read_from(self, done: int) -> Iterator[bytes]:
+        self.f.seek(self.start + done)
+        left = self.length - done
+        while left:
+            piece = self.f.read(min(self.PIECE, left))
+            if not piece:
+                raise BadCheckpoint("checkpoint ended inside a column chunk")
+            left -= len(piece)
+            yield piece
+
+
+def column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
+    """What an encoded column chunk's bytes depend on besides its values: type, logical type, levels, width."""
+    c = schema.column(i)
+    return (c.physical_type, c.logical_type.to_json(), c.max_definition_level, c.max_repetition_level, c.length)
+
+
 class Stitcher:
     def __init__(self, sink: BinaryIO, schema: pa.Schema, group_rows: list[int], reorder_limit: int = 64 << 20,
                  **writer_options: object):
@@ -43,7 +74,7 @@ class Stitcher:
         self.index = {name: i for i, name in enumerate(schema.names)}
         if len(self.index) != len(schema.names):
             raise ValueError("output column names are not unique")
-        self.columns: list[list[Raw | None]] = [[None] * len(schema.names) for _ in group_rows]
+        self.columns: list[list[bytes | None]] = [[None] * len(schema.names) for _ in group_rows]
         self.sizes = [[0, 0] for _ in group_rows]  # uncompressed, compressed per row group
         self.first_offset = [0 for _ in group_rows]
         self.lock = threading.Lock()
@@ -53,10 +84,11 @@ class Stitcher:
         self.local = threading.local()
         self.head = 0
         self.finished: set[int] = set()
-        self.waiting: dict[int, list[tuple[int, list[tuple[str, thrift.Struct]], list[bytes | memoryview], int]]] = {}
+        self.waiting: dict[int, list[tuple[int, list[tuple[str, Chunk, bool]], list[bytes | memoryview], int]]] = {}
         self.waiting_bytes = 0
         self.reorder_limit = reorder_limit
         self.failed = False
+        self._signatures: dict[tuple, list[tuple]] = {}
         self.sink.write(MAGIC)
         self.pos = len(MAGIC)
 
@@ -75,6 +107,16 @@ class Stitcher:
             pq.write_table(table, grow, row_group_size=max(table.num_rows, 1), **self.options)
             return grow.getvalue()
 
+    def signatures(self, schema: pa.Schema) -> list[tuple]:
+        """column_signature of every column as this stitcher's writer encodes `schema` (cached by types: names do
+        not change how a column is encoded)."""
+        key = tuple((f.type, f.nullable) for f in schema)
+        found = self._signatures.get(key)
+        if found is None:
+            mini = pq.ParquetFile(pa.BufferReader(self.encode(schema.empty_table()))).schema
+            found = self._signatures[key] = [column_signature(mini, i) for i in range(len(mini))]
+        return found
+
     def add(self, group: int, table: pa.Table) -> None:
         """Append the columns of `table` (output names, exactly row group `group`'s rows)."""
         if table.num_rows != self.group_rows[group]:
@@ -83,26 +125,21 @@ class Stitcher:
         if table.schema != target:
             table = table.cast(target)
         mini = memoryview(self.encode(table)).cast("B")
-        meta, footer_start = footer_of(mini)
-        chunks = meta[4][1][1][0][1][1][1] if table.num_rows else []  # row_groups[0].columns
-        self._append(group, list(zip(table.column_names, chunks, strict=True)), [mini[len(MAGIC) : footer_start]],
-                     len(MAGIC))
+        if bytes(mini[-4:]) != MAGIC:
+            raise ValueError("the Parquet writer produced no footer")
+        footer_start = len(mini) - 8 - struct.unpack("<I", mini[-8:-4])[0]
+        chunks = row_groups(bytes(mini[footer_start:-8]))[0] if table.num_rows else []
+        self._append(group, [(n, c, False) for n, c in zip(table.column_names, chunks, strict=True)],
+                     [mini[len(MAGIC) : footer_start]], len(MAGIC))
         del mini
 
-    def add_raw(self, group: int, chunks: list[tuple[str, thrift.Struct]], pieces: Iterable[bytes | memoryview],
-                source_start: int) -> None:
-        """Append already-encoded column chunks as they are: `chunks` are (output name, ColumnChunk) whose byte
-        ranges, at offsets in their source file, together make up `pieces`, which start at `source_start`."""
-        fixed = []
-        for name, cc in chunks:
-            cc = {k: v for k, v in cc.items() if k in (1, 2, 3)}  # no page index or encryption: not copied
-            md = dict(cc[3][1])
-            md.pop(14, None)  # bloom filters are not copied
-            md.pop(15, None)
-            md[3] = (LIST, (BINARY, [name.encode()]))  # path_in_schema: the output's column name
-            cc[3] = (STRUCT, md)
-            fixed.append((name, cc))
-        self._append(group, fixed, pieces, source_start)
+    def add_raw(self, group: int, chunks: list[tuple[str, Chunk]], pieces: Iterable[bytes | memoryview],
+                source_start: int, size: int | None = None) -> None:
+        """Append already-encoded column chunks as they are: `chunks` are (output name, Chunk) whose byte ranges,
+        at offsets in their source file, together make up `pieces` (`size` bytes, if known before reading them),
+        which start at `source_start`. They are
+        renamed to the output's names; page indexes and bloom filters are not copied."""
+        self._append(group, [(n, c, True) for n, c in chunks], pieces, source_start, size)
 
     @contextmanager
     def turn(self, order: int) -> Iterator[None]:
@@ -130,11 +167,20 @@ class Stitcher:
                 self._write(*item)
         self.turns.notify_all()
 
-    def _append(self, group: int, chunks: list[tuple[str, thrift.Struct]], pieces: Iterable[bytes | memoryview],
-                source_start: int) -> None:
+    def _append(self, group: int, chunks: list[tuple[str, Chunk, bool]], pieces: Iterable[bytes | memoryview],
+                source_start: int, size: int | None = None) -> None:
         order = getattr(self.local, "order", None)
         with self.turns:
             if order is None or order == self.head:
+                self._write(group, chunks, pieces, source_start)
+                return
+            if isinstance(pieces, FileRange) or (size is not None and size > self.reorder_limit):
+                # Bytes not read yet (copied chunks): wait for the turn and copy them then, rather than holding
+                # them in memory (or too big to hold for its turn).
+                while order != self.head:
+                    if self.failed:
+                        raise RuntimeError("another table of this merge failed")
+                    self.turns.wait()
                 self._write(group, chunks, pieces, source_start)
                 return
         pieces = list(pieces)  # read before waiting: a later table's bytes are kept until its turn
@@ -150,25 +196,24 @@ class Stitcher:
                 self.waiting.setdefault(order, []).append((group, chunks, pieces, source_start))
                 self.waiting_bytes += size
 
-    def _write(self, group: int, chunks: list[tuple[str, thrift.Struct]], pieces: Iterable[bytes | memoryview],
+    def _write(self, group: int, chunks: list[tuple[str, Chunk, bool]], pieces: Iterable[bytes | memoryview],
                source_start: int) -> None:
         delta = self.pos - source_start
-        for piece in pieces:
-            self.sink.write(piece)
-            self.pos += len(piece)
-        for name, cc in chunks:
-            md = cc[3][1]
-            for fid in (9, 10, 11, 14):
-                if fid in md:
-                    md[fid] = (I64, md[fid][1] + delta)
-            if cc.get(2, (I64, 0))[1]:
-                cc[2] = (I64, cc[2][1] + delta)
+        copy_range = getattr(self.sink, "copy_range", None)
+        if isinstance(pieces, FileRange) and copy_range is not None:
+            copy_range(pieces)
+            self.pos += pieces.length
+        else:
+            for piece in pieces:
+                self.sink.write(piece)
+                self.pos += len(piece)
+        for name, chunk, moved in chunks:
             i = self.index[name]
             if i == 0:
-                self.first_offset[group] = md.get(11, md[9])[1]
-            self.sizes[group][0] += md[6][1]
-            self.sizes[group][1] += md[7][1]
-            self.columns[group][i] = Raw(thrift.encode_struct(cc))
+                self.first_offset[group] = chunk.offsets.get(11, chunk.offsets.get(9, 0)) + delta
+            self.sizes[group][0] += chunk.uncompressed
+            self.sizes[group][1] += chunk.compressed
+            self.columns[group][i] = chunk.encode(delta, name if moved else None, drop_bloom=moved)
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
         """Write the footer; returns the file's size."""
@@ -185,7 +230,7 @@ class Stitcher:
             if not self.group_rows[g]:
                 continue
             groups.append({
-                1: (LIST, (STRUCT, cols)),
+                1: (LIST, (STRUCT, [Raw(c) for c in cols])),
                 2: (I64, self.sizes[g][0]),
                 3: (I64, self.group_rows[g]),
                 5: (I64, self.first_offset[g]),
