@@ -46,6 +46,7 @@ MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
 COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into bigger output row groups
 BYTES_PER_CELL_IN_FLIGHT = 8 * 8  # decoded input (2 row groups), aligned copy, encoder, output, allocator slack
 MIN_SLICE_COLUMNS = 8
+PLAN_THREADS = 16  # checkpoints whose schemas are read at once before the merge (object-store latency)
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,26 @@ def local_inputs(directory: Path, targets: str | None = None) -> tuple[MergeInpu
     return MergeInput(t.stem, "", lambda: str(t)), features
 
 
-def _open(inp: MergeInput) -> pq.ParquetFile:
+def _open(inp: MergeInput) -> tuple[pq.ParquetFile, BinaryIO | None]:
+    """The input as a ParquetFile, and the file object it reads from when that is the source's own (e.g. a GCS
+    reader, which costs requests to open: the copy path reuses it). None for a local path."""
     try:
         src = inp.open()
         if isinstance(src, str | os.PathLike):
-            src = pa.OSFile(os.fspath(src))  # a native file: no filesystem resolution per open, no mmap
-        return pq.ParquetFile(src, buffer_size=READ_BUFFER, pre_buffer=False)
+            # a native file: no filesystem resolution per open, no mmap
+            return pq.ParquetFile(pa.OSFile(os.fspath(src)), buffer_size=READ_BUFFER, pre_buffer=False), None
+        return pq.ParquetFile(src, buffer_size=READ_BUFFER, pre_buffer=False), src
     except (pa.ArrowInvalid, OSError) as exc:
         raise BadCheckpoint(f"{inp.table}: not a readable Parquet file ({exc})") from exc
+
+
+def _schema_of(inp: MergeInput) -> pa.Schema:
+    pf, reader = _open(inp)
+    try:
+        return pf.schema_arrow
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def _keys_int(table: str, arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -191,8 +204,9 @@ def _check_row_group_order(table: str, pf: pq.ParquetFile) -> None:
         previous = st.max
 
 
-def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_names: list[str], keys: np.ndarray,
-                  bounds: list[tuple[int, int]], stitcher: Stitcher, with_key: bool = False) -> bool:
+def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, names: list[str],
+                  out_names: list[str], keys: np.ndarray, bounds: list[tuple[int, int]], stitcher: Stitcher,
+                  with_key: bool = False) -> bool:
     """The stretch path: a checkpoint whose row groups hold exactly the output row groups' keys needs no decoding.
     Its value columns' encoded chunks are copied as they are and only their footer entries rewritten. Returns
     False (nothing written) when the checkpoint is not aligned that way."""
@@ -212,8 +226,11 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_nam
         k = _keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY))
         if not np.array_equal(k, keys[s:e]):
             return False
-    src = inp.open()
-    f = open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115 - closed below
+    if reader is not None:  # the source's own reader, which pf uses too: reused, not closed here
+        f, own = reader, False
+    else:  # a local path: a plain file, whose descriptor copy_file_range can use
+        src = inp.open()
+        f, own = (open(src, "rb") if isinstance(src, str | os.PathLike) else src), True  # noqa: SIM115
     try:
         f.seek(-8, os.SEEK_END)
         tail = f.read(8)
@@ -248,7 +265,8 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_nam
                     run.append(c)
         return True
     finally:
-        f.close()
+        if own:
+            f.close()
 
 
 def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher) -> None:
@@ -350,7 +368,7 @@ def merge(
 ) -> MergeStats:
     started = time.time()
     workers = workers or min(2, os.cpu_count() or 1)
-    tfile = _open(targets)
+    tfile, t_reader = _open(targets)
     _check_row_group_order(targets.table, tfile)
     keys = _keys_int(targets.table, tfile.read(columns=[KEY]).column(KEY))
     _check_increasing(targets.table, keys, None)
@@ -359,8 +377,9 @@ def merge(
     fields: list[pa.Field] = [pa.field(KEY, KEY_TYPE)]
     fields += [f for f in tfile.schema_arrow if f.name != KEY]
     plan: list[tuple[MergeInput, list[str], list[str]]] = []
-    for inp in features:
-        schema = _open(inp).schema_arrow
+    with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="merge-plan") as pool:  # object stores: latency
+        schemas = list(pool.map(_schema_of, features))
+    for inp, schema in zip(features, schemas, strict=True):
         if KEY not in schema.names:
             raise BadCheckpoint(f"{inp.table}: no {KEY} column")
         names = [f.name for f in schema if f.name != KEY]
@@ -391,7 +410,7 @@ def merge(
     # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
     t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
     with stitcher.turn(0):
-        if not _copy_encoded(targets, tfile, t_names, t_names, keys, bounds, stitcher, with_key=True):
+        if not _copy_encoded(targets, tfile, t_reader, t_names, t_names, keys, bounds, stitcher, with_key=True):
             _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
                               with_key=True)
 
@@ -401,12 +420,16 @@ def merge(
     def one(order: int, inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
         t0 = time.time()
         with stitcher.turn(order):
-            pf = _open(inp)
-            _check_row_group_order(inp.table, pf)
-            copied = _copy_encoded(inp, pf, names, out_names, keys, bounds, stitcher)
-            if not copied:
-                _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
-                                  govern=governor.check)
+            pf, reader = _open(inp)
+            try:
+                _check_row_group_order(inp.table, pf)
+                copied = _copy_encoded(inp, pf, reader, names, out_names, keys, bounds, stitcher)
+                if not copied:
+                    _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
+                                      govern=governor.check)
+            finally:
+                if reader is not None:
+                    reader.close()
             governor.check()
         with lock:
             stats.copied_tables += copied
