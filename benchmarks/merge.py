@@ -244,6 +244,17 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def drop_page_cache() -> None:
+    """Empty the page cache (needs root; skipped otherwise) so each run finds the same free memory: otherwise the
+    first writer after a long pause pays for evicting old pages and later ones reuse the pages freed by deleting
+    the previous output."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
 def median_of(tries: list[tuple[Result, int]]) -> tuple[Result, int]:
     """The run with the median wall time (its CPU time with it); peak RSS and scratch: the largest of any run."""
     if any(r.status != "ok" for r, _ in tries):
@@ -337,10 +348,11 @@ def main() -> None:
                     gcs.load(src)
                 tries = []
                 for _ in range(args.repeat if name in REPEATED else 1):
-                    # The same start for everyone: the last output deleted and its dirty pages flushed, the inputs
-                    # in the page cache.
+                    # The same start for everyone: the last output deleted, dirty pages flushed, the page cache
+                    # emptied and then holding just the inputs.
                     dst.unlink(missing_ok=True)
                     os.sync()
+                    drop_page_cache()
                     for p in src.glob("*.parquet"):
                         p.read_bytes()
                     print(f"#   {name} ...", file=sys.stderr, flush=True)
