@@ -37,13 +37,7 @@ def varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def zigzag_varint(n: int) -> bytes:
-    n = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return _uvarint(((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF)
 
 
 def read_i64(raw: bytes) -> int:
