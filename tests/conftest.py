@@ -73,32 +73,29 @@ def stack_env(local_stack: LocalStack) -> LocalStack:
     return local_stack
 
 
-@pytest.fixture
-def isolated(stack_env: LocalStack) -> Settings:
-    """Settings with a staging bucket of this test's own, which the session stack's functions do not watch."""
+def _own_bucket(variable: str, prefix: str) -> Settings:
+    """Point `variable` at a new bucket of this test's own and create it; the settings that follow."""
     import uuid
 
     from bqx.clients import storage_client
 
-    os.environ["BQX_STAGING_BUCKET"] = f"t-{uuid.uuid4().hex[:16]}"
+    os.environ[variable] = name = f"{prefix}-{uuid.uuid4().hex[:16]}"
     handlers.settings.cache_clear()
     settings = Settings.from_env()
-    storage_client(settings).create_bucket(settings.staging_bucket)
+    storage_client(settings).create_bucket(name)
     return settings
+
+
+@pytest.fixture
+def isolated(stack_env: LocalStack) -> Settings:
+    """Settings with a staging bucket of this test's own, which the session stack's functions do not watch."""
+    return _own_bucket("BQX_STAGING_BUCKET", "t")
 
 
 @pytest.fixture
 def isolated_output(isolated: Settings) -> Settings:
     """`isolated`, plus an output bucket of the test's own (summaries of other tests' runs must not count)."""
-    import uuid
-
-    from bqx.clients import storage_client
-
-    os.environ["BQX_OUTPUT_BUCKET"] = f"o-{uuid.uuid4().hex[:16]}"
-    handlers.settings.cache_clear()
-    settings = handlers.settings()
-    storage_client(settings).create_bucket(settings.output_bucket)
-    return settings
+    return _own_bucket("BQX_OUTPUT_BUCKET", "o")
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ are decoded. The wide merge handles ~17,000 column chunks per row group, so this
 
 from __future__ import annotations
 
-from bqx.thrift import BINARY, FALSE, LIST, MAP, SET, STOP, STRUCT, TRUE
+from bqx.thrift import BINARY, BYTE, DOUBLE, FALSE, I16, I32, I64, LIST, MAP, SET, STOP, STRUCT, TRUE, unzigzag, zigzag
 
 Field = tuple[int, int, bytes]  # (field id, wire type, encoded value); booleans live in the wire type
 
@@ -37,35 +37,30 @@ def varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def zigzag_varint(n: int) -> bytes:
-    return _uvarint(((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF)
+    return _uvarint(zigzag(n) & 0xFFFFFFFFFFFFFFFF)
 
 
 def read_i64(raw: bytes) -> int:
-    n, _ = varint(raw, 0)
-    return (n >> 1) ^ -(n & 1)
+    return unzigzag(varint(raw, 0)[0])
 
 
 def skip(data: bytes, pos: int, ttype: int) -> int:
     """Position just after the value of type `ttype` starting at `pos` (a struct field's value, not its header)."""
     if ttype in (TRUE, FALSE):
         return pos
-    if ttype == 3:  # byte
+    if ttype == BYTE:
         return pos + 1
-    if ttype in (4, 5, 6):  # i16, i32, i64
+    if ttype in (I16, I32, I64):
         while data[pos] & 0x80:
             pos += 1
         return pos + 1
-    if ttype == 7:  # double
+    if ttype == DOUBLE:
         return pos + 8
     if ttype == BINARY:
         n, pos = varint(data, pos)
         return pos + n
     if ttype in (LIST, SET):
-        head = data[pos]
-        pos += 1
-        size, etype = head >> 4, head & 0x0F
-        if size == 15:
-            size, pos = varint(data, pos)
+        etype, size, pos = _list_items(data, pos)
         if etype in (TRUE, FALSE):  # list booleans take one byte each
             return pos + size
         for _ in range(size):
@@ -108,7 +103,7 @@ def fields(data: bytes, pos: int) -> tuple[list[Field], int]:
             fid = last + delta
         else:
             z, pos = varint(data, pos)
-            fid = (z >> 1) ^ -(z & 1)
+            fid = unzigzag(z)
         end = skip(data, pos, t)
         out.append((fid, t, data[pos:end]))
         pos, last = end, fid

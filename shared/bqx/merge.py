@@ -217,10 +217,10 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
         if md.row_group(r).num_rows != e - s:
             return False
     # The encoded chunks must be exactly what the output's schema declares for these columns.
-    theirs = pf.schema
-    if [theirs.column(i).name for i in range(len(theirs))] != pf.schema_arrow.names:
+    theirs, arrow = pf.schema, pf.schema_arrow
+    if [theirs.column(i).name for i in range(len(theirs))] != arrow.names:
         return False
-    if [_column_signature(theirs, i) for i in range(len(theirs))] != stitcher.signatures(pf.schema_arrow):
+    if [_column_signature(theirs, i) for i in range(len(theirs))] != stitcher.signatures(arrow):
         return False
     for r, (s, e) in enumerate(bounds):  # same keys, row for row (this also rules out duplicates and disorder)
         k = _keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY))

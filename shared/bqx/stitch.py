@@ -26,12 +26,16 @@ from bqx.thrift import I16, I64, LIST, STRUCT, Raw
 MAGIC = b"PAR1"
 
 
-def footer_of(data: bytes | memoryview) -> tuple[thrift.Struct, int]:
-    """(decoded FileMetaData, offset where the footer starts)."""
+def footer_start(data: bytes | memoryview) -> int:
+    """Offset where a whole Parquet file's encoded FileMetaData starts (it ends 8 bytes before the file does)."""
     if bytes(data[-4:]) != MAGIC:
         raise ValueError("not a Parquet file")
-    n = struct.unpack("<I", bytes(data[-8:-4]))[0]
-    start = len(data) - 8 - n
+    return len(data) - 8 - struct.unpack("<I", bytes(data[-8:-4]))[0]
+
+
+def footer_of(data: bytes | memoryview) -> tuple[thrift.Struct, int]:
+    """(decoded FileMetaData, offset where the footer starts)."""
+    start = footer_start(data)
     return thrift.decode_struct(memoryview(data)[start : len(data) - 8]), start
 
 
@@ -125,12 +129,10 @@ class Stitcher:
         if table.schema != target:
             table = table.cast(target)
         mini = memoryview(self.encode(table)).cast("B")
-        if bytes(mini[-4:]) != MAGIC:
-            raise ValueError("the Parquet writer produced no footer")
-        footer_start = len(mini) - 8 - struct.unpack("<I", mini[-8:-4])[0]
-        chunks = row_groups(bytes(mini[footer_start:-8]))[0] if table.num_rows else []
+        start = footer_start(mini)
+        chunks = row_groups(bytes(mini[start:-8]))[0] if table.num_rows else []
         self._append(group, [(n, c, False) for n, c in zip(table.column_names, chunks, strict=True)],
-                     [mini[len(MAGIC) : footer_start]], len(MAGIC))
+                     [mini[len(MAGIC) : start]], len(MAGIC))
         del mini
 
     def add_raw(self, group: int, chunks: list[tuple[str, Chunk]], pieces: Iterable[bytes | memoryview],

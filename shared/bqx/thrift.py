@@ -22,11 +22,11 @@ class Raw:
     data: bytes
 
 
-def _zigzag(n: int) -> int:
+def zigzag(n: int) -> int:
     return (n << 1) ^ (n >> 63)
 
 
-def _unzigzag(n: int) -> int:
+def unzigzag(n: int) -> int:
     return (n >> 1) ^ -(n & 1)
 
 
@@ -55,7 +55,7 @@ class Reader:
         if ttype == BYTE:
             return struct.unpack("b", bytes([self.byte()]))[0]
         if ttype in (I16, I32, I64):
-            return _unzigzag(self.varint())
+            return unzigzag(self.varint())
         if ttype == DOUBLE:
             v = struct.unpack_from("<d", self.data, self.pos)[0]
             self.pos += 8
@@ -91,7 +91,7 @@ class Reader:
             if ttype == STOP:
                 return fields
             delta = head >> 4
-            fid = last + delta if delta else _unzigzag(self.varint())
+            fid = last + delta if delta else unzigzag(self.varint())
             if ttype in (TRUE, FALSE):
                 fields[fid] = (TRUE, ttype == TRUE)
             else:
@@ -117,7 +117,7 @@ class Writer:
         elif ttype == BYTE:
             self.out += struct.pack("b", v)
         elif ttype in (I16, I32, I64):
-            self.varint(_zigzag(v) & 0xFFFFFFFFFFFFFFFF)
+            self.varint(zigzag(v) & 0xFFFFFFFFFFFFFFFF)
         elif ttype == DOUBLE:
             self.out += struct.pack("<d", v)
         elif ttype == BINARY:
@@ -159,7 +159,7 @@ class Writer:
                 self.out.append((delta << 4) | wire)
             else:
                 self.out.append(wire)
-                self.varint(_zigzag(fid))
+                self.varint(zigzag(fid))
             if ttype not in (TRUE, FALSE):
                 self.value(ttype, v)
             last = fid
