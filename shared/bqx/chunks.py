@@ -98,12 +98,7 @@ def fields(data: bytes, pos: int) -> tuple[list[Field], int]:
         t = head & 0x0F
         if t == STOP:
             return out, pos
-        delta = head >> 4
-        if delta:
-            fid = last + delta
-        else:
-            z, pos = varint(data, pos)
-            fid = unzigzag(z)
+        fid, pos = _field_id(head, last, data, pos)
         end = skip(data, pos, t)
         out.append((fid, t, data[pos:end]))
         pos, last = end, fid
@@ -164,12 +159,27 @@ class Chunk:
 
     @classmethod
     def parse(cls, data: bytes, pos: int) -> tuple[Chunk, int]:
-        top, end = fields(data, pos)
-        meta_raw = next((raw for fid, _, raw in top if fid == CC_META), None)
-        if meta_raw is None:
+        """The ColumnChunk at `pos` and the position after it; its bytes are walked once."""
+        top: list[Field] = []
+        meta: list[Field] | None = None
+        last = 0
+        while True:
+            head = data[pos]
+            pos += 1
+            t = head & 0x0F
+            if t == STOP:
+                break
+            fid, pos = _field_id(head, last, data, pos)
+            if fid == CC_META and t == STRUCT:
+                meta, end = fields(data, pos)
+                top.append((fid, t, b""))  # re-encoded from `meta` by encode()
+            else:
+                end = skip(data, pos, t)
+                top.append((fid, t, data[pos:end]))
+            pos, last = end, fid
+        if meta is None:
             raise ValueError("column chunk without inline metadata (encrypted or external): cannot be moved")
-        meta, _ = fields(meta_raw, 0)
-        return cls(top, meta), end
+        return cls(top, meta), pos
 
     @property
     def start(self) -> int:
@@ -213,23 +223,48 @@ def _uvarint(n: int) -> bytes:
 
 
 def row_groups(footer: bytes) -> list[list[Chunk]]:
-    """The column chunks of every row group of an encoded FileMetaData."""
-    top, _ = fields(footer, 0)
-    out: list[list[Chunk]] = []
-    for fid, t, raw in top:
-        if fid != FMD_ROW_GROUPS or t != LIST:
-            continue
-        _, n, pos = _list_items(raw, 0)
-        for _ in range(n):
-            rg, pos = fields(raw, pos)
-            chunks: list[Chunk] = []
-            for rfid, rt, rraw in rg:
-                if rfid == RG_COLUMNS and rt == LIST:
-                    _, m, p = _list_items(rraw, 0)
-                    for _ in range(m):
-                        c, p = Chunk.parse(rraw, p)
-                        chunks.append(c)
-            out.append(chunks)
-    return out
+    """The column chunks of every row group of an encoded FileMetaData (read up to the end of its row groups)."""
+    pos = last = 0
+    while True:
+        head = footer[pos]
+        pos += 1
+        t = head & 0x0F
+        if t == STOP:
+            return []
+        fid, pos = _field_id(head, last, footer, pos)
+        if fid == FMD_ROW_GROUPS and t == LIST:
+            _, n, pos = _list_items(footer, pos)
+            out = []
+            for _ in range(n):
+                chunks, pos = _row_group(footer, pos)
+                out.append(chunks)
+            return out
+        pos, last = skip(footer, pos, t), fid
 
 
+def _row_group(data: bytes, pos: int) -> tuple[list[Chunk], int]:
+    chunks: list[Chunk] = []
+    last = 0
+    while True:
+        head = data[pos]
+        pos += 1
+        t = head & 0x0F
+        if t == STOP:
+            return chunks, pos
+        fid, pos = _field_id(head, last, data, pos)
+        if fid == RG_COLUMNS and t == LIST:
+            _, m, pos = _list_items(data, pos)
+            for _ in range(m):
+                c, pos = Chunk.parse(data, pos)
+                chunks.append(c)
+        else:
+            pos = skip(data, pos, t)
+        last = fid
+
+
+def _field_id(head: int, last: int, data: bytes, pos: int) -> tuple[int, int]:
+    """(field id, position after it) of the field header byte `head` (short form: a delta from `last`)."""
+    if head >> 4:
+        return last + (head >> 4), pos
+    z, pos = varint(data, pos)
+    return unzigzag(z), pos

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -226,11 +226,11 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
         k = _keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY))
         if not np.array_equal(k, keys[s:e]):
             return False
-    if reader is not None:  # the source's own reader, which pf uses too: reused, not closed here
-        f, own = reader, False
-    else:  # a local path: a plain file, whose descriptor copy_file_range can use
+    if reader is not None:  # the source's own reader, which pf uses too: closed after its turn by the caller
+        f, detached = reader, False
+    else:  # a local path: a descriptor of our own (copy_file_range can use it), closed once its ranges are out
         src = inp.open()
-        f, own = (open(src, "rb") if isinstance(src, str | os.PathLike) else src), True  # noqa: SIM115
+        f, detached = (open(src, "rb") if isinstance(src, str | os.PathLike) else src), True  # noqa: SIM115
     try:
         f.seek(-8, os.SEEK_END)
         tail = f.read(8)
@@ -259,20 +259,23 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
             run: list = []
             for c in [*chunks, None]:  # contiguous runs of chunks are copied with one sequence of reads
                 if run and (c is None or c[0] != run[-1][1]):
-                    _copy_run(f, r, run, stitcher)
+                    _copy_run(f, r, run, stitcher, detached)
                     run = []
                 if c is not None:
                     run.append(c)
+        if detached:
+            stitcher.close_after_turn(f)
+            detached = False
         return True
     finally:
-        if own:
+        if detached:
             f.close()
 
 
-def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher) -> None:
+def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher, detached: bool) -> None:
     start, end = run[0][0], run[-1][1]
-    stitcher.add_raw(group, [(name, cc) for _, _, name, cc in run], FileRange(f, start, end - start), start,
-                     end - start)
+    stitcher.add_raw(group, [(name, cc) for _, _, name, cc in run], FileRange(f, start, end - start, detached),
+                     start, end - start)
 
 
 class Aligner:
@@ -367,8 +370,17 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeStats:
     started = time.time()
-    workers = workers or min(2, os.cpu_count() or 1)
     tfile, t_reader = _open(targets)
+    try:
+        return _merge(targets, tfile, t_reader, features, sink, memory_budget, workers or min(2, os.cpu_count() or 1),
+                      metadata, progress, started)
+    finally:
+        tfile.close(force=True)  # its source too: a failed merge holds no checkpoint open
+
+
+def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None, features: list[MergeInput],
+           sink: BinaryIO, memory_budget: int, workers: int, metadata: dict[str, str] | None,
+           progress: Callable[[int, int], None] | None, started: float) -> MergeStats:
     _check_row_group_order(targets.table, tfile)
     keys = _keys_int(targets.table, tfile.read(columns=[KEY]).column(KEY))
     _check_increasing(targets.table, keys, None)
@@ -427,9 +439,15 @@ def merge(
                 if not copied:
                     _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
                                       govern=governor.check)
-            finally:
+            except BaseException:
+                pf.close(force=True)
                 if reader is not None:
                     reader.close()
+                raise
+            if reader is None:
+                pf.close(force=True)  # copied ranges have a descriptor of their own
+            else:
+                stitcher.close_after_turn(reader)  # copied ranges may still read from it
             governor.check()
         with lock:
             stats.copied_tables += copied
@@ -444,9 +462,13 @@ def merge(
             for fut in as_completed(futures):
                 table, secs = fut.result()
                 stats.table_seconds[table] = round(secs, 4)
-        except BaseException:
+        except BaseException as exc:
             for fut in futures:
                 fut.cancel()
+            wait(futures)
+            stitcher.discard()
+            if stitcher.failed is not None and stitcher.failed is not exc:
+                raise stitcher.failed from None  # the first failure, not a worker told to stop because of it
             raise
     stitcher.close(md)
     stats.bytes = counting.size

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bqx import thrift
-from bqx.chunks import Chunk, row_groups
+from bqx.chunks import Chunk, encode_fields, fields, row_groups
 from bqx.errors import BadCheckpoint
 from bqx.thrift import I16, I64, LIST, STRUCT, Raw
 
 MAGIC = b"PAR1"
+DETACHED_RANGE_COST = 256 << 10  # a copied range waiting for its turn holds a descriptor, not its bytes
 
 
 def footer_start(data: bytes | memoryview) -> int:
@@ -33,20 +36,15 @@ def footer_start(data: bytes | memoryview) -> int:
     return len(data) - 8 - struct.unpack("<I", bytes(data[-8:-4]))[0]
 
 
-def footer_of(data: bytes | memoryview) -> tuple[thrift.Struct, int]:
-    """(decoded FileMetaData, offset where the footer starts)."""
-    start = footer_start(data)
-    return thrift.decode_struct(memoryview(data)[start : len(data) - 8]), start
-
-
 class FileRange:
     """`length` bytes at `start` of an open binary file. Iterating reads them in pieces; a sink with `copy_range`
-    may instead copy them inside the kernel (two local files: no trip through Python's memory)."""
+    may instead copy them inside the kernel (two local files: no trip through Python's memory). `detached`: the
+    file is the merge's own descriptor, so the range can wait, unread, for its turn to be written."""
 
     PIECE = 4 << 20
 
-    def __init__(self, f: BinaryIO, start: int, length: int) -> None:
-        self.f, self.start, self.length = f, start, length
+    def __init__(self, f: BinaryIO, start: int, length: int, detached: bool = False) -> None:
+        self.f, self.start, self.length, self.detached = f, start, length, detached
 
     def __iter__(self) -> Iterator[bytes]:
         return self.read_from(0)
@@ -60,6 +58,18 @@ class FileRange:
                 raise BadCheckpoint("checkpoint ended inside a column chunk")
             left -= len(piece)
             yield piece
+
+
+@dataclass
+class _Piece:
+    """Something to write, in turn order: encoded or copied column chunks, or a file to close once they are out."""
+
+    group: int
+    chunks: list[tuple[str, Chunk, bool]]
+    pieces: Iterable[bytes | memoryview]  # a FileRange: read (or copied in the kernel) when written
+    source_start: int
+    size: int  # what holding it until its turn costs (bytes of memory)
+    closes: Callable[[], object] | None = None
 
 
 def column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
@@ -81,17 +91,22 @@ class Stitcher:
         self.columns: list[list[bytes | None]] = [[None] * len(schema.names) for _ in group_rows]
         self.sizes = [[0, 0] for _ in group_rows]  # uncompressed, compressed per row group
         self.first_offset = [0 for _ in group_rows]
+        # Deterministic output: tables write in their turn order, whichever worker finishes first. What a table
+        # appends before its turn waits in `waiting`; when a turn is over its pieces move to `ready`, which one
+        # thread at a time (whoever holds `writing`) writes out of the lock, so no worker waits on another's I/O.
+        # Encoded bytes held (ready + waiting) are bounded by `reorder_limit`; past it a worker waits.
         self.lock = threading.Lock()
-        # Deterministic output: tables write in their turn order, whichever worker finishes first. A piece of a
-        # later table waits in a bounded reorder buffer; past the bound its worker waits for its turn.
         self.turns = threading.Condition(self.lock)
         self.local = threading.local()
         self.head = 0
         self.finished: set[int] = set()
-        self.waiting: dict[int, list[tuple[int, list[tuple[str, Chunk, bool]], list[bytes | memoryview], int]]] = {}
+        self.waiting: dict[int, list[_Piece]] = {}
         self.waiting_bytes = 0
+        self.ready: deque[_Piece] = deque()
+        self.ready_bytes = 0
+        self.writing = False
         self.reorder_limit = reorder_limit
-        self.failed = False
+        self.failed: BaseException | None = None
         self._signatures: dict[tuple, list[tuple]] = {}
         self.sink.write(MAGIC)
         self.pos = len(MAGIC)
@@ -139,9 +154,13 @@ class Stitcher:
                 source_start: int, size: int | None = None) -> None:
         """Append already-encoded column chunks as they are: `chunks` are (output name, Chunk) whose byte ranges,
         at offsets in their source file, together make up `pieces` (`size` bytes, if known before reading them),
-        which start at `source_start`. They are
-        renamed to the output's names; page indexes and bloom filters are not copied."""
+        which start at `source_start`. They are renamed to the output's names; page indexes and bloom filters
+        are not copied."""
         self._append(group, [(n, c, True) for n, c in chunks], pieces, source_start, size)
+
+    def close_after_turn(self, f: BinaryIO) -> None:
+        """Close `f` once everything this turn appended has been written (a copied range may still read it)."""
+        self._append(0, [], [], 0, 0, closes=f.close)
 
     @contextmanager
     def turn(self, order: int) -> Iterator[None]:
@@ -150,57 +169,137 @@ class Stitcher:
         self.local.order = order
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             with self.turns:
-                self.failed = True
+                self.failed = self.failed or exc
                 self.turns.notify_all()
             raise
         finally:
             self.local.order = None
         with self.turns:
             self.finished.add(order)
-            self._advance()
+            while self.head in self.finished:
+                self.head += 1
+                for item in self.waiting.pop(self.head, []):
+                    self.waiting_bytes -= item.size
+                    self.ready_bytes += item.size
+                    self.ready.append(item)
+            self.turns.notify_all()
+            drain = self._take_writer()
+        if drain:
+            self._drain()
 
-    def _advance(self) -> None:
-        while self.head in self.finished:
-            self.head += 1
-            for item in self.waiting.pop(self.head, []):
-                self.waiting_bytes -= sum(len(p) for p in item[2])
-                self._write(*item)
-        self.turns.notify_all()
+    def _take_writer(self) -> bool:
+        """(Under the lock.) Become the writer if there is something ready and nobody is writing it."""
+        if self.ready and not self.writing and not self.failed:
+            self.writing = True
+            return True
+        return False
+
+    def _check(self) -> None:
+        if self.failed:
+            raise RuntimeError("another part of this merge failed") from self.failed
 
     def _append(self, group: int, chunks: list[tuple[str, Chunk, bool]], pieces: Iterable[bytes | memoryview],
-                source_start: int, size: int | None = None) -> None:
+                source_start: int, size: int | None = None, closes: Callable[[], object] | None = None) -> None:
         order = getattr(self.local, "order", None)
-        with self.turns:
-            if order is None or order == self.head:
-                self._write(group, chunks, pieces, source_start)
-                return
-            if isinstance(pieces, FileRange) or (size is not None and size > self.reorder_limit):
-                # Bytes not read yet (copied chunks): wait for the turn and copy them then, rather than holding
-                # them in memory (or too big to hold for its turn).
-                while order != self.head:
-                    if self.failed:
-                        raise RuntimeError("another table of this merge failed")
+        mine = order is None
+        if isinstance(pieces, FileRange):
+            held: Sequence[bytes | memoryview] | FileRange | None = pieces if pieces.detached else None
+            cost = DETACHED_RANGE_COST
+        else:
+            held = pieces if isinstance(pieces, list | tuple) else (
+                None if size is None or size > self.reorder_limit else list(pieces))
+            cost = sum(len(p) for p in held) if held is not None else 0
+        if held is None:
+            # Bytes that must be read from a shared reader, or too many to hold: written by this thread in its
+            # turn, once everything before them is out.
+            with self.turns:
+                while not (mine or order == self.head) or self.ready or self.writing:
+                    self._check()
                     self.turns.wait()
-                self._write(group, chunks, pieces, source_start)
-                return
-        pieces = list(pieces)  # read before waiting: a later table's bytes are kept until its turn
+                self._check()
+                self.writing = True
+            try:
+                self._write(_Piece(group, chunks, pieces, source_start, 0))
+            except BaseException as exc:
+                with self.turns:
+                    self.failed = self.failed or exc
+                    self.writing = False
+                    self.turns.notify_all()
+                raise
+            with self.turns:
+                self.writing = False
+                drain = self._take_writer()
+            if drain:
+                self._drain()
+            return
+        item = _Piece(group, chunks, held, source_start, cost, closes)
         with self.turns:
-            size = sum(len(p) for p in pieces)
-            while order != self.head and self.waiting_bytes and self.waiting_bytes + size > self.reorder_limit:
-                if self.failed:
-                    raise RuntimeError("another table of this merge failed")
-                self.turns.wait()
-            if order == self.head:
-                self._write(group, chunks, pieces, source_start)
+            if mine or order == self.head:
+                while self.ready_bytes and self.ready_bytes + item.size > self.reorder_limit:
+                    self._check()
+                    self.turns.wait()
+                self._check()
+                self.ready.append(item)
+                self.ready_bytes += item.size
             else:
-                self.waiting.setdefault(order, []).append((group, chunks, pieces, source_start))
-                self.waiting_bytes += size
+                while (self.ready_bytes or self.waiting_bytes) and \
+                        self.ready_bytes + self.waiting_bytes + item.size > self.reorder_limit:
+                    self._check()
+                    self.turns.wait()
+                self._check()
+                if order == self.head:
+                    self.ready.append(item)
+                    self.ready_bytes += item.size
+                else:
+                    self.waiting.setdefault(order, []).append(item)
+                    self.waiting_bytes += item.size
+            drain = self._take_writer()
+        if drain:
+            self._drain()
 
-    def _write(self, group: int, chunks: list[tuple[str, Chunk, bool]], pieces: Iterable[bytes | memoryview],
-               source_start: int) -> None:
-        delta = self.pos - source_start
+    def discard(self) -> None:
+        """After a failure: drop what was never written and close the files it held open."""
+        with self.turns:
+            self.failed = self.failed or RuntimeError("merge abandoned")
+            items = [*self.ready, *(i for pending in self.waiting.values() for i in pending)]
+            self.ready.clear()
+            self.waiting.clear()
+            self.turns.notify_all()
+        for item in items:
+            if item.closes is not None:
+                item.closes()
+            elif isinstance(item.pieces, FileRange) and item.pieces.detached:
+                item.pieces.f.close()
+
+    def _drain(self) -> None:
+        """Write what is ready, in order, outside the lock; this thread holds `writing` until `ready` is empty."""
+        while True:
+            with self.turns:
+                if not self.ready or self.failed:
+                    self.writing = False
+                    self.turns.notify_all()
+                    return
+                item = self.ready.popleft()
+            try:
+                self._write(item)
+            except BaseException as exc:
+                with self.turns:
+                    self.failed = self.failed or exc
+                    self.writing = False
+                    self.turns.notify_all()
+                raise
+            with self.turns:
+                self.ready_bytes -= item.size
+                self.turns.notify_all()
+
+    def _write(self, item: _Piece) -> None:
+        if item.closes is not None:
+            item.closes()
+            return
+        delta = self.pos - item.source_start
+        pieces = item.pieces
         copy_range = getattr(self.sink, "copy_range", None)
         if isinstance(pieces, FileRange) and copy_range is not None:
             copy_range(pieces)
@@ -209,7 +308,8 @@ class Stitcher:
             for piece in pieces:
                 self.sink.write(piece)
                 self.pos += len(piece)
-        for name, chunk, moved in chunks:
+        group = item.group
+        for name, chunk, moved in item.chunks:
             i = self.index[name]
             if i == 0:
                 self.first_offset[group] = chunk.offsets.get(11, chunk.offsets.get(9, 0)) + delta
@@ -219,11 +319,14 @@ class Stitcher:
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
         """Write the footer; returns the file's size."""
-        if self.waiting:
+        if self.waiting or self.ready:
             raise ValueError(f"tables {sorted(self.waiting)[:5]} never got their turn (turn {self.head} missing)")
         out = pa.BufferOutputStream()  # the footer's template keeps the Arrow schema (store_schema)
         pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
-        template, _ = footer_of(memoryview(out.getvalue()).cast("B"))
+        data = out.getvalue().to_pybytes()
+        # The template's fields are kept encoded (the schema alone is ~5 elements per column: decoding it into
+        # objects cost more than the rest of the footer); only the row groups, row count and key-values change.
+        template = {fid: (t, raw) for fid, t, raw in fields(data, footer_start(data))[0]}
         groups = []
         for g, cols in enumerate(self.columns):
             missing = [self.schema.names[i] for i, c in enumerate(cols) if c is None]
@@ -239,20 +342,19 @@ class Stitcher:
                 6: (I64, self.sizes[g][1]),
                 7: (I16, len(groups)),
             })
-        kv = list(template.get(5, (LIST, (STRUCT, [])))[1][1])
+        kv = thrift.Reader(template[5][1]).value(LIST)[1] if 5 in template else []
         for k, v in (metadata or {}).items():
             kv.append({1: (thrift.BINARY, k.encode()), 2: (thrift.BINARY, v.encode())})
-        fmd = {
-            1: template[1],
-            2: template[2],
-            3: (I64, sum(self.group_rows)),
-            4: (LIST, (STRUCT, groups)),
-            5: (LIST, (STRUCT, kv)),
-        }
-        for fid in (6, 7):
-            if fid in template:
-                fmd[fid] = template[fid]
-        footer = thrift.encode_struct(fmd)
+        changed = {3: (I64, sum(self.group_rows)), 4: (LIST, (STRUCT, groups)), 5: (LIST, (STRUCT, kv))}
+        items = []
+        for fid in sorted({*template, *changed} - {8, 9}):  # 8, 9: encryption, which the output does not use
+            if fid in changed:
+                w = thrift.Writer()
+                w.value(*changed[fid])
+                items.append((fid, changed[fid][0], bytes(w.out)))
+            else:
+                items.append((fid, *template[fid]))
+        footer = encode_fields(items)
         with self.lock:
             self.sink.write(footer)
             self.sink.write(struct.pack("<I", len(footer)))
