@@ -74,11 +74,18 @@ def run_floor(src: Path, dst: Path, scratch: Path) -> dict:
 
 
 def run_copy(src: Path, dst: Path, scratch: Path) -> dict:
+    """Every input's bytes appended to one file, the fastest way the machine has: copy_file_range (the kernel moves
+    page-cache pages; nothing passes through user space), as ours does for aligned chunks."""
     targets, features = _tables(src)
     with open(dst, "wb") as out:
         for p in [targets, *features]:
             with open(p, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
+                left = os.fstat(f.fileno()).st_size
+                while left:
+                    n = os.copy_file_range(f.fileno(), out.fileno(), left)
+                    if not n:
+                        raise OSError(f"copy_file_range stopped with {left} bytes of {p} left")
+                    left -= n
     return {"bytes": dst.stat().st_size}
 
 

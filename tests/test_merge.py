@@ -271,3 +271,36 @@ def test_allocator_keeps_pages_only_when_the_budget_has_room_and_the_governor_gi
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["kept"] > 128 << 20  # freed pages stayed resident (that is the speed-up)...
     assert r["releases"] == 1 and r["after"] < 64 << 20  # ...until the process grew past its limit
+
+
+def _aligned_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """Checkpoints with the targets' row groups, and one of them without gaps (its chunks would be copied)."""
+    src = write_inputs(tmp_path / "in", COPY_SHAPE, row_group=20_000)
+    full = pq.read_metadata(src / f"targets_{PAIR}.parquet").num_rows
+    victim = next(p for p in sorted(src.glob("*.parquet"))
+                  if not p.stem.startswith("targets") and pq.read_metadata(p).num_rows == full)
+    return src, victim
+
+
+def test_aligned_looking_checkpoint_with_other_keys_is_joined_not_copied(tmp_path: Path) -> None:
+    src, victim = _aligned_dir(tmp_path)
+    before = run_merge(src, tmp_path / "before.parquet").copied_tables
+    t = pq.read_table(victim)
+    shifted = pa.array(t.column(KEY).cast(pa.int64()).to_numpy() + 1, type=pa.int64()).cast(KEY_TYPE)
+    pq.write_table(t.set_column(0, KEY, shifted), victim, row_group_size=20_000, **WRITER_OPTIONS)  # same counts
+    stats = run_merge(src, tmp_path / "out.parquet")
+    assert stats.copied_tables == before - 1
+    ours, ref = pq.read_table(tmp_path / "out.parquet"), duckdb_reference(src)
+    mine = [c for c in ours.column_names if c.startswith(prefix_of(PAIR, victim.stem) + "_")]
+    assert mine and all(ours.column(c).null_count == ours.num_rows for c in mine)  # no key matches any more
+    assert ours.equals(ref)
+
+
+def test_aligned_checkpoint_with_an_integer_key_is_refused(tmp_path: Path) -> None:
+    # Its key chunks hold the very bytes of the targets' microsecond keys; the declared type still has to match.
+    src, victim = _aligned_dir(tmp_path)
+    t = pq.read_table(victim)
+    pq.write_table(t.set_column(0, KEY, t.column(KEY).cast(pa.int64())), victim, row_group_size=20_000,
+                   **WRITER_OPTIONS)
+    with pytest.raises(BadCheckpoint, match=f"{victim.stem}: {KEY} is int64"):
+        run_merge(src, tmp_path / "out.parquet")

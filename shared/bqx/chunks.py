@@ -63,6 +63,12 @@ def skip(data: bytes, pos: int, ttype: int) -> int:
         etype, size, pos = _list_items(data, pos)
         if etype in (TRUE, FALSE):  # list booleans take one byte each
             return pos + size
+        if etype == I64 or etype == I32 or etype == I16:  # noqa: PLR1714 - inline: lists of ints are common
+            for _ in range(size):
+                while data[pos] & 0x80:
+                    pos += 1
+                pos += 1
+            return pos
         for _ in range(size):
             pos = skip(data, pos, etype)
         return pos
@@ -84,7 +90,12 @@ def skip(data: bytes, pos: int, ttype: int) -> int:
                 return pos
             if not head >> 4:
                 _, pos = varint(data, pos)
-            pos = skip(data, pos, t)
+            if t == I64 or t == I32 or t == I16:  # noqa: PLR1714
+                while data[pos] & 0x80:
+                    pos += 1
+                pos += 1
+            elif t != TRUE and t != FALSE:  # noqa: PLR1714
+                pos = skip(data, pos, t)
     raise ValueError(f"unknown thrift type {ttype}")
 
 
@@ -98,8 +109,22 @@ def fields(data: bytes, pos: int) -> tuple[list[Field], int]:
         t = head & 0x0F
         if t == STOP:
             return out, pos
-        fid, pos = _field_id(head, last, data, pos)
-        end = skip(data, pos, t)
+        if head >> 4:
+            fid = last + (head >> 4)
+        else:
+            z, pos = varint(data, pos)
+            fid = unzigzag(z)
+        # The common scalars inline (this loop is most of what a wide footer costs); the rest through skip().
+        if t == I64 or t == I32 or t == I16:  # noqa: PLR1714 - ints: cheaper than a tuple lookup here
+            end = pos
+            while data[end] & 0x80:
+                end += 1
+            end += 1
+        elif t == BINARY:
+            n, end = varint(data, pos)
+            end += n
+        else:
+            end = skip(data, pos, t)
         out.append((fid, t, data[pos:end]))
         pos, last = end, fid
 

@@ -18,6 +18,7 @@ the number of tables, their width or the number of rows, and nothing is staged o
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
 COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into bigger output row groups
 BYTES_PER_CELL_IN_FLIGHT = 8 * 8  # decoded input (2 row groups), aligned copy, encoder, output, allocator slack
 MIN_SLICE_COLUMNS = 8
+SWITCH_INTERVAL = 0.0002  # seconds; see merge()
 PLAN_THREADS = 16  # checkpoints whose schemas are read at once before the merge (object-store latency)
 
 
@@ -140,6 +142,28 @@ def _schema_of(inp: MergeInput) -> pa.Schema:
             reader.close()
 
 
+def _names(inp: MergeInput, schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """A feature table's value columns and their names in the output."""
+    if KEY not in schema.names:
+        raise BadCheckpoint(f"{inp.table}: no {KEY} column")
+    names = [f.name for f in schema if f.name != KEY]
+    return names, [f"{inp.prefix}_{c}" for c in names]
+
+
+def _output_schema(targets: pa.Schema, features: list[MergeInput]) -> pa.Schema:
+    fields: list[pa.Field] = [pa.field(KEY, KEY_TYPE)]
+    fields += [f for f in targets if f.name != KEY]
+    with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="merge-plan") as pool:  # object stores: latency
+        schemas = list(pool.map(_schema_of, features))
+    for inp, schema in zip(features, schemas, strict=True):
+        names, out_names = _names(inp, schema)
+        fields += [pa.field(o, schema.field(c).type) for c, o in zip(names, out_names, strict=True)]
+    out = pa.schema(fields)
+    if len(set(out.names)) != len(out.names):
+        raise TerminalError("merged column names collide; table prefixes must be unique")
+    return out
+
+
 def _keys_int(table: str, arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if arr.null_count:
         raise BadCheckpoint(f"{table}: null {KEY}")
@@ -206,7 +230,7 @@ def _check_row_group_order(table: str, pf: pq.ParquetFile) -> None:
 
 def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, names: list[str],
                   out_names: list[str], keys: np.ndarray, bounds: list[tuple[int, int]], stitcher: Stitcher,
-                  with_key: bool = False) -> bool:
+                  key_chunks: list[bytes] | None, with_key: bool = False) -> bool:
     """The stretch path: a checkpoint whose row groups hold exactly the output row groups' keys needs no decoding.
     Its value columns' encoded chunks are copied as they are and only their footer entries rewritten. Returns
     False (nothing written) when the checkpoint is not aligned that way."""
@@ -222,10 +246,6 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
         return False
     if [_column_signature(theirs, i) for i in range(len(theirs))] != stitcher.signatures(arrow):
         return False
-    for r, (s, e) in enumerate(bounds):  # same keys, row for row (this also rules out duplicates and disorder)
-        k = _keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY))
-        if not np.array_equal(k, keys[s:e]):
-            return False
     if reader is not None:  # the source's own reader, which pf uses too: closed after its turn by the caller
         f, detached = reader, False
     else:  # a local path: a descriptor of our own (copy_file_range can use it), closed once its ranges are out
@@ -242,6 +262,19 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
         out_of = dict(zip(names, out_names, strict=True))
         if with_key:
             out_of[KEY] = KEY
+        # Same keys, row for row (which also rules out duplicates and disorder): byte for byte against the
+        # targets' encoded key chunks when the writers agree, else decoded.
+        exact = key_chunks is not None and arrow.field(KEY).type == KEY_TYPE
+        for r, (s, e) in enumerate(bounds):
+            cc = next((c for c in groups[r] if c.path == KEY), None) if r < len(groups) else None
+            if cc is None:
+                return False
+            if exact and key_chunks and cc.compressed == len(key_chunks[r]):
+                f.seek(cc.start)
+                if f.read(cc.compressed) == key_chunks[r]:
+                    continue
+            if not np.array_equal(_keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY)), keys[s:e]):
+                return False
         plan = []
         for rg in groups:  # check every chunk before copying any: a refusal writes nothing
             chunks = []
@@ -270,6 +303,29 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
     finally:
         if detached:
             f.close()
+
+
+def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, bounds: list[tuple[int, int]],
+                limit: int) -> list[bytes] | None:
+    """The targets' encoded key column chunk of every output row group, when those are the targets' own row
+    groups and take at most `limit` bytes: an aligned checkpoint written the same way has the same bytes."""
+    md = tfile.metadata
+    i = tfile.schema_arrow.get_field_index(KEY)
+    if md.num_row_groups != len(bounds) or any(md.row_group(r).num_rows != e - s for r, (s, e) in enumerate(bounds)):
+        return None
+    if sum(md.row_group(r).column(i).total_compressed_size for r in range(md.num_row_groups)) > limit:
+        return None
+    src = targets.open()
+    with open(src, "rb") if isinstance(src, str | os.PathLike) else src as f:  # type: ignore[attr-defined]
+        f.seek(-8, os.SEEK_END)
+        n = int.from_bytes(f.read(4), "little")
+        f.seek(-8 - n, os.SEEK_END)
+        out = []
+        for rg in chunks_of(f.read(n)):
+            cc = next(c for c in rg if c.path == KEY)
+            f.seek(cc.start)
+            out.append(f.read(cc.compressed))
+        return out
 
 
 def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher, detached: bool) -> None:
@@ -370,12 +426,18 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeStats:
     started = time.time()
+    # A thread back from I/O (a copy, a write, a read) waits for the GIL until the thread holding it is made to
+    # let go, by default after 5 ms. The merge returns from ~1,000 system calls per second: with the default, a
+    # copy of aligned checkpoints ran 3x slower next to a busy worker.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
     tfile, t_reader = _open(targets)
     try:
         return _merge(targets, tfile, t_reader, features, sink, memory_budget, workers or min(2, os.cpu_count() or 1),
                       metadata, progress, started)
     finally:
         tfile.close(force=True)  # its source too: a failed merge holds no checkpoint open
+        sys.setswitchinterval(switch)
 
 
 def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None, features: list[MergeInput],
@@ -386,22 +448,11 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
     _check_increasing(targets.table, keys, None)
     n = int(keys.size)
 
-    fields: list[pa.Field] = [pa.field(KEY, KEY_TYPE)]
-    fields += [f for f in tfile.schema_arrow if f.name != KEY]
-    plan: list[tuple[MergeInput, list[str], list[str]]] = []
-    with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="merge-plan") as pool:  # object stores: latency
-        schemas = list(pool.map(_schema_of, features))
-    for inp, schema in zip(features, schemas, strict=True):
-        if KEY not in schema.names:
-            raise BadCheckpoint(f"{inp.table}: no {KEY} column")
-        names = [f.name for f in schema if f.name != KEY]
-        out_names = [f"{inp.prefix}_{c}" for c in names]
-        fields += [pa.field(o, schema.field(c).type) for c, o in zip(names, out_names, strict=True)]
-        plan.append((inp, names, out_names))
-    out_schema = pa.schema(fields)
-    if len(set(out_schema.names)) != len(out_schema.names):
-        raise TerminalError("merged column names collide; table prefixes must be unique")
-
+    # The output schema needs every checkpoint's schema, but only the footer needs it: it is read in the
+    # background (many at once: object-store latency) while the merge runs.
+    planner = ThreadPoolExecutor(1, thread_name_prefix="merge-plan")
+    planned = planner.submit(_output_schema, tfile.schema_arrow, features)
+    planner.shutdown(wait=False)
     rows_per_group = group_rows_for(memory_budget, workers, n)
     worker_budget = memory_budget // workers
     bounds = group_bounds(tfile, rows_per_group, n)
@@ -409,33 +460,39 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
     governor = allocator.MemoryGovernor(int(memory_budget * allocator.GOVERNOR_SHARE))
     md = {"bqx.rows": str(n), **(metadata or {})}
     if n == 0:
+        out_schema = planned.result()
         buf = pa.BufferOutputStream()
         pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
         counting.write(memoryview(buf.getvalue()).cast("B"))
         return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=counting.size,
                           seconds=time.time() - started)
-    stitcher = Stitcher(counting, out_schema, [e - s for s, e in bounds],  # type: ignore[arg-type]
+    stitcher = Stitcher(counting, planned, [e - s for s, e in bounds],  # type: ignore[arg-type]
                         reorder_limit=max(memory_budget // 16, 1 << 20), **WRITER_OPTIONS)
-    stats = MergeStats(rows=n, columns=len(out_schema), tables=len(features) + 1, row_groups=len(bounds),
-                       group_rows=rows_per_group, workers=workers)
+    stats = MergeStats(rows=n, tables=len(features) + 1, row_groups=len(bounds), group_rows=rows_per_group,
+                       workers=workers)
 
     # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
+    key_chunks = _key_chunks(targets, tfile, bounds, memory_budget // 16)
     t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
     with stitcher.turn(0):
-        if not _copy_encoded(targets, tfile, t_reader, t_names, t_names, keys, bounds, stitcher, with_key=True):
+        if not _copy_encoded(targets, tfile, t_reader, t_names, t_names, keys, bounds, stitcher, key_chunks,
+                             with_key=True):
             _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
                               with_key=True)
 
     done = [0]
     lock = threading.Lock()
 
-    def one(order: int, inp: MergeInput, names: list[str], out_names: list[str]) -> tuple[str, float]:
+    def one(order: int, inp: MergeInput) -> tuple[str, float]:
         t0 = time.time()
+        if planned.done() and planned.exception():  # a checkpoint the plan could not use: stop early
+            raise planned.exception()  # type: ignore[misc]
         with stitcher.turn(order):
             pf, reader = _open(inp)
             try:
+                names, out_names = _names(inp, pf.schema_arrow)
                 _check_row_group_order(inp.table, pf)
-                copied = _copy_encoded(inp, pf, reader, names, out_names, keys, bounds, stitcher)
+                copied = _copy_encoded(inp, pf, reader, names, out_names, keys, bounds, stitcher, key_chunks)
                 if not copied:
                     _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
                                       govern=governor.check)
@@ -453,11 +510,11 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
             stats.copied_tables += copied
             done[0] += 1
             if progress:
-                progress(done[0], len(plan))
+                progress(done[0], len(features))
         return inp.table, time.time() - t0
 
     with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
-        futures = [pool.submit(one, i, *p) for i, p in enumerate(plan, start=1)]
+        futures = [pool.submit(one, i, inp) for i, inp in enumerate(features, start=1)]
         try:
             for fut in as_completed(futures):
                 table, secs = fut.result()
@@ -471,6 +528,7 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
                 raise stitcher.failed from None  # the first failure, not a worker told to stop because of it
             raise
     stitcher.close(md)
+    stats.columns = len(stitcher.schema)
     stats.bytes = counting.size
     stats.memory_releases = governor.releases
     stats.seconds = time.time() - started

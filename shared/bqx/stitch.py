@@ -13,6 +13,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -72,6 +73,23 @@ class _Piece:
     closes: Callable[[], object] | None = None
 
 
+class _Background(threading.Thread):
+    """Runs `fn` on its own thread; `result` (or `error`) once joined."""
+
+    def __init__(self, fn: Callable[[], bytes]) -> None:
+        super().__init__(daemon=True, name="stitch-template")
+        self.fn = fn
+        self.result: bytes | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # reported by close()
+            self.error = exc
+
+
 def column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
     """What an encoded column chunk's bytes depend on besides its values: type, logical type, levels, width."""
     c = schema.column(i)
@@ -79,18 +97,17 @@ def column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
 
 
 class Stitcher:
-    def __init__(self, sink: BinaryIO, schema: pa.Schema, group_rows: list[int], reorder_limit: int = 64 << 20,
-                 **writer_options: object):
+    """`schema` is the output's, or a Future of it: appending does not need it (each chunk carries its output
+    name), only the footer does, so the merge can start before every checkpoint's schema has been read."""
+
+    def __init__(self, sink: BinaryIO, schema: pa.Schema | Future[pa.Schema], group_rows: list[int],
+                 reorder_limit: int = 64 << 20, **writer_options: object):
         self.sink = sink
-        self.schema = schema
+        self._schema = schema
         self.group_rows = group_rows
         self.options = {**writer_options, "write_page_index": False, "store_schema": False}
-        self.index = {name: i for i, name in enumerate(schema.names)}
-        if len(self.index) != len(schema.names):
-            raise ValueError("output column names are not unique")
-        self.columns: list[list[bytes | None]] = [[None] * len(schema.names) for _ in group_rows]
+        self.columns: list[dict[str, tuple[bytes, int]]] = [{} for _ in group_rows]  # name: (chunk, where it starts)
         self.sizes = [[0, 0] for _ in group_rows]  # uncompressed, compressed per row group
-        self.first_offset = [0 for _ in group_rows]
         # Deterministic output: tables write in their turn order, whichever worker finishes first. What a table
         # appends before its turn waits in `waiting`; when a turn is over its pieces move to `ready`, which one
         # thread at a time (whoever holds `writing`) writes out of the lock, so no worker waits on another's I/O.
@@ -108,8 +125,24 @@ class Stitcher:
         self.reorder_limit = reorder_limit
         self.failed: BaseException | None = None
         self._signatures: dict[tuple, list[tuple]] = {}
+        # The footer's template (an empty file of the whole schema, which keeps the Arrow schema) takes ~0.3 s at
+        # 17k columns; it is encoded while the tables are merged rather than after them.
+        self._template = _Background(self._encode_template)
         self.sink.write(MAGIC)
         self.pos = len(MAGIC)
+
+    @property
+    def schema(self) -> pa.Schema:
+        if isinstance(self._schema, Future):
+            self._schema = self._schema.result()
+        return self._schema
+
+    def _encode_template(self) -> bytes:
+        if len(set(self.schema.names)) != len(self.schema.names):
+            raise ValueError("output column names are not unique")
+        out = pa.BufferOutputStream()
+        pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
+        return out.getvalue().to_pybytes()
 
     def encode(self, table: pa.Table) -> pa.Buffer:
         """`table` as a small Parquet file, in an Arrow buffer (its pool returns memory promptly; a Python bytes
@@ -140,9 +173,10 @@ class Stitcher:
         """Append the columns of `table` (output names, exactly row group `group`'s rows)."""
         if table.num_rows != self.group_rows[group]:
             raise ValueError(f"row group {group} needs {self.group_rows[group]} rows, got {table.num_rows}")
-        target = pa.schema([self.schema.field(n) for n in table.column_names])
-        if table.schema != target:
-            table = table.cast(target)
+        if not isinstance(self._schema, Future) or self._schema.done():  # types the caller's schema declares
+            target = pa.schema([self.schema.field(n) for n in table.column_names])
+            if table.schema != target:
+                table = table.cast(target)
         mini = memoryview(self.encode(table)).cast("B")
         start = footer_start(mini)
         chunks = row_groups(bytes(mini[start:-8]))[0] if table.num_rows else []
@@ -309,36 +343,43 @@ class Stitcher:
                 self.sink.write(piece)
                 self.pos += len(piece)
         group = item.group
+        columns = self.columns[group]
         for name, chunk, moved in item.chunks:
-            i = self.index[name]
-            if i == 0:
-                self.first_offset[group] = chunk.offsets.get(11, chunk.offsets.get(9, 0)) + delta
+            if name in columns:
+                raise ValueError(f"column {name} written twice in row group {group}")
             self.sizes[group][0] += chunk.uncompressed
             self.sizes[group][1] += chunk.compressed
-            self.columns[group][i] = chunk.encode(delta, name if moved else None, drop_bloom=moved)
+            columns[name] = (chunk.encode(delta, name if moved else None, drop_bloom=moved), chunk.start + delta)
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
         """Write the footer; returns the file's size."""
         if self.waiting or self.ready:
             raise ValueError(f"tables {sorted(self.waiting)[:5]} never got their turn (turn {self.head} missing)")
-        out = pa.BufferOutputStream()  # the footer's template keeps the Arrow schema (store_schema)
-        pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
-        data = out.getvalue().to_pybytes()
+        self._template.join()
+        data = self._template.result
+        if data is None:
+            assert self._template.error is not None
+            raise self._template.error  # e.g. the schema's own failure (a checkpoint that could not be read)
         # The template's fields are kept encoded (the schema alone is ~5 elements per column: decoding it into
         # objects cost more than the rest of the footer); only the row groups, row count and key-values change.
         template = {fid: (t, raw) for fid, t, raw in fields(data, footer_start(data))[0]}
+        names = self.schema.names
         groups = []
-        for g, cols in enumerate(self.columns):
-            missing = [self.schema.names[i] for i, c in enumerate(cols) if c is None]
-            if missing and self.group_rows[g]:
-                raise ValueError(f"row group {g} lacks {len(missing)} columns, e.g. {missing[:3]}")
+        for g, written in enumerate(self.columns):
             if not self.group_rows[g]:
                 continue
+            cols = [written.get(n) for n in names]
+            missing = [n for n, c in zip(names, cols, strict=True) if c is None]
+            if missing:
+                raise ValueError(f"row group {g} lacks {len(missing)} columns, e.g. {missing[:3]}")
+            if len(written) != len(names):
+                extra = sorted(set(written) - set(names))
+                raise ValueError(f"row group {g} has {len(extra)} columns the schema lacks, e.g. {extra[:3]}")
             groups.append({
-                1: (LIST, (STRUCT, [Raw(c) for c in cols])),
+                1: (LIST, (STRUCT, [Raw(c[0]) for c in cols])),  # type: ignore[index]
                 2: (I64, self.sizes[g][0]),
                 3: (I64, self.group_rows[g]),
-                5: (I64, self.first_offset[g]),
+                5: (I64, cols[0][1]),  # type: ignore[index]
                 6: (I64, self.sizes[g][1]),
                 7: (I16, len(groups)),
             })
