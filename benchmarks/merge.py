@@ -100,13 +100,15 @@ def run_ours_gcs(src: Path, dst: Path, scratch: Path) -> dict:
     from bqx import storage
     from bqx.config import Settings
     from bqx.merge import MergeInput, merge
-    from bqx.publish import READ_CHUNK
+    from bqx.publish import object_opener
 
-    bucket = storage.bucket(Settings.from_env(), BUCKET)
+    settings = Settings.from_env()
+    bucket = storage.bucket(settings, BUCKET)
+    versions = storage.list_versions(settings, BUCKET, "")  # as the merge job lists a run's checkpoints
     targets, features = _tables(src)
 
     def opener(name: str):  # type: ignore[no-untyped-def]
-        return lambda: bucket.blob(name).open("rb", chunk_size=READ_CHUNK)
+        return object_opener(bucket, name, *versions[name])
 
     t = MergeInput(targets.stem, "", opener(targets.name))
     fs = [MergeInput(p.stem, _prefix(p.stem), opener(p.name)) for p in features]

@@ -305,7 +305,7 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
             f.close()
 
 
-def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, bounds: list[tuple[int, int]],
+def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, reader: BinaryIO | None, bounds: list[tuple[int, int]],
                 limit: int) -> list[bytes] | None:
     """The targets' encoded key column chunk of every output row group, when those are the targets' own row
     groups and take at most `limit` bytes: an aligned checkpoint written the same way has the same bytes."""
@@ -315,8 +315,14 @@ def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, bounds: list[tuple[i
         return None
     if sum(md.row_group(r).column(i).total_compressed_size for r in range(md.num_row_groups)) > limit:
         return None
-    src = targets.open()
-    with open(src, "rb") if isinstance(src, str | os.PathLike) else src as f:  # type: ignore[attr-defined]
+    if reader is None:
+        src = targets.open()
+        reader = open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115
+        own = True
+    else:  # the targets' own reader (not in use by another thread yet): no second open of an object
+        own = False
+    f = reader
+    try:
         f.seek(-8, os.SEEK_END)
         n = int.from_bytes(f.read(4), "little")
         f.seek(-8 - n, os.SEEK_END)
@@ -326,6 +332,9 @@ def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, bounds: list[tuple[i
             f.seek(cc.start)
             out.append(f.read(cc.compressed))
         return out
+    finally:
+        if own:
+            f.close()
 
 
 def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher, detached: bool) -> None:
@@ -472,7 +481,7 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
                        workers=workers)
 
     # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
-    key_chunks = _key_chunks(targets, tfile, bounds, memory_budget // 16)
+    key_chunks = _key_chunks(targets, tfile, t_reader, bounds, memory_budget // 16)
     t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
     with stitcher.turn(0):
         if not _copy_encoded(targets, tfile, t_reader, t_names, t_names, keys, bounds, stitcher, key_chunks,
@@ -496,15 +505,11 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
                 if not copied:
                     _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
                                       govern=governor.check)
-            except BaseException:
+            finally:
+                # Copied ranges have a descriptor of their own, or were read from the source's reader already.
                 pf.close(force=True)
                 if reader is not None:
                     reader.close()
-                raise
-            if reader is None:
-                pf.close(force=True)  # copied ranges have a descriptor of their own
-            else:
-                stitcher.close_after_turn(reader)  # copied ranges may still read from it
             governor.check()
         with lock:
             stats.copied_tables += copied

@@ -7,8 +7,9 @@ copied to its final name in one server-side rewrite, so readers never see it hal
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
@@ -18,46 +19,54 @@ from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.logs import Log
 from bqx.merge import MergeInput, MergeStats, merge
+from bqx.objectfile import ObjectFile
 
 READ_CHUNK = 4 * 1024 * 1024
 WRITE_CHUNK = 16 * 1024 * 1024
 log = Log("bqx.publish")
 
 
-def gcs_inputs(settings: Settings, manifest: Manifest) -> tuple[MergeInput, list[MergeInput]]:
+def gcs_inputs(settings: Settings, manifest: Manifest,
+               versions: dict[str, tuple[int, int]] | None = None) -> tuple[MergeInput, list[MergeInput]]:
+    """The run's checkpoints as merge inputs, each read at the size and generation it was listed with."""
+    if versions is None:
+        versions = verify_checkpoints(settings, manifest)
     bucket = storage.bucket(settings, settings.staging_bucket)
-
-    def opener(name: str):  # type: ignore[no-untyped-def]
-        return lambda: bucket.blob(name).open("rb", chunk_size=READ_CHUNK)
-
     t = manifest.targets
-    targets = MergeInput(t.name, "", opener(t.checkpoint))
-    features = [MergeInput(f.name, layout.prefix_of(manifest.pair, f.name), opener(f.checkpoint))
+    targets = MergeInput(t.name, "", object_opener(bucket, t.checkpoint, *versions[t.checkpoint]))
+    features = [MergeInput(f.name, layout.prefix_of(manifest.pair, f.name),
+                           object_opener(bucket, f.checkpoint, *versions[f.checkpoint]))
                 for f in manifest.features]
     return targets, features
+
+
+def object_opener(bucket: Any, name: str, size: int, generation: int) -> Callable[[], BinaryIO]:
+    return lambda: ObjectFile(bucket.blob(name, generation=generation), size)  # type: ignore[return-value]
 
 
 def expected_columns(manifest: Manifest) -> int:
     return 1 + sum(len(t.value_columns) for t in manifest.tables)
 
 
-def verify_checkpoints(settings: Settings, manifest: Manifest) -> None:
-    present = storage.list_names(settings, settings.staging_bucket,
-                                 layout.checkpoints_prefix(manifest.pair, manifest.run_id))
+def verify_checkpoints(settings: Settings, manifest: Manifest) -> dict[str, tuple[int, int]]:
+    """Every expected checkpoint is there: name -> (size, generation) of each."""
+    present = storage.list_versions(settings, settings.staging_bucket,
+                                    layout.checkpoints_prefix(manifest.pair, manifest.run_id))
     missing = sorted(manifest.expected_objects() - present.keys())
     if missing:
         raise BadCheckpoint(f"{len(missing)} checkpoints missing, e.g. {missing[:3]}")
+    return present
 
 
 def merge_run(settings: Settings, manifest: Manifest, method: str, execution: str = "") -> dict[str, Any]:
     pair, run_id = manifest.pair, manifest.run_id
     started = time.time()
-    verify_checkpoints(settings, manifest)
+    versions = verify_checkpoints(settings, manifest)
     out_bucket = storage.bucket(settings, settings.output_bucket)
     temp = out_bucket.blob(layout.output_temp(pair, run_id))
     md = {"bqx.pair": pair, "bqx.run_id": run_id, "bqx.method": method}
     if method == "stream":
-        targets, features = gcs_inputs(settings, manifest)
+        targets, features = gcs_inputs(settings, manifest, versions)
         with temp.open("wb", chunk_size=WRITE_CHUNK, ignore_flush=True,
                        content_type="application/vnd.apache.parquet") as sink:
             stats = merge(targets, features, sink, memory_budget=settings.memory_budget, metadata=md)

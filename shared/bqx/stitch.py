@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -237,58 +237,77 @@ class Stitcher:
     def _append(self, group: int, chunks: list[tuple[str, Chunk, bool]], pieces: Iterable[bytes | memoryview],
                 source_start: int, size: int | None = None, closes: Callable[[], object] | None = None) -> None:
         order = getattr(self.local, "order", None)
-        mine = order is None
-        if isinstance(pieces, FileRange):
-            held: Sequence[bytes | memoryview] | FileRange | None = pieces if pieces.detached else None
-            cost = DETACHED_RANGE_COST
-        else:
-            held = pieces if isinstance(pieces, list | tuple) else (
-                None if size is None or size > self.reorder_limit else list(pieces))
-            cost = sum(len(p) for p in held) if held is not None else 0
-        if held is None:
-            # Bytes that must be read from a shared reader, or too many to hold: written by this thread in its
-            # turn, once everything before them is out.
-            with self.turns:
-                while not (mine or order == self.head) or self.ready or self.writing:
-                    self._check()
-                    self.turns.wait()
+        if isinstance(pieces, FileRange) and pieces.detached:
+            self._enqueue(order, _Piece(group, chunks, pieces, source_start, DETACHED_RANGE_COST, closes))
+            return
+        if isinstance(pieces, list | tuple):
+            self._enqueue(order, _Piece(group, chunks, pieces, source_start, sum(len(p) for p in pieces), closes))
+            return
+        # Bytes still to be read (a range of a reader the table shares, e.g. a GCS object's): read ahead of the
+        # turn when they fit the bound (object stores: the latency of the next tables' reads overlaps), else
+        # written by this thread in its turn, straight from the source.
+        n = pieces.length if isinstance(pieces, FileRange) else size
+        with self.turns:
+            while True:
                 self._check()
-                self.writing = True
+                if (order is None or order == self.head) and not self.ready and not self.writing:
+                    self.writing = direct = True
+                    break
+                if n is not None and self._room(n):
+                    self.waiting_bytes += n  # reserved while they are read
+                    direct = False
+                    break
+                self.turns.wait()
+        if not direct:
+            assert n is not None
             try:
-                self._write(_Piece(group, chunks, pieces, source_start, 0))
-            except BaseException as exc:
+                data = list(pieces)
+            except BaseException:
                 with self.turns:
-                    self.failed = self.failed or exc
-                    self.writing = False
+                    self.waiting_bytes -= n
                     self.turns.notify_all()
                 raise
-            with self.turns:
-                self.writing = False
-                drain = self._take_writer()
-            if drain:
-                self._drain()
+            self._enqueue(order, _Piece(group, chunks, data, source_start, n, closes), reserved=n)
             return
-        item = _Piece(group, chunks, held, source_start, cost, closes)
+        try:
+            self._write(_Piece(group, chunks, pieces, source_start, 0))
+        except BaseException as exc:
+            with self.turns:
+                self.failed = self.failed or exc
+                self.writing = False
+                self.turns.notify_all()
+            raise
         with self.turns:
-            if mine or order == self.head:
-                while self.ready_bytes and self.ready_bytes + item.size > self.reorder_limit:
-                    self._check()
-                    self.turns.wait()
+            self.writing = False
+            drain = self._take_writer()
+        if drain:
+            self._drain()
+
+    def _room(self, size: int) -> bool:
+        """(Under the lock.) Whether `size` more bytes may be held: within the bound, or the first ones held."""
+        held = self.ready_bytes + self.waiting_bytes
+        return size <= self.reorder_limit and (not held or held + size <= self.reorder_limit)
+
+    def _enqueue(self, order: int | None, item: _Piece, reserved: int = 0) -> None:
+        """Hold `item` until its turn (`reserved`: bytes already counted for it), then write what is ready."""
+        with self.turns:
+            self.waiting_bytes -= reserved
+            while not reserved:
                 self._check()
+                if order is None or order == self.head:  # the writer drains `ready`: no need to wait for the rest
+                    if not self.ready_bytes or self.ready_bytes + item.size <= self.reorder_limit:
+                        break
+                elif not (self.ready_bytes or self.waiting_bytes) or \
+                        self.ready_bytes + self.waiting_bytes + item.size <= self.reorder_limit:
+                    break
+                self.turns.wait()
+            self._check()
+            if order is None or order == self.head:
                 self.ready.append(item)
                 self.ready_bytes += item.size
             else:
-                while (self.ready_bytes or self.waiting_bytes) and \
-                        self.ready_bytes + self.waiting_bytes + item.size > self.reorder_limit:
-                    self._check()
-                    self.turns.wait()
-                self._check()
-                if order == self.head:
-                    self.ready.append(item)
-                    self.ready_bytes += item.size
-                else:
-                    self.waiting.setdefault(order, []).append(item)
-                    self.waiting_bytes += item.size
+                self.waiting.setdefault(order, []).append(item)
+                self.waiting_bytes += item.size
             drain = self._take_writer()
         if drain:
             self._drain()

@@ -71,6 +71,12 @@ def list_names(settings: Settings, bucket_name: str, prefix: str) -> dict[str, i
     return {b.name: int(b.size or 0) for b in storage_client(settings).list_blobs(bucket_name, prefix=prefix)}
 
 
+def list_versions(settings: Settings, bucket_name: str, prefix: str) -> dict[str, tuple[int, int]]:
+    """name -> (size, generation) of every object under prefix."""
+    return {b.name: (int(b.size or 0), int(b.generation))
+            for b in storage_client(settings).list_blobs(bucket_name, prefix=prefix)}
+
+
 def list_objects(settings: Settings, bucket_name: str, prefix: str) -> dict[str, tuple[int, float]]:
     """name -> (size, creation time as epoch seconds) of every object under prefix."""
     out = {}
