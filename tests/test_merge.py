@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bqx.catalog import KEY
-from bqx.errors import BadCheckpoint, DuplicateKeys
+from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
 from bqx.layout import prefix_of
 from bqx.merge import local_inputs, merge
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
@@ -304,3 +304,22 @@ def test_aligned_checkpoint_with_an_integer_key_is_refused(tmp_path: Path) -> No
                    **WRITER_OPTIONS)
     with pytest.raises(BadCheckpoint, match=f"{victim.stem}: {KEY} is int64"):
         run_merge(src, tmp_path / "out.parquet")
+
+
+def test_checkpoint_without_the_key_is_bad_and_names_the_table(tmp_path: Path) -> None:
+    src = _small_dir(tmp_path)
+    victim = sorted(p for p in src.glob("*.parquet") if not p.stem.startswith("targets"))[-1]
+    pq.write_table(pq.read_table(victim).drop_columns([KEY]), victim)
+    with pytest.raises(BadCheckpoint, match=f"{victim.stem}: no {KEY} column"):
+        run_merge(src, tmp_path / "out.parquet")
+
+
+def test_colliding_output_names_are_refused_before_a_footer_is_written(tmp_path: Path) -> None:
+    # The output schema is planned in the background while tables merge: its failure still fails the merge.
+    src = _small_dir(tmp_path)
+    t, features = local_inputs(src)
+    features = [replace(f, prefix="same") for f in features[:2]]
+    if set(pq.read_schema(features[0].open()).names) & set(pq.read_schema(features[1].open()).names) == {KEY}:
+        features[1] = replace(features[1], open=features[0].open, table="copy")
+    with open(tmp_path / "out.parquet", "wb") as sink, pytest.raises(TerminalError, match="collide"):
+        merge(t, features, sink)

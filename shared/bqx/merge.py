@@ -11,6 +11,11 @@ feature table, on one of `workers` threads:
   row group of the columns it reads, so a wide table is read in slices of columns sized to the worker's share of
   the budget.
 
+Tables are prepared by the workers in any order but written in table order: whatever a table appends before its
+turn waits (bounded by the budget; an aligned local checkpoint's ranges wait as descriptors, unread), and one
+thread at a time writes what is ready outside the lock. The output schema, needed only by the footer, is read from
+the checkpoints' footers in the background meanwhile.
+
 Memory is therefore set by the budget (BYTES_PER_CELL_IN_FLIGHT x rows x columns of a slice per worker), never by
 the number of tables, their width or the number of rows, and nothing is staged on local disk.
 """
@@ -33,6 +38,7 @@ import pyarrow.parquet as pq
 
 from bqx import allocator
 from bqx.catalog import KEY
+from bqx.chunks import Chunk
 from bqx.chunks import row_groups as chunks_of
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
 from bqx.logs import Log
@@ -48,7 +54,7 @@ COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into 
 BYTES_PER_CELL_IN_FLIGHT = 8 * 8  # decoded input (2 row groups), aligned copy, encoder, output, allocator slack
 MIN_SLICE_COLUMNS = 8
 SWITCH_INTERVAL = 0.0002  # seconds; see merge()
-PLAN_THREADS = 16  # checkpoints whose schemas are read at once before the merge (object-store latency)
+PLAN_THREADS = 16  # checkpoints whose schemas are read at once, in the background (object-store latency)
 
 
 @dataclass(frozen=True)
@@ -246,18 +252,13 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
         return False
     if [_column_signature(theirs, i) for i in range(len(theirs))] != stitcher.signatures(arrow):
         return False
-    if reader is not None:  # the source's own reader, which pf uses too: closed after its turn by the caller
+    if reader is not None:  # the source's own reader (pf's too): its ranges are read before add_raw returns
         f, detached = reader, False
     else:  # a local path: a descriptor of our own (copy_file_range can use it), closed once its ranges are out
         src = inp.open()
         f, detached = (open(src, "rb") if isinstance(src, str | os.PathLike) else src), True  # noqa: SIM115
     try:
-        f.seek(-8, os.SEEK_END)
-        tail = f.read(8)
-        size = f.tell()
-        n = int.from_bytes(tail[:4], "little")
-        f.seek(size - 8 - n)
-        groups = chunks_of(f.read(n))
+        groups = _footer_chunks(f)
         position = {name: i for i, name in enumerate(theirs.names)}
         out_of = dict(zip(names, out_names, strict=True))
         if with_key:
@@ -323,11 +324,8 @@ def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, reader: BinaryIO | N
         own = False
     f = reader
     try:
-        f.seek(-8, os.SEEK_END)
-        n = int.from_bytes(f.read(4), "little")
-        f.seek(-8 - n, os.SEEK_END)
         out = []
-        for rg in chunks_of(f.read(n)):
+        for rg in _footer_chunks(f):
             cc = next(c for c in rg if c.path == KEY)
             f.seek(cc.start)
             out.append(f.read(cc.compressed))
@@ -335,6 +333,14 @@ def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, reader: BinaryIO | N
     finally:
         if own:
             f.close()
+
+
+def _footer_chunks(f: BinaryIO) -> list[list[Chunk]]:
+    """The column chunks of every row group of the Parquet file `f`, from its footer's bytes."""
+    f.seek(-8, os.SEEK_END)
+    n = int.from_bytes(f.read(4), "little")
+    f.seek(-8 - n, os.SEEK_END)
+    return chunks_of(f.read(n))
 
 
 def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher, detached: bool) -> None:
