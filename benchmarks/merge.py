@@ -110,8 +110,8 @@ def run_ours_gcs(src: Path, dst: Path, scratch: Path) -> dict:
     def opener(name: str):  # type: ignore[no-untyped-def]
         return object_opener(bucket, name, *versions[name])
 
-    t = MergeInput(targets.stem, "", opener(targets.name))
-    fs = [MergeInput(p.stem, _prefix(p.stem), opener(p.name)) for p in features]
+    t = MergeInput(targets.stem, "", opener(targets.name), remote=True)
+    fs = [MergeInput(p.stem, _prefix(p.stem), opener(p.name), remote=True) for p in features]
     with open(dst, "wb") as sink:
         stats = merge(t, fs, sink, memory_budget=int(os.environ["BQX_MEMORY_BUDGET_BYTES"]))
     return {"bytes": stats.bytes, "rows": stats.rows, "merge_seconds": round(stats.seconds, 2)}

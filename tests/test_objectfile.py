@@ -72,8 +72,8 @@ def test_a_checkpoint_costs_one_request_for_its_schema_and_two_for_a_merge(isola
             return f  # type: ignore[return-value]
         return open_
 
-    t = MergeInput("targets", "", counted("targets.parquet", targets))
-    fs = [MergeInput("feat", "f", counted("feat.parquet", feature))]
+    t = MergeInput("targets", "", counted("targets.parquet", targets), remote=True)
+    fs = [MergeInput("feat", "f", counted("feat.parquet", feature), remote=True)]
     sink = io.BytesIO()
     merge(t, fs, sink)
     out = pq.read_table(io.BytesIO(sink.getvalue()))

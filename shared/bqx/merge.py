@@ -62,6 +62,7 @@ class MergeInput:
     table: str
     prefix: str  # "" for the targets: its columns keep their names
     open: Callable[[], BinaryIO | str]
+    remote: bool = False  # in an object store: footers are read many at once (latency); locally, one at a time
 
 
 @dataclass
@@ -159,7 +160,9 @@ def _names(inp: MergeInput, schema: pa.Schema) -> tuple[list[str], list[str]]:
 def _output_schema(targets: pa.Schema, features: list[MergeInput]) -> pa.Schema:
     fields: list[pa.Field] = [pa.field(KEY, KEY_TYPE)]
     fields += [f for f in targets if f.name != KEY]
-    with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="merge-plan") as pool:  # object stores: latency
+    # Locally one thread: more only contend for the GIL with the workers (and the writer, starved, waits).
+    threads = PLAN_THREADS if any(f.remote for f in features) else 1
+    with ThreadPoolExecutor(threads, thread_name_prefix="merge-plan") as pool:
         schemas = list(pool.map(_schema_of, features))
     for inp, schema in zip(features, schemas, strict=True):
         names, out_names = _names(inp, schema)
@@ -500,9 +503,9 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
 
     def one(order: int, inp: MergeInput) -> tuple[str, float]:
         t0 = time.time()
-        if planned.done() and planned.exception():  # a checkpoint the plan could not use: stop early
-            raise planned.exception()  # type: ignore[misc]
-        with stitcher.turn(order):
+        with stitcher.turn(order):  # inside: a failure here must release the tables waiting for this turn
+            if planned.done() and planned.exception():  # a checkpoint the plan could not use: stop early
+                raise planned.exception()  # type: ignore[misc]
             pf, reader = _open(inp)
             try:
                 names, out_names = _names(inp, pf.schema_arrow)
@@ -534,9 +537,10 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
             for fut in futures:
                 fut.cancel()
             wait(futures)
+            root = stitcher.failed
             stitcher.discard()
-            if stitcher.failed is not None and stitcher.failed is not exc:
-                raise stitcher.failed from None  # the first failure, not a worker told to stop because of it
+            if root is not None and root is not exc:
+                raise root from None  # the first failure, not a worker told to stop because of it
             raise
     stitcher.close(md)
     stats.columns = len(stitcher.schema)

@@ -33,9 +33,9 @@ def gcs_inputs(settings: Settings, manifest: Manifest,
         versions = verify_checkpoints(settings, manifest)
     bucket = storage.bucket(settings, settings.staging_bucket)
     t = manifest.targets
-    targets = MergeInput(t.name, "", object_opener(bucket, t.checkpoint, *versions[t.checkpoint]))
+    targets = MergeInput(t.name, "", object_opener(bucket, t.checkpoint, *versions[t.checkpoint]), remote=True)
     features = [MergeInput(f.name, layout.prefix_of(manifest.pair, f.name),
-                           object_opener(bucket, f.checkpoint, *versions[f.checkpoint]))
+                           object_opener(bucket, f.checkpoint, *versions[f.checkpoint]), remote=True)
                 for f in manifest.features]
     return targets, features
 

@@ -76,10 +76,10 @@ class _Piece:
 class _Background(threading.Thread):
     """Runs `fn` on its own thread; `result` (or `error`) once joined."""
 
-    def __init__(self, fn: Callable[[], bytes]) -> None:
+    def __init__(self, fn: Callable[[], dict[int, tuple[int, bytes]]]) -> None:
         super().__init__(daemon=True, name="stitch-template")
         self.fn = fn
-        self.result: bytes | None = None
+        self.result: dict[int, tuple[int, bytes]] | None = None
         self.error: BaseException | None = None
         self.start()
 
@@ -137,12 +137,15 @@ class Stitcher:
             self._schema = self._schema.result()
         return self._schema
 
-    def _encode_template(self) -> bytes:
+    def _encode_template(self) -> dict[int, tuple[int, bytes]]:
         if len(set(self.schema.names)) != len(self.schema.names):
             raise ValueError("output column names are not unique")
         out = pa.BufferOutputStream()
         pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
-        return out.getvalue().to_pybytes()
+        data = out.getvalue().to_pybytes()
+        # Its fields are kept encoded (the schema alone is ~5 elements per column: decoding it into objects cost
+        # more than the rest of the footer); close() changes only the row groups, row count and key-values.
+        return {fid: (t, raw) for fid, t, raw in fields(data, footer_start(data))[0]}
 
     def encode(self, table: pa.Table) -> pa.Buffer:
         """`table` as a small Parquet file, in an Arrow buffer (its pool returns memory promptly; a Python bytes
@@ -375,13 +378,10 @@ class Stitcher:
         if self.waiting or self.ready:
             raise ValueError(f"tables {sorted(self.waiting)[:5]} never got their turn (turn {self.head} missing)")
         self._template.join()
-        data = self._template.result
-        if data is None:
+        template = self._template.result
+        if template is None:
             assert self._template.error is not None
             raise self._template.error  # e.g. the schema's own failure (a checkpoint that could not be read)
-        # The template's fields are kept encoded (the schema alone is ~5 elements per column: decoding it into
-        # objects cost more than the rest of the footer); only the row groups, row count and key-values change.
-        template = {fid: (t, raw) for fid, t, raw in fields(data, footer_start(data))[0]}
         names = self.schema.names
         groups = []
         for g, written in enumerate(self.columns):
