@@ -15,6 +15,10 @@ class TransientError(BqxError):
     """May succeed later: a 5xx, a timeout, a claim held by someone else. Raise so work is redelivered."""
 
 
+class ObjectGone(TransientError):
+    """The object generation being read no longer exists (replaced or set aside since it was listed)."""
+
+
 class ConfigError(TerminalError):
     """A setting is missing or malformed."""
 

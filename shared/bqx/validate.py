@@ -25,7 +25,6 @@ checkpoint whose own event was lost is validated then — so a lost finalize eve
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
@@ -41,8 +40,9 @@ from bqx import layout, storage
 from bqx.catalog import KEY, Manifest, TableEntry
 from bqx.clients import storage_client
 from bqx.config import Settings
-from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError, TransientError
+from bqx.errors import BadCheckpoint, DuplicateKeys, ObjectGone, TerminalError, TransientError
 from bqx.logs import Log
+from bqx.objectfile import ObjectFile, download
 from bqx.parquet_io import KEY_TYPE, type_name
 
 TAIL_BYTES = 64 * 1024  # one ranged read covers the footer of any checkpoint up to a few thousand columns
@@ -72,64 +72,11 @@ class Verdict:
     reads: int = 0  # ranged reads it took (cost: one for the footer, one or a few for the keys)
 
 
-class _RangedFile(io.RawIOBase):
-    """A read-only file over one object generation: the tail is fetched once, anything else by ranged reads."""
-
-    def __init__(self, blob: Any, size: int, tail: bytes) -> None:
-        super().__init__()
-        self.blob, self.size, self.tail, self.pos, self.reads = blob, size, tail, 0, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
-        if end <= self.pos:
-            return b""
-        tail_start = self.size - len(self.tail)
-        if self.pos >= tail_start:
-            data = self.tail[self.pos - tail_start : end - tail_start]
-        else:
-            data = _download(self.blob, self.pos, end - 1)
-            self.reads += 1
-        self.pos += len(data)
-        return data
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-def _download(blob: Any, start: int, end: int) -> bytes:
-    try:
-        return blob.download_as_bytes(start=start, end=end, checksum=None)
-    except gexc.NotFound:
-        raise _Gone() from None
-    except storage.TRANSIENT as exc:
-        raise TransientError(f"reading {blob.name}: {exc}") from exc
-
-
-class _Gone(Exception):
-    """The generation being validated no longer exists (overwritten or already set aside)."""
-
-
 def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
     """Validate one checkpoint object generation against its manifest entry. Never raises for bad content."""
     if size < 12:
         return Verdict(False, f"truncated: {size} bytes is not a Parquet file", "BadCheckpoint")
-    tail = _download(blob, max(0, size - TAIL_BYTES), size - 1)
+    tail = download(blob, max(0, size - TAIL_BYTES), size)
     reads = 1
     if tail[-4:] != b"PAR1":
         return Verdict(False, f"truncated or not Parquet: no footer magic in the last bytes ({size} bytes)",
@@ -139,9 +86,10 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
         return Verdict(False, f"truncated: footer of {footer} bytes does not fit in {size} bytes", "BadCheckpoint",
                        reads)
     if footer + 8 > len(tail):
-        tail = _download(blob, size - footer - 8, size - 1)
+        tail = download(blob, size - footer - 8, size)
         reads += 1
-    f = _RangedFile(blob, size, tail)
+    # Only the key column is read past the footer: exactly the ranges asked for, no read-ahead, never whole.
+    f = ObjectFile(blob, size, whole_below=0, chunk=0, tail_data=tail)
     try:
         pf = pq.ParquetFile(f)
         meta, schema = pf.metadata, pf.schema_arrow
@@ -152,13 +100,13 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
         return Verdict(False, reason, "BadCheckpoint", reads)
     try:
         bad = _check_keys(pf, meta, entry.name)
-    except (_Gone, TransientError):
+    except TransientError:  # ObjectGone among them
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
-        return Verdict(False, f"unreadable row group: {exc}", "BadCheckpoint", reads + f.reads)
+        return Verdict(False, f"unreadable row group: {exc}", "BadCheckpoint", reads + f.fetches)
     if bad:
-        return Verdict(False, bad[1], bad[0], reads + f.reads)
-    return Verdict(True, reads=reads + f.reads)
+        return Verdict(False, bad[1], bad[0], reads + f.fetches)
+    return Verdict(True, reads=reads + f.fetches)
 
 
 def _check_layout(meta: pq.FileMetaData, data_end: int) -> str:
@@ -253,7 +201,7 @@ def arrival(s: Settings, manifest: Manifest, name: str, generation: int) -> bool
     try:
         verdict = inspect(storage.bucket(s, s.staging_bucket).blob(name, generation=generation), int(blob.size or 0),
                           entry)  # type: ignore[arg-type]
-    except _Gone:
+    except ObjectGone:
         return False
     except DuplicateKeys as exc:
         verdict = Verdict(False, str(exc), "DuplicateKeys")
