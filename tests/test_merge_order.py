@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -66,4 +67,41 @@ def test_a_failing_table_reports_itself_and_leaves_nothing_open(tmp_path: Path) 
         with open(tmp_path / "out.bin", "wb") as sink, pytest.raises(DuplicateKeys) as err:
             merge(t, features, sink, memory_budget=64 << 20, workers=2)
         assert err.value.table == victim.table
+    assert _open_fds() == fds
+
+
+class _FullDisk(io.RawIOBase):
+    """A sink that fails once `room` bytes have been written, like a full disk."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def,override]
+        n = len(memoryview(data).cast("B"))
+        if n > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= n
+        return n
+
+
+def test_a_failing_sink_fails_the_merge_promptly_with_its_own_error(tmp_path: Path) -> None:
+    t, features = _inputs(tmp_path)
+    fds = _open_fds()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            merge(t, features, _FullDisk(200_000), memory_budget=64 << 20, workers=2)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the merge hung after its sink failed"
+    assert len(outcome) == 1 and isinstance(outcome[0], OSError) and outcome[0].errno == 28, outcome
     assert _open_fds() == fds

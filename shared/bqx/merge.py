@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -158,13 +158,19 @@ def _names(inp: MergeInput, schema: pa.Schema) -> tuple[list[str], list[str]]:
     return names, [f"{inp.prefix}_{c}" for c in names]
 
 
-def _output_schema(targets: pa.Schema, features: list[MergeInput]) -> pa.Schema:
+def _output_schema(targets: pa.Schema, features: list[MergeInput], stop: threading.Event) -> pa.Schema:
     fields: list[pa.Field] = [pa.field(KEY, KEY_TYPE)]
     fields += [f for f in targets if f.name != KEY]
+
+    def schema_of(inp: MergeInput) -> pa.Schema:
+        if stop.is_set():  # the merge failed: read no more
+            raise RuntimeError("merge abandoned")
+        return _schema_of(inp)
+
     # Locally one thread: more only contend for the GIL with the workers (and the writer, starved, waits).
     threads = PLAN_THREADS if any(f.remote for f in features) else 1
     with ThreadPoolExecutor(threads, thread_name_prefix="merge-plan") as pool:
-        schemas = list(pool.map(_schema_of, features))
+        schemas = list(pool.map(schema_of, features))
     for inp, schema in zip(features, schemas, strict=True):
         names, out_names = _names(inp, schema)
         fields += [pa.field(o, schema.field(c).type) for c, o in zip(names, out_names, strict=True)]
@@ -465,13 +471,26 @@ def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None
     _check_row_group_order(targets.table, tfile)
     keys = _keys_int(targets.table, tfile.read(columns=[KEY]).column(KEY))
     _check_increasing(targets.table, keys, None)
-    n = int(keys.size)
 
     # The output schema needs every checkpoint's schema, but only the footer needs it: it is read in the
     # background (many at once: object-store latency) while the merge runs.
+    stop_plan = threading.Event()
     planner = ThreadPoolExecutor(1, thread_name_prefix="merge-plan")
-    planned = planner.submit(_output_schema, tfile.schema_arrow, features)
+    planned = planner.submit(_output_schema, tfile.schema_arrow, features, stop_plan)
     planner.shutdown(wait=False)
+    try:
+        return _merge_tables(targets, tfile, t_reader, features, sink, memory_budget, workers, metadata, progress,
+                             started, keys, planned)
+    finally:
+        stop_plan.set()  # after a failure the plan stops early; nothing is left reading when merge() returns
+        wait([planned])
+
+
+def _merge_tables(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None, features: list[MergeInput],
+                  sink: BinaryIO, memory_budget: int, workers: int, metadata: dict[str, str] | None,
+                  progress: Callable[[int, int], None] | None, started: float, keys: np.ndarray,
+                  planned: Future[pa.Schema]) -> MergeStats:
+    n = int(keys.size)
     rows_per_group = group_rows_for(memory_budget, workers, n)
     worker_budget = memory_budget // workers
     bounds = group_bounds(tfile, rows_per_group, n)

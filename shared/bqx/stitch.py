@@ -272,14 +272,7 @@ class Stitcher:
                 raise
             self._enqueue(order, _Piece(group, chunks, data, source_start, n, closes), reserved=n)
             return
-        try:
-            self._write(_Piece(group, chunks, pieces, source_start, 0))
-        except BaseException as exc:
-            with self.turns:
-                self.failed = self.failed or exc
-                self.writing = False
-                self.turns.notify_all()
-            raise
+        self._write_or_fail(_Piece(group, chunks, pieces, source_start, 0))
         with self.turns:
             self.writing = False
             drain = self._take_writer()
@@ -338,17 +331,21 @@ class Stitcher:
                     self.turns.notify_all()
                     return
                 item = self.ready.popleft()
-            try:
-                self._write(item)
-            except BaseException as exc:
-                with self.turns:
-                    self.failed = self.failed or exc
-                    self.writing = False
-                    self.turns.notify_all()
-                raise
+            self._write_or_fail(item)
             with self.turns:
                 self.ready_bytes -= item.size
                 self.turns.notify_all()
+
+    def _write_or_fail(self, item: _Piece) -> None:
+        """_write, by the thread holding `writing`; if it fails, the merge fails and the token is let go."""
+        try:
+            self._write(item)
+        except BaseException as exc:
+            with self.turns:
+                self.failed = self.failed or exc
+                self.writing = False
+                self.turns.notify_all()
+            raise
 
     def _write(self, item: _Piece) -> None:
         if item.closes is not None:
