@@ -323,3 +323,22 @@ def test_colliding_output_names_are_refused_before_a_footer_is_written(tmp_path:
         features[1] = replace(features[1], open=features[0].open, table="copy")
     with open(tmp_path / "out.parquet", "wb") as sink, pytest.raises(TerminalError, match="collide"):
         merge(t, features, sink)
+
+
+def test_checkpoint_without_rows_gives_null_columns_of_its_declared_types(tmp_path: Path) -> None:
+    src = _small_dir(tmp_path)
+    victim = sorted(p for p in src.glob("*.parquet") if not p.stem.startswith("targets"))[0]
+    t = pq.read_table(victim)
+    pq.ParquetWriter(victim, t.schema, **WRITER_OPTIONS).close()  # no row groups at all
+    run_merge(src, tmp_path / "out.parquet")
+    md = pq.read_metadata(tmp_path / "out.parquet")
+    out = pq.read_table(tmp_path / "out.parquet")
+    pre = prefix_of(PAIR, victim.stem) + "_"
+    mine = [i for i in range(md.num_columns) if md.schema.column(i).name.startswith(pre)]
+    assert len(mine) == t.num_columns - 1
+    for j, i in enumerate(mine, start=1):
+        name = md.schema.column(i).name
+        assert out.column(name).null_count == out.num_rows
+        assert out.schema.field(name).type == t.schema.field(j).type
+        # the encoded chunks are of the type the footer's schema declares (not Arrow's null type)
+        assert md.row_group(0).column(i).physical_type == md.schema.column(i).physical_type

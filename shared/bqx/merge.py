@@ -217,7 +217,7 @@ def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out
     for c0 in range(0, len(names), width):
         sub, sub_out = names[c0 : c0 + width], out_names[c0 : c0 + width]
         parts = (pf.read_row_group(r, columns=[KEY, *sub], use_threads=False) for r in range(md.num_row_groups))
-        cursor = Aligner(inp.table, parts, sub)
+        cursor = Aligner(inp.table, parts, pa.schema([pf.schema_arrow.field(n) for n in sub]))
         for g, (s, e) in enumerate(bounds):
             part = cursor.align(keys[s:e]).rename_columns(sub_out)
             if with_key and c0 == 0:
@@ -362,10 +362,11 @@ def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher, detached: 
 class Aligner:
     """A forward-only cursor over one sorted table that lines its rows up with successive key slices."""
 
-    def __init__(self, name: str, batches: Iterator[pa.Table], value_names: list[str]) -> None:
+    def __init__(self, name: str, batches: Iterator[pa.Table], values: pa.Schema) -> None:
         self.name = name
         self.batches = batches
-        self.value_names = value_names
+        self.values = values  # the value columns, with the types a table without rows still declares
+        self.value_names = values.names
         self.buf: pa.Table | None = None
         self.buf_keys = np.empty(0, dtype=np.int64)
         self.last: int | None = None
@@ -391,7 +392,7 @@ class Aligner:
             self._pull()
         bk = self.buf_keys
         if self.buf is None:
-            return pa.table({n: pa.nulls(len(keys)) for n in self.value_names})
+            return pa.table({f.name: pa.nulls(len(keys), type=f.type) for f in self.values})
         n = len(keys)
         if bk.size >= n and bk[0] == keys[0] and bk[n - 1] == keys[-1] and np.array_equal(bk[:n], keys):
             out = self.buf.slice(0, n)  # no gaps here: a zero-copy slice

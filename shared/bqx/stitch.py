@@ -13,7 +13,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -73,23 +73,6 @@ class _Piece:
     closes: Callable[[], object] | None = None
 
 
-class _Background(threading.Thread):
-    """Runs `fn` on its own thread; `result` (or `error`) once joined."""
-
-    def __init__(self, fn: Callable[[], dict[int, tuple[int, bytes]]]) -> None:
-        super().__init__(daemon=True, name="stitch-template")
-        self.fn = fn
-        self.result: dict[int, tuple[int, bytes]] | None = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except BaseException as exc:  # reported by close()
-            self.error = exc
-
-
 def column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
     """What an encoded column chunk's bytes depend on besides its values: type, logical type, levels, width."""
     c = schema.column(i)
@@ -104,6 +87,8 @@ class Stitcher:
                  reorder_limit: int = 64 << 20, **writer_options: object):
         self.sink = sink
         self._schema = schema
+        # A schema given up front declares the types to cast to; a planned one is derived from the tables' own.
+        self._cast = not isinstance(schema, Future)
         self.group_rows = group_rows
         self.options = {**writer_options, "write_page_index": False, "store_schema": False}
         self.columns: list[dict[str, tuple[bytes, int]]] = [{} for _ in group_rows]  # name: (chunk, where it starts)
@@ -127,7 +112,9 @@ class Stitcher:
         self._signatures: dict[tuple, list[tuple]] = {}
         # The footer's template (an empty file of the whole schema, which keeps the Arrow schema) takes ~0.3 s at
         # 17k columns; it is encoded while the tables are merged rather than after them.
-        self._template = _Background(self._encode_template)
+        background = ThreadPoolExecutor(1, thread_name_prefix="stitch-template")
+        self._template = background.submit(self._encode_template)
+        background.shutdown(wait=False)
         self.sink.write(MAGIC)
         self.pos = len(MAGIC)
 
@@ -176,7 +163,7 @@ class Stitcher:
         """Append the columns of `table` (output names, exactly row group `group`'s rows)."""
         if table.num_rows != self.group_rows[group]:
             raise ValueError(f"row group {group} needs {self.group_rows[group]} rows, got {table.num_rows}")
-        if not isinstance(self._schema, Future) or self._schema.done():  # types the caller's schema declares
+        if self._cast:
             target = pa.schema([self.schema.field(n) for n in table.column_names])
             if table.schema != target:
                 table = table.cast(target)
@@ -374,11 +361,7 @@ class Stitcher:
         """Write the footer; returns the file's size."""
         if self.waiting or self.ready:
             raise ValueError(f"tables {sorted(self.waiting)[:5]} never got their turn (turn {self.head} missing)")
-        self._template.join()
-        template = self._template.result
-        if template is None:
-            assert self._template.error is not None
-            raise self._template.error  # e.g. the schema's own failure (a checkpoint that could not be read)
+        template = self._template.result()  # or the schema's own failure (e.g. a checkpoint it could not read)
         names = self.schema.names
         groups = []
         for g, written in enumerate(self.columns):
