@@ -27,7 +27,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -142,12 +143,11 @@ def _open(inp: MergeInput) -> tuple[pq.ParquetFile, BinaryIO | None]:
 
 
 def _schema_of(inp: MergeInput) -> pa.Schema:
-    pf, reader = _open(inp)
+    pf, _ = _open(inp)
     try:
         return pf.schema_arrow
     finally:
-        if reader is not None:
-            reader.close()
+        pf.close(force=True)  # its source too
 
 
 def _names(inp: MergeInput, schema: pa.Schema) -> tuple[list[str], list[str]]:
@@ -265,8 +265,7 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
     if reader is not None:  # the source's own reader (pf's too): its ranges are read before add_raw returns
         f, detached = reader, False
     else:  # a local path: a descriptor of our own (copy_file_range can use it), closed once its ranges are out
-        src = inp.open()
-        f, detached = (open(src, "rb") if isinstance(src, str | os.PathLike) else src), True  # noqa: SIM115
+        f, detached = _own_file(inp), True
     try:
         groups = _footer_chunks(f)
         position = {name: i for i, name in enumerate(theirs.names)}
@@ -326,13 +325,8 @@ def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, reader: BinaryIO | N
         return None
     if sum(md.row_group(r).column(i).total_compressed_size for r in range(md.num_row_groups)) > limit:
         return None
-    if reader is None:
-        src = targets.open()
-        reader = open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115
-        own = True
-    else:  # the targets' own reader (not in use by another thread yet): no second open of an object
-        own = False
-    f = reader
+    # The targets' own reader if they have one (no other thread uses it yet: no second open of an object).
+    f = reader if reader is not None else _own_file(targets)
     try:
         out = []
         for rg in _footer_chunks(f):
@@ -341,8 +335,15 @@ def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, reader: BinaryIO | N
             out.append(f.read(cc.compressed))
         return out
     finally:
-        if own:
+        if f is not reader:
             f.close()
+
+
+def _own_file(inp: MergeInput) -> BinaryIO:
+    """A file object of our own for `inp` (for a local path: a plain OS file, whose descriptor copy_file_range
+    can use)."""
+    src = inp.open()
+    return open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115 - the caller closes it
 
 
 def _footer_chunks(f: BinaryIO) -> list[list[Chunk]]:
@@ -452,120 +453,101 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeStats:
     started = time.time()
-    # A thread back from I/O (a copy, a write, a read) waits for the GIL until the thread holding it is made to
-    # let go, by default after 5 ms. The merge returns from ~1,000 system calls per second: with the default, a
-    # copy of aligned checkpoints ran 3x slower next to a busy worker.
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
-    tfile, t_reader = _open(targets)
-    try:
-        return _merge(targets, tfile, t_reader, features, sink, memory_budget, workers or min(2, os.cpu_count() or 1),
-                      metadata, progress, started)
-    finally:
-        tfile.close(force=True)  # its source too: a failed merge holds no checkpoint open
-        sys.setswitchinterval(switch)
+    workers = workers or min(2, os.cpu_count() or 1)
+    with ExitStack() as cleanup:  # undone in reverse order, whether the merge succeeds or fails
+        # A thread back from I/O (a copy, a write, a read) waits for the GIL until the thread holding it is made to
+        # let go, by default after 5 ms. The merge returns from ~1,000 system calls per second: with the default,
+        # a copy of aligned checkpoints ran 3x slower next to a busy worker.
+        cleanup.callback(sys.setswitchinterval, sys.getswitchinterval())
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        tfile, t_reader = _open(targets)
+        cleanup.callback(tfile.close, force=True)  # its source too: a failed merge holds no checkpoint open
+        _check_row_group_order(targets.table, tfile)
+        keys = _keys_int(targets.table, tfile.read(columns=[KEY]).column(KEY))
+        _check_increasing(targets.table, keys, None)
 
+        # The output schema needs every checkpoint's schema, but only the footer needs it: it is read in the
+        # background (many at once: object-store latency) while the merge runs.
+        stop_plan = threading.Event()
+        planner = ThreadPoolExecutor(1, thread_name_prefix="merge-plan")
+        planned = planner.submit(_output_schema, tfile.schema_arrow, features, stop_plan)
+        planner.shutdown(wait=False)
+        cleanup.callback(wait, [planned])  # nothing is left reading when merge() returns ...
+        cleanup.callback(stop_plan.set)  # ... and after a failure the plan stops early
 
-def _merge(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None, features: list[MergeInput],
-           sink: BinaryIO, memory_budget: int, workers: int, metadata: dict[str, str] | None,
-           progress: Callable[[int, int], None] | None, started: float) -> MergeStats:
-    _check_row_group_order(targets.table, tfile)
-    keys = _keys_int(targets.table, tfile.read(columns=[KEY]).column(KEY))
-    _check_increasing(targets.table, keys, None)
+        n = int(keys.size)
+        rows_per_group = group_rows_for(memory_budget, workers, n)
+        worker_budget = memory_budget // workers
+        bounds = group_bounds(tfile, rows_per_group, n)
+        counting = CountingWriter(sink)
+        governor = allocator.MemoryGovernor(int(memory_budget * allocator.GOVERNOR_SHARE))
+        md = {"bqx.rows": str(n), **(metadata or {})}
+        if n == 0:
+            out_schema = planned.result()
+            buf = pa.BufferOutputStream()
+            pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
+            counting.write(memoryview(buf.getvalue()).cast("B"))
+            return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=counting.size,
+                              seconds=time.time() - started)
+        stitcher = Stitcher(counting, planned, [e - s for s, e in bounds],  # type: ignore[arg-type]
+                            reorder_limit=max(memory_budget // 16, 1 << 20), **WRITER_OPTIONS)
+        stats = MergeStats(rows=n, tables=len(features) + 1, row_groups=len(bounds), group_rows=rows_per_group,
+                           workers=workers)
 
-    # The output schema needs every checkpoint's schema, but only the footer needs it: it is read in the
-    # background (many at once: object-store latency) while the merge runs.
-    stop_plan = threading.Event()
-    planner = ThreadPoolExecutor(1, thread_name_prefix="merge-plan")
-    planned = planner.submit(_output_schema, tfile.schema_arrow, features, stop_plan)
-    planner.shutdown(wait=False)
-    try:
-        return _merge_tables(targets, tfile, t_reader, features, sink, memory_budget, workers, metadata, progress,
-                             started, keys, planned)
-    finally:
-        stop_plan.set()  # after a failure the plan stops early; nothing is left reading when merge() returns
-        wait([planned])
+        # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
+        key_chunks = _key_chunks(targets, tfile, t_reader, bounds, memory_budget // 16)
+        t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
+        with stitcher.turn(0):
+            if not _copy_encoded(targets, tfile, t_reader, t_names, t_names, keys, bounds, stitcher, key_chunks,
+                                 with_key=True):
+                _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
+                                  with_key=True)
 
+        done = [0]
+        lock = threading.Lock()
 
-def _merge_tables(targets: MergeInput, tfile: pq.ParquetFile, t_reader: BinaryIO | None, features: list[MergeInput],
-                  sink: BinaryIO, memory_budget: int, workers: int, metadata: dict[str, str] | None,
-                  progress: Callable[[int, int], None] | None, started: float, keys: np.ndarray,
-                  planned: Future[pa.Schema]) -> MergeStats:
-    n = int(keys.size)
-    rows_per_group = group_rows_for(memory_budget, workers, n)
-    worker_budget = memory_budget // workers
-    bounds = group_bounds(tfile, rows_per_group, n)
-    counting = CountingWriter(sink)
-    governor = allocator.MemoryGovernor(int(memory_budget * allocator.GOVERNOR_SHARE))
-    md = {"bqx.rows": str(n), **(metadata or {})}
-    if n == 0:
-        out_schema = planned.result()
-        buf = pa.BufferOutputStream()
-        pq.write_table(out_schema.empty_table(), buf, **WRITER_OPTIONS)  # type: ignore[arg-type]
-        counting.write(memoryview(buf.getvalue()).cast("B"))
-        return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=counting.size,
-                          seconds=time.time() - started)
-    stitcher = Stitcher(counting, planned, [e - s for s, e in bounds],  # type: ignore[arg-type]
-                        reorder_limit=max(memory_budget // 16, 1 << 20), **WRITER_OPTIONS)
-    stats = MergeStats(rows=n, tables=len(features) + 1, row_groups=len(bounds), group_rows=rows_per_group,
-                       workers=workers)
+        def one(order: int, inp: MergeInput) -> tuple[str, float]:
+            t0 = time.time()
+            with stitcher.turn(order):  # inside: a failure here must release the tables waiting for this turn
+                if planned.done() and planned.exception():  # a checkpoint the plan could not use: stop early
+                    raise planned.exception()  # type: ignore[misc]
+                pf, reader = _open(inp)
+                try:
+                    names, out_names = _names(inp, pf.schema_arrow)
+                    _check_row_group_order(inp.table, pf)
+                    copied = _copy_encoded(inp, pf, reader, names, out_names, keys, bounds, stitcher, key_chunks)
+                    if not copied:
+                        _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
+                                          govern=governor.check)
+                finally:
+                    # Its source too. Copied ranges have a descriptor of their own, or were read from it already.
+                    pf.close(force=True)
+                governor.check()
+            with lock:
+                stats.copied_tables += copied
+                done[0] += 1
+                if progress:
+                    progress(done[0], len(features))
+            return inp.table, time.time() - t0
 
-    # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
-    key_chunks = _key_chunks(targets, tfile, t_reader, bounds, memory_budget // 16)
-    t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
-    with stitcher.turn(0):
-        if not _copy_encoded(targets, tfile, t_reader, t_names, t_names, keys, bounds, stitcher, key_chunks,
-                             with_key=True):
-            _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
-                              with_key=True)
-
-    done = [0]
-    lock = threading.Lock()
-
-    def one(order: int, inp: MergeInput) -> tuple[str, float]:
-        t0 = time.time()
-        with stitcher.turn(order):  # inside: a failure here must release the tables waiting for this turn
-            if planned.done() and planned.exception():  # a checkpoint the plan could not use: stop early
-                raise planned.exception()  # type: ignore[misc]
-            pf, reader = _open(inp)
+        with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
+            futures = [pool.submit(one, i, inp) for i, inp in enumerate(features, start=1)]
             try:
-                names, out_names = _names(inp, pf.schema_arrow)
-                _check_row_group_order(inp.table, pf)
-                copied = _copy_encoded(inp, pf, reader, names, out_names, keys, bounds, stitcher, key_chunks)
-                if not copied:
-                    _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
-                                      govern=governor.check)
-            finally:
-                # Copied ranges have a descriptor of their own, or were read from the source's reader already.
-                pf.close(force=True)
-                if reader is not None:
-                    reader.close()
-            governor.check()
-        with lock:
-            stats.copied_tables += copied
-            done[0] += 1
-            if progress:
-                progress(done[0], len(features))
-        return inp.table, time.time() - t0
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
-        futures = [pool.submit(one, i, inp) for i, inp in enumerate(features, start=1)]
-        try:
-            for fut in as_completed(futures):
-                table, secs = fut.result()
-                stats.table_seconds[table] = round(secs, 4)
-        except BaseException as exc:
-            for fut in futures:
-                fut.cancel()
-            wait(futures)
-            root = stitcher.failed
-            stitcher.discard()
-            if root is not None and root is not exc:
-                raise root from None  # the first failure, not a worker told to stop because of it
-            raise
-    stitcher.close(md)
-    stats.columns = len(stitcher.schema)
-    stats.bytes = counting.size
-    stats.memory_releases = governor.releases
-    stats.seconds = time.time() - started
-    return stats
+                for fut in as_completed(futures):
+                    table, secs = fut.result()
+                    stats.table_seconds[table] = round(secs, 4)
+            except BaseException as exc:
+                for fut in futures:
+                    fut.cancel()
+                wait(futures)
+                root = stitcher.failed
+                stitcher.discard()
+                if root is not None and root is not exc:
+                    raise root from None  # the first failure, not a worker told to stop because of it
+                raise
+        stitcher.close(md)
+        stats.columns = len(stitcher.schema)
+        stats.bytes = counting.size
+        stats.memory_releases = governor.releases
+        stats.seconds = time.time() - started
+        return stats
