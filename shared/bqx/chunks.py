@@ -109,11 +109,7 @@ def fields(data: bytes, pos: int) -> tuple[list[Field], int]:
         t = head & 0x0F
         if t == STOP:
             return out, pos
-        if head >> 4:
-            fid = last + (head >> 4)
-        else:
-            z, pos = varint(data, pos)
-            fid = unzigzag(z)
+        fid, pos = _field_id(head, last, data, pos)
         # The common scalars inline (this loop is most of what a wide footer costs); the rest through skip().
         if t == I64 or t == I32 or t == I16:  # noqa: PLR1714 - ints: cheaper than a tuple lookup here
             end = pos

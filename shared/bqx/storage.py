@@ -68,7 +68,7 @@ def read_json(settings: Settings, bucket_name: str, name: str) -> tuple[Any, int
 
 def list_names(settings: Settings, bucket_name: str, prefix: str) -> dict[str, int]:
     """name -> size of every object under prefix (listing is strongly consistent)."""
-    return {b.name: int(b.size or 0) for b in storage_client(settings).list_blobs(bucket_name, prefix=prefix)}
+    return {name: size for name, (size, _) in list_versions(settings, bucket_name, prefix).items()}
 
 
 def list_versions(settings: Settings, bucket_name: str, prefix: str) -> dict[str, tuple[int, int]]:

@@ -42,10 +42,10 @@ from bqx.clients import storage_client
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, DuplicateKeys, ObjectGone, TerminalError, TransientError
 from bqx.logs import Log
-from bqx.objectfile import ObjectFile, download
+from bqx.objectfile import TAIL, ObjectFile, download
 from bqx.parquet_io import KEY_TYPE, type_name
 
-TAIL_BYTES = 64 * 1024  # one ranged read covers the footer of any checkpoint up to a few thousand columns
+TAIL_BYTES = TAIL  # one ranged read covers the footer of any checkpoint up to a few thousand columns
 KEY_READ_LIMIT = 32 * 1024 * 1024  # compressed key-column bytes read to check every key; above: statistics only
 VALIDATED = "bqx_validated"  # custom metadata key: the crc32c of the content that passed validation
 INLINE_VALIDATIONS = 64  # unmarked checkpoints one event validates when the run looks complete (else: their events,
