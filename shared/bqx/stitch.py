@@ -127,8 +127,10 @@ class Stitcher:
     def _encode_template(self) -> dict[int, tuple[int, bytes]]:
         if len(set(self.schema.names)) != len(self.schema.names):
             raise ValueError("output column names are not unique")
+        # A writer closed before any table: the footer of a file without row groups. An empty table would add a
+        # row group of 17k empty column chunks: 7x the time to write and 4x to parse, all thrown away.
         out = pa.BufferOutputStream()
-        pq.write_table(self.schema.empty_table(), out, **{**self.options, "store_schema": True})
+        pq.ParquetWriter(out, self.schema, **{**self.options, "store_schema": True}).close()
         data = out.getvalue().to_pybytes()
         # Its fields are kept encoded (the schema alone is ~5 elements per column: decoding it into objects cost
         # more than the rest of the footer); close() changes only the row groups, row count and key-values.
