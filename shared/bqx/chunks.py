@@ -129,16 +129,20 @@ def encode_fields(items: list[Field]) -> bytes:
     out = bytearray()
     last = 0
     for fid, t, raw in items:
-        delta = fid - last
-        if 0 < delta <= 15:
-            out.append((delta << 4) | t)
-        else:
-            out.append(t)
-            out += zigzag_varint(fid)  # field ids are zigzag i16 varints
+        _header(out, fid, last, t)
         out += raw
         last = fid
     out.append(STOP)
     return bytes(out)
+
+
+def _header(out: bytearray, fid: int, last: int, t: int) -> None:
+    delta = fid - last
+    if 0 < delta <= 15:
+        out.append((delta << 4) | t)
+    else:
+        out.append(t)
+        out += zigzag_varint(fid)  # field ids are zigzag i16 varints
 
 
 def _list_items(data: bytes, pos: int) -> tuple[int, int, int]:
@@ -210,28 +214,73 @@ class Chunk:
 
     def encode(self, delta: int, name: str | None = None, drop_bloom: bool = False) -> bytes:
         """This chunk's ColumnChunk, moved by `delta` bytes, renamed to `name`, without page-index fields."""
-        meta: list[Field] = []
+        return self.prepare(name, drop_bloom).at(delta)
+
+    def prepare(self, name: str | None = None, drop_bloom: bool = False) -> Moved:
+        """encode()'s bytes with the offsets left open: a worker prepares a chunk, and the writer, which learns
+        where it landed, only fills in the offsets (it writes ~17,000 per row group, between copies)."""
+        meta: list[tuple[int, int, bytes | int]] = []
         for fid, t, raw in self.meta:
+            value: bytes | int = raw
             if fid in self.offsets:
                 if drop_bloom and fid in MD_NO_BLOOM:
                     continue
-                raw = zigzag_varint(self.offsets[fid] + delta)
+                value = self.offsets[fid]
             elif drop_bloom and fid == MD_BLOOM_LENGTH:
                 continue
             elif fid == MD_PATH and name is not None:
                 b = name.encode()
-                raw = bytes([(1 << 4) | BINARY]) + _uvarint(len(b)) + b
-            meta.append((fid, t, raw))
-        top: list[Field] = []
+                value = bytes([(1 << 4) | BINARY]) + _uvarint(len(b)) + b
+            meta.append((fid, t, value))
+        out = Moved()
+        last = 0
         for fid, t, raw in self.top:
             if fid not in CC_KEEP:
                 continue
+            _header(out.segments[-1], fid, last, t)
             if fid == CC_META:
-                raw = encode_fields(meta)
+                out.put(meta)
             elif fid == CC_FILE_OFFSET and self.file_offset:
-                raw = zigzag_varint(self.file_offset + delta)
-            top.append((fid, t, raw))
-        return encode_fields(top)
+                out.hole(self.file_offset)
+            else:
+                out.segments[-1] += raw
+            last = fid
+        out.segments[-1].append(STOP)
+        return out
+
+
+class Moved:
+    """An encoded ColumnChunk whose byte offsets are still to be shifted: segments around holes, one per offset."""
+
+    __slots__ = ("segments", "offsets")
+
+    def __init__(self) -> None:
+        self.segments: list[bytearray] = [bytearray()]
+        self.offsets: list[int] = []
+
+    def hole(self, offset: int) -> None:
+        self.offsets.append(offset)
+        self.segments.append(bytearray())
+
+    def put(self, items: list[tuple[int, int, bytes | int]]) -> None:
+        """A struct's fields; an int value is an offset (a hole)."""
+        last = 0
+        for fid, t, value in items:
+            _header(self.segments[-1], fid, last, t)
+            if isinstance(value, int):
+                self.hole(value)
+            else:
+                self.segments[-1] += value
+            last = fid
+        self.segments[-1].append(STOP)
+
+    def at(self, delta: int) -> bytes:
+        segments = self.segments
+        out = [segments[0]]
+        for i, offset in enumerate(self.offsets, 1):
+            out.append(zigzag_varint(offset + delta))
+            out.append(segments[i])
+        return b"".join(out)
 
 
 def _uvarint(n: int) -> bytes:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bqx import thrift
-from bqx.chunks import Chunk, encode_fields, fields, row_groups
+from bqx.chunks import Chunk, Moved, encode_fields, fields, row_groups
 from bqx.errors import BadCheckpoint
 from bqx.thrift import I16, I64, LIST, STRUCT, Raw
 
@@ -66,7 +66,7 @@ class _Piece:
     """Something to write, in turn order: encoded or copied column chunks, or a file to close once they are out."""
 
     group: int
-    chunks: list[tuple[str, Chunk, bool]]
+    chunks: list[tuple[str, Chunk, Moved]]  # (output name, chunk, its metadata less the offsets)
     pieces: Iterable[bytes | memoryview]  # a FileRange: read (or copied in the kernel) when written
     source_start: int
     size: int  # what holding it until its turn costs (bytes of memory)
@@ -172,7 +172,7 @@ class Stitcher:
         mini = memoryview(self.encode(table)).cast("B")
         start = footer_start(mini)
         chunks = row_groups(bytes(mini[start:-8]))[0] if table.num_rows else []
-        self._append(group, [(n, c, False) for n, c in zip(table.column_names, chunks, strict=True)],
+        self._append(group, [(n, c, c.prepare()) for n, c in zip(table.column_names, chunks, strict=True)],
                      [mini[len(MAGIC) : start]], len(MAGIC))
         del mini
 
@@ -182,7 +182,7 @@ class Stitcher:
         at offsets in their source file, together make up `pieces` (`size` bytes, if known before reading them),
         which start at `source_start`. They are renamed to the output's names; page indexes and bloom filters
         are not copied."""
-        self._append(group, [(n, c, True) for n, c in chunks], pieces, source_start, size)
+        self._append(group, [(n, c, c.prepare(n, drop_bloom=True)) for n, c in chunks], pieces, source_start, size)
 
     def close_after_turn(self, f: BinaryIO) -> None:
         """Close `f` once everything this turn appended has been written (a copied range may still read it)."""
@@ -357,7 +357,7 @@ class Stitcher:
                 raise ValueError(f"column {name} written twice in row group {group}")
             self.sizes[group][0] += chunk.uncompressed
             self.sizes[group][1] += chunk.compressed
-            columns[name] = (chunk.encode(delta, name if moved else None, drop_bloom=moved), chunk.start + delta)
+            columns[name] = (moved.at(delta), chunk.start + delta)
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
         """Write the footer; returns the file's size."""
