@@ -219,7 +219,7 @@ class Chunk:
     def prepare(self, name: str | None = None, drop_bloom: bool = False) -> Moved:
         """encode()'s bytes with the offsets left open: a worker prepares a chunk, and the writer, which learns
         where it landed, only fills in the offsets (it writes ~17,000 per row group, between copies)."""
-        meta: list[tuple[int, int, bytes | int]] = []
+        meta: list[tuple[int, int, bytes | int | list]] = []
         for fid, t, raw in self.meta:
             value: bytes | int = raw
             if fid in self.offsets:
@@ -232,20 +232,18 @@ class Chunk:
                 b = name.encode()
                 value = bytes([(1 << 4) | BINARY]) + _uvarint(len(b)) + b
             meta.append((fid, t, value))
-        out = Moved()
-        last = 0
+        top: list[tuple[int, int, bytes | int | list]] = []
         for fid, t, raw in self.top:
             if fid not in CC_KEEP:
                 continue
-            _header(out.segments[-1], fid, last, t)
             if fid == CC_META:
-                out.put(meta)
+                top.append((fid, t, meta))
             elif fid == CC_FILE_OFFSET and self.file_offset:
-                out.hole(self.file_offset)
+                top.append((fid, t, self.file_offset))
             else:
-                out.segments[-1] += raw
-            last = fid
-        out.segments[-1].append(STOP)
+                top.append((fid, t, raw))
+        out = Moved()
+        out.put(top)
         return out
 
 
@@ -262,13 +260,15 @@ class Moved:
         self.offsets.append(offset)
         self.segments.append(bytearray())
 
-    def put(self, items: list[tuple[int, int, bytes | int]]) -> None:
-        """A struct's fields; an int value is an offset (a hole)."""
+    def put(self, items: list[tuple[int, int, bytes | int | list]]) -> None:
+        """A struct's fields: a value is encoded bytes, an offset (a hole) or a nested struct's fields."""
         last = 0
         for fid, t, value in items:
             _header(self.segments[-1], fid, last, t)
             if isinstance(value, int):
                 self.hole(value)
+            elif isinstance(value, list):
+                self.put(value)
             else:
                 self.segments[-1] += value
             last = fid

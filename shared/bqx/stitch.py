@@ -352,12 +352,12 @@ class Stitcher:
                 self.pos += len(piece)
         group = item.group
         columns = self.columns[group]
-        for name, chunk, moved in item.chunks:
+        for name, chunk, prepared in item.chunks:
             if name in columns:
                 raise ValueError(f"column {name} written twice in row group {group}")
             self.sizes[group][0] += chunk.uncompressed
             self.sizes[group][1] += chunk.compressed
-            columns[name] = (moved.at(delta), chunk.start + delta)
+            columns[name] = (prepared.at(delta), chunk.start + delta)
 
     def close(self, metadata: dict[str, str] | None = None) -> int:
         """Write the footer; returns the file's size."""
