@@ -9,7 +9,25 @@ are decoded. The wide merge handles ~17,000 column chunks per row group, so this
 
 from __future__ import annotations
 
-from bqx.thrift import BINARY, BYTE, DOUBLE, FALSE, I16, I32, I64, LIST, MAP, SET, STOP, STRUCT, TRUE, unzigzag, zigzag
+from bqx.thrift import (
+    BINARY,
+    BYTE,
+    DOUBLE,
+    FALSE,
+    I16,
+    I32,
+    I64,
+    LIST,
+    MAP,
+    SET,
+    STOP,
+    STRUCT,
+    TRUE,
+    put_field_header,
+    put_varint,
+    unzigzag,
+    zigzag,
+)
 
 Field = tuple[int, int, bytes]  # (field id, wire type, encoded value); booleans live in the wire type
 
@@ -37,7 +55,9 @@ def varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def zigzag_varint(n: int) -> bytes:
-    return _uvarint(zigzag(n) & 0xFFFFFFFFFFFFFFFF)
+    out = bytearray()
+    put_varint(out, zigzag(n) & 0xFFFFFFFFFFFFFFFF)
+    return bytes(out)
 
 
 def read_i64(raw: bytes) -> int:
@@ -129,20 +149,11 @@ def encode_fields(items: list[Field]) -> bytes:
     out = bytearray()
     last = 0
     for fid, t, raw in items:
-        _header(out, fid, last, t)
+        put_field_header(out, fid, last, t)
         out += raw
         last = fid
     out.append(STOP)
     return bytes(out)
-
-
-def _header(out: bytearray, fid: int, last: int, t: int) -> None:
-    delta = fid - last
-    if 0 < delta <= 15:
-        out.append((delta << 4) | t)
-    else:
-        out.append(t)
-        out += zigzag_varint(fid)  # field ids are zigzag i16 varints
 
 
 def _list_items(data: bytes, pos: int) -> tuple[int, int, int]:
@@ -230,7 +241,9 @@ class Chunk:
                 continue
             elif fid == MD_PATH and name is not None:
                 b = name.encode()
-                value = bytes([(1 << 4) | BINARY]) + _uvarint(len(b)) + b
+                path = bytearray([(1 << 4) | BINARY])  # a list of one string
+                put_varint(path, len(b))
+                value = bytes(path + b)
             meta.append((fid, t, value))
         top: list[tuple[int, int, bytes | int | list]] = []
         for fid, t, raw in self.top:
@@ -264,7 +277,7 @@ class Moved:
         """A struct's fields: a value is encoded bytes, an offset (a hole) or a nested struct's fields."""
         last = 0
         for fid, t, value in items:
-            _header(self.segments[-1], fid, last, t)
+            put_field_header(self.segments[-1], fid, last, t)
             if isinstance(value, int):
                 self.hole(value)
             elif isinstance(value, list):
@@ -281,15 +294,6 @@ class Moved:
             out.append(zigzag_varint(offset + delta))
             out.append(segments[i])
         return b"".join(out)
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def row_groups(footer: bytes) -> list[list[Chunk]]:

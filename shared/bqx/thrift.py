@@ -99,17 +99,30 @@ class Reader:
             last = fid
 
 
+def put_varint(out: bytearray, n: int) -> None:
+    """Append unsigned `n` as a varint."""
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def put_field_header(out: bytearray, fid: int, last: int, wire: int) -> None:
+    """Append a struct field's header: short form (a delta from the previous field id `last`) when it fits."""
+    delta = fid - last
+    if 0 < delta <= 15:
+        out.append((delta << 4) | wire)
+    else:
+        out.append(wire)
+        put_varint(out, zigzag(fid))  # field ids are zigzag i16 varints
+
+
 class Writer:
     def __init__(self) -> None:
         self.out = bytearray()
 
     def varint(self, n: int) -> None:
-        while True:
-            if n < 0x80:
-                self.out.append(n)
-                return
-            self.out.append((n & 0x7F) | 0x80)
-            n >>= 7
+        put_varint(self.out, n)
 
     def value(self, ttype: int, v: Any) -> None:
         if ttype in (TRUE, FALSE):
@@ -154,12 +167,7 @@ class Writer:
         for fid in sorted(fields):
             ttype, v = fields[fid]
             wire = (TRUE if v else FALSE) if ttype in (TRUE, FALSE) else ttype
-            delta = fid - last
-            if 0 < delta <= 15:
-                self.out.append((delta << 4) | wire)
-            else:
-                self.out.append(wire)
-                self.varint(zigzag(fid))
+            put_field_header(self.out, fid, last, wire)
             if ttype not in (TRUE, FALSE):
                 self.value(ttype, v)
             last = fid

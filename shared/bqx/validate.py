@@ -45,7 +45,6 @@ from bqx.logs import Log
 from bqx.objectfile import TAIL, ObjectFile, download
 from bqx.parquet_io import KEY_TYPE, type_name
 
-TAIL_BYTES = TAIL  # one ranged read covers the footer of any checkpoint up to a few thousand columns
 KEY_READ_LIMIT = 32 * 1024 * 1024  # compressed key-column bytes read to check every key; above: statistics only
 VALIDATED = "bqx_validated"  # custom metadata key: the crc32c of the content that passed validation
 INLINE_VALIDATIONS = 64  # unmarked checkpoints one event validates when the run looks complete (else: their events,
@@ -76,7 +75,7 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
     """Validate one checkpoint object generation against its manifest entry. Never raises for bad content."""
     if size < 12:
         return Verdict(False, f"truncated: {size} bytes is not a Parquet file", "BadCheckpoint")
-    tail = download(blob, max(0, size - TAIL_BYTES), size)
+    tail = download(blob, max(0, size - TAIL), size)  # the footer, in one read up to ~1,000 columns
     reads = 1
     if tail[-4:] != b"PAR1":
         return Verdict(False, f"truncated or not Parquet: no footer magic in the last bytes ({size} bytes)",
