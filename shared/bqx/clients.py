@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from google.api_core import exceptions as gexc
 
 from bqx.config import Settings
+from bqx.errors import ConfigError
 
 # Provider errors worth another try (redelivery, task retry), in one list; everything else is terminal or a bug.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -24,7 +25,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 if TYPE_CHECKING:
-    from google.cloud import bigquery, run_v2, storage
+    from google.auth.credentials import Credentials
+    from google.cloud import bigquery, bigquery_storage_v1, run_v2, storage
 
 
 def _credentials(settings: Settings):  # type: ignore[no-untyped-def]
@@ -58,3 +60,26 @@ def bigquery_client(settings: Settings) -> bigquery.Client:
     options = {"api_endpoint": settings.bigquery_api_endpoint} if settings.bigquery_api_endpoint else None
     return bigquery.Client(project=settings.project, credentials=_credentials(settings), client_options=options,
                            location=settings.bigquery_location or None)
+
+
+@functools.cache
+def bigquery_read_client(settings: Settings, credentials: Credentials | None = None
+                         ) -> bigquery_storage_v1.BigQueryReadClient:
+    """The BigQuery Storage Read API client (gRPC), with the BigQuery client's credentials when given. A local
+    endpoint override (settings.local) is a plain-gRPC stand-in, reached over an insecure loopback channel."""
+    try:
+        from google.cloud import bigquery_storage_v1
+    except ImportError:
+        raise ConfigError("the BigQuery source needs google-cloud-bigquery-storage (the Storage Read API), which "
+                          "is not installed; see requirements/jobs.txt") from None
+
+    endpoint = settings.bigquery_storage_endpoint
+    if endpoint and settings.local:
+        import grpc
+        from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
+
+        transport = BigQueryReadGrpcTransport(host=endpoint, channel=grpc.insecure_channel(endpoint))
+        return bigquery_storage_v1.BigQueryReadClient(transport=transport)
+    options = {"api_endpoint": endpoint} if endpoint else None
+    return bigquery_storage_v1.BigQueryReadClient(credentials=credentials or _credentials(settings),
+                                                  client_options=options)

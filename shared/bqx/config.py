@@ -119,6 +119,8 @@ class Settings:
     """Where poison messages end up after max delivery attempts."""
     bigquery_api_endpoint: str = ""
     """BigQuery API endpoint override (a local stand-in in tests); empty = Google's."""
+    bigquery_storage_endpoint: str = ""
+    """BigQuery Storage Read API endpoint override (host:port; locally a plain-gRPC stand-in); empty = Google's."""
     bigquery_location: str = ""
     """Location of BigQuery jobs and the temp dataset (e.g. US); empty = the client's default."""
     run_api_endpoint: str = ""
@@ -156,6 +158,7 @@ class Settings:
             events_topic=_env("BQX_EVENTS_TOPIC", d.events_topic),
             dead_letter_topic=_env("BQX_DEAD_LETTER_TOPIC", d.dead_letter_topic),
             bigquery_api_endpoint=_env("BQX_BIGQUERY_API_ENDPOINT", ""),
+            bigquery_storage_endpoint=_env("BQX_BIGQUERY_STORAGE_ENDPOINT", ""),
             bigquery_location=_env("BQX_BIGQUERY_LOCATION", ""),
             run_api_endpoint=_env("BQX_RUN_API_ENDPOINT", ""),
             local=local,

@@ -118,10 +118,11 @@ class BigQuerySource:
     """The warehouse in BigQuery, through google-cloud-bigquery.
 
     Discovery is one INFORMATION_SCHEMA.COLUMNS query with the pair as a bound parameter. Each table is read
-    by a query ordered by interval_time; its rows stream to Arrow through the BigQuery Storage Read API when
-    that library is installed (one ordered stream), else through the query results pages. `estimate_bytes`
-    is a dry run, so the bytes a read scans are known before it runs. The client is thread-safe: the extract
-    job reads several tables at once (BQX_EXTRACT_CONCURRENCY).
+    by a query ordered by interval_time; its rows stream to Arrow through the BigQuery Storage Read API (one
+    ordered stream) in the cloud, or wherever BQX_BIGQUERY_STORAGE_ENDPOINT is set, and through the query
+    results pages otherwise (the local stack). Without google-cloud-bigquery-storage the source fails when it
+    is created, never falls back. `estimate_bytes` is a dry run, so the bytes a read scans are known before it
+    runs. The clients are thread-safe: the extract job reads several tables at once (BQX_EXTRACT_CONCURRENCY).
     """
 
     def __init__(self, settings: Settings, client=None, bqstorage_client=None) -> None:  # type: ignore[no-untyped-def]
@@ -132,8 +133,12 @@ class BigQuerySource:
 
             client = bigquery_client(settings)
         self.client = client
-        self._bqstorage = bqstorage_client
-        self._bqstorage_tried = bqstorage_client is not None or settings.local  # no Storage API locally
+        if bqstorage_client is None and (settings.bigquery_storage_endpoint or not settings.local):
+            from bqx.clients import bigquery_read_client
+
+            # With the BigQuery client's credentials: nothing asks the metadata server a second time.
+            bqstorage_client = bigquery_read_client(settings, client._credentials)
+        self.bqstorage = bqstorage_client
 
     def _dataset_ref(self) -> str:
         return f"{quote_bigquery(self.settings.project)}.{quote_bigquery(self.settings.dataset)}"
@@ -169,21 +174,12 @@ class BigQuerySource:
         )
         return int(job.total_bytes_processed or 0)
 
-    def _storage_client(self):  # type: ignore[no-untyped-def]
-        if not self._bqstorage_tried:
-            self._bqstorage_tried = True
-            try:
-                from google.cloud import bigquery_storage_v1
-
-                self._bqstorage = bigquery_storage_v1.BigQueryReadClient(credentials=self.client._credentials)
-            except ImportError:
-                self._bqstorage = None
-        return self._bqstorage
-
     def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]:
-        rows = self.client.query(self.read_sql(table, row_limit)).result(page_size=BATCH_ROWS)
-        # ORDER BY in the query makes the client read the result as one ordered stream.
-        yield from rows.to_arrow_iterable(bqstorage_client=self._storage_client())
+        job = self.client.query(self.read_sql(table, row_limit))
+        # Through the Storage Read API, wait for the job without fetching rows (they would be read twice);
+        # ORDER BY in the query makes the client read the result table as one ordered stream.
+        rows = job.result() if self.bqstorage is not None else job.result(page_size=BATCH_ROWS)
+        yield from rows.to_arrow_iterable(bqstorage_client=self.bqstorage)
 
 
 def open_source(settings: Settings) -> Source:
