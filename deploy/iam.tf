@@ -71,6 +71,20 @@ resource "google_storage_bucket_iam_member" "functions_staging" {
   member = google_service_account.functions.member
 }
 
+# The trigger reads a pair's training_<pair>.summary.json to tell a finished run from an active one ("already
+# running"); it may read those summaries and nothing else in the output bucket.
+resource "google_storage_bucket_iam_member" "functions_output_summaries" {
+  bucket = google_storage_bucket.output.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.functions.member
+
+  condition {
+    title       = "run summaries only"
+    description = "training_<pair>.summary.json in the output bucket, not the training files."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.output.name}/objects/training_\") && resource.name.endsWith(\".summary.json\")"
+  }
+}
+
 resource "google_project_iam_custom_role" "job_launcher" {
   project     = var.project
   role_id     = "bqxJobLauncher"

@@ -45,13 +45,13 @@ def library_files() -> list[Path]:
     return out
 
 
-def build_dir(name: str, spec: dict[str, str], out: Path) -> Path:
+def build_dir(name: str, spec: dict[str, str], out: Path, requirements: Path = REQUIREMENTS) -> Path:
     target = out / name
     if target.exists():
         shutil.rmtree(target)
     (target / "bqx").mkdir(parents=True)
     shutil.copyfile(ROOT / spec["source"] / "main.py", target / "main.py")
-    shutil.copyfile(REQUIREMENTS, target / "requirements.txt")
+    shutil.copyfile(requirements, target / "requirements.txt")
     for rel in library_files():
         dest = target / "bqx" / rel
         dest.parent.mkdir(parents=True, exist_ok=True)

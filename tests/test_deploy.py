@@ -1,6 +1,6 @@
 """Static checks of the Google Cloud deployment (deploy/*.tf, deploy/names.json, jobs/Dockerfile, function packaging).
 
-No cloud access: the Terraform is parsed with python-hcl2 and its expressions are evaluated by a small evaluator that
+No cloud access: the Terraform is parsed with python-hcl2 and its expressions evaluated by bqx.local.terraform, which
 understands the subset deploy/ uses (references, coalesce/merge/tostring/upper, jsondecode(file(names.json)), object
 literals, templates). Anything outside that subset fails loudly rather than being skipped, so a check cannot pass by
 not looking. Resource attributes known only after apply evaluate to Ref("type.name.attr").
@@ -18,309 +18,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import hcl2  # python-hcl2, in the `test` extra
 import pytest
 
 from bqx import events
 from bqx.config import Settings, parse_bytes
+from bqx.local.terraform import Evaluator, Ref, deploy_texts, load_tf
 from bqx.pairs import PAIRS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 NAMES = json.loads((DEPLOY / "names.json").read_text())
 
-# ---------------------------------------------------------------------------------------------- HCL loading
-
-
-class Ref(str):
-    """An attribute Terraform knows only after apply, e.g. google_service_account.jobs.email."""
-
-
-class Unsupported(Exception):
-    pass
-
-
-def _clean(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {_unquote(k): _clean(v) for k, v in node.items() if k != "__is_block__"}
-    if isinstance(node, list):
-        return [_clean(v) for v in node]
-    return node
-
-
-def _unquote(key: str) -> str:
-    return key[1:-1] if len(key) >= 2 and key[0] == key[-1] == '"' else key
-
-
-def load_tf(texts: dict[str, str]) -> dict[str, Any]:
-    """{file name: HCL text} -> {"resource": {type: {name: body}}, "data": ..., "locals": {}, "variable": {}}."""
-    options = hcl2.SerializationOptions(strip_string_quotes=True, with_comments=False)
-    out: dict[str, Any] = {"resource": {}, "data": {}, "locals": {}, "variable": {}, "output": {}}
-    for name, text in sorted(texts.items()):
-        doc = _clean(hcl2.loads(text, serialization_options=options))
-        for block in doc.get("locals", []):
-            out["locals"].update(block)
-        for kind in ("variable", "output"):
-            for block in doc.get(kind, []):
-                out[kind].update(block)
-        for kind in ("resource", "data"):
-            for block in doc.get(kind, []):
-                for rtype, named in block.items():
-                    for rname, body in named.items():
-                        if rname in out[kind].setdefault(rtype, {}):
-                            raise AssertionError(f"{kind} {rtype}.{rname} declared twice ({name})")
-                        out[kind][rtype][rname] = body
-    return out
-
-
-def deploy_texts() -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted(DEPLOY.glob("*.tf"))}
-
-
-# ---------------------------------------------------------------------------------------------- expression evaluator
-
-_TOKEN = re.compile(
-    r"\s*(?:(?P<num>-?\d+(?:\.\d+)?)|(?P<id>[A-Za-z_][A-Za-z0-9_-]*)|(?P<str>\")|(?P<op>[()\[\],.{}=:*]))"
-)
-
-
-class Evaluator:
-    def __init__(self, tf: dict[str, Any], variables: dict[str, Any] | None = None) -> None:
-        self.tf = tf
-        self.vars = {name: body.get("default") for name, body in tf["variable"].items()}
-        for name, value in (variables or {}).items():
-            if name not in self.vars:
-                raise AssertionError(f"no variable {name!r} in deploy/variables.tf")
-            self.vars[name] = value
-        self._locals: dict[str, Any] = {}
-
-    # values as python-hcl2 gives them: "${expr}", "text ${expr} text", plain strings, numbers, dicts, lists
-    def value(self, node: Any) -> Any:
-        if isinstance(node, str):
-            return self.template(node)
-        if isinstance(node, dict):
-            return {k: self.value(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [self.value(v) for v in node]
-        return node
-
-    def template(self, text: str) -> Any:
-        parts: list[Any] = []
-        i = 0
-        while i < len(text):
-            start = text.find("${", i)
-            if start < 0:
-                parts.append(text[i:])
-                break
-            parts.append(text[i:start])
-            end = _matching_brace(text, start + 1)
-            parts.append(self.expr(text[start + 2 : end]))
-            i = end + 1
-        parts = [p for p in parts if p != ""]
-        if len(parts) == 1 and not (isinstance(parts[0], str) and not isinstance(parts[0], Ref)):
-            return parts[0]  # a lone ${expr} keeps its type
-        if any(isinstance(p, Ref) for p in parts):
-            return Ref("".join(f"${{{p}}}" if isinstance(p, Ref) else str(p) for p in parts))
-        return "".join(_to_str(p) for p in parts)
-
-    def expr(self, source: str) -> Any:
-        parser = _Parser(source, self)
-        result = parser.expression()
-        parser.end()
-        return result
-
-    def local(self, name: str) -> Any:
-        if name not in self._locals:
-            if name not in self.tf["locals"]:
-                raise AssertionError(f"no local {name!r}")
-            self._locals[name] = self.value(self.tf["locals"][name])
-        return self._locals[name]
-
-
-def _matching_brace(text: str, open_at: int) -> int:
-    depth, i, in_str = 0, open_at, False
-    while i < len(text):
-        c = text[i]
-        if in_str:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    raise Unsupported(f"unbalanced braces in {text!r}")
-
-
-def _to_str(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-class _Parser:
-    FUNCTIONS = {
-        "coalesce": lambda *a: next(v for v in a if v is not None and v != ""),
-        "tostring": _to_str,
-        "upper": lambda s: s.upper(),
-        "merge": lambda *maps: {k: v for m in maps for k, v in m.items()},
-        "jsondecode": json.loads,
-    }
-
-    def __init__(self, source: str, ev: Evaluator) -> None:
-        self.src, self.pos, self.ev = source, 0, ev
-
-    def peek(self) -> tuple[str, str] | None:
-        m = _TOKEN.match(self.src, self.pos)
-        if not m or m.end() == m.start():
-            return None
-        kind = m.lastgroup or ""
-        return kind, m.group(kind)
-
-    def take(self, expected: str | None = None) -> tuple[str, str]:
-        m = _TOKEN.match(self.src, self.pos)
-        if not m:
-            raise Unsupported(f"cannot parse {self.src[self.pos:]!r} in {self.src!r}")
-        kind = m.lastgroup or ""
-        text = m.group(kind)
-        if expected is not None and text != expected:
-            raise Unsupported(f"expected {expected!r} at {self.src[self.pos:]!r} in {self.src!r}")
-        self.pos = m.end()
-        return kind, text
-
-    def end(self) -> None:
-        if self.src[self.pos :].strip():
-            raise Unsupported(f"unsupported expression {self.src!r} (stopped at {self.src[self.pos:]!r})")
-
-    def expression(self) -> Any:
-        value = self.primary()
-        while (nxt := self.peek()) and nxt[1] == "*":
-            self.take("*")
-            value = value * self.primary()
-        return value
-
-    def primary(self) -> Any:
-        kind, text = self.take()
-        if kind == "num":
-            return float(text) if "." in text else int(text)
-        if kind == "str":
-            return self.string()
-        if text == "{":
-            return self.object()
-        if kind == "id":
-            if text in ("true", "false", "null"):
-                return {"true": True, "false": False, "null": None}[text]
-            nxt = self.peek()
-            if nxt and nxt[1] == "(":
-                return self.call(text)
-            return self.reference(text)
-        raise Unsupported(f"unsupported expression {self.src!r}")
-
-    def string(self) -> Any:
-        start = i = self.pos
-        depth = 0
-        while i < len(self.src):
-            c = self.src[i]
-            if c == "\\":
-                i += 2
-                continue
-            if c == "$" and self.src[i + 1 : i + 2] == "{":
-                i = _matching_brace(self.src, i + 1) + 1
-                continue
-            if c == '"' and depth == 0:
-                self.pos = i + 1
-                return self.ev.template(self.src[start:i].replace('\\"', '"'))
-            i += 1
-        raise Unsupported(f"unterminated string in {self.src!r}")
-
-    def object(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        while True:
-            nxt = self.peek()
-            if nxt and nxt[1] == "}":
-                self.take("}")
-                return out
-            kind, key = self.take()
-            if kind == "str":
-                key = self.string()
-            elif kind != "id":
-                raise Unsupported(f"object key {key!r} in {self.src!r}")
-            sep = self.take()[1]
-            if sep not in ("=", ":"):
-                raise Unsupported(f"object separator {sep!r} in {self.src!r}")
-            out[key] = self.expression()
-            nxt = self.peek()
-            if nxt and nxt[1] == ",":
-                self.take(",")
-
-    def call(self, name: str) -> Any:
-        self.take("(")
-        if name == "file":
-            path = self.expression()
-            self.take(")")
-            return (DEPLOY / Path(str(path)).name).read_text() if str(path).startswith("<module>/") else _fail(path)
-        if name not in self.FUNCTIONS:
-            raise Unsupported(f"function {name}() is not understood by this test's evaluator")
-        args = []
-        while True:
-            nxt = self.peek()
-            if nxt and nxt[1] == ")":
-                self.take(")")
-                break
-            args.append(self.expression())
-            nxt = self.peek()
-            if nxt and nxt[1] == ",":
-                self.take(",")
-        return self.FUNCTIONS[name](*args)
-
-    def reference(self, root: str) -> Any:
-        path = [root]
-        while True:
-            nxt = self.peek()
-            if nxt and nxt[1] == ".":
-                self.take(".")
-                path.append(self.take()[1])
-            elif nxt and nxt[1] == "[":
-                self.take("[")
-                path.append(self.expression())
-                self.take("]")
-            else:
-                break
-        return self.resolve(path)
-
-    def resolve(self, path: list[Any]) -> Any:
-        root = path[0]
-        if root == "var":
-            value, rest = self.ev.vars[path[1]], path[2:]
-        elif root == "local":
-            value, rest = self.ev.local(path[1]), path[2:]
-        elif root == "path" and path[1] == "module":
-            return "<module>"
-        elif root in ("each", "count", "env"):
-            return Ref(".".join(map(str, path)))
-        else:
-            kind = "data" if root == "data" else "resource"
-            rtype, rname = (path[1], path[2]) if kind == "data" else (path[0], path[1])
-            if rname not in self.ev.tf[kind].get(rtype, {}):
-                raise AssertionError(f"reference to undeclared {kind} {rtype}.{rname}")
-            return Ref(".".join(map(str, path)))
-        for key in rest:
-            if isinstance(value, Ref):
-                return Ref(f"{value}.{key}")
-            value = value[key]
-        return value
-
-
-def _fail(path: Any) -> Any:
-    raise Unsupported(f"file({path!r}) outside deploy/")
+# ---------------------------------------------------------------------------------------------- the Terraform
 
 
 @pytest.fixture(scope="module")
@@ -627,6 +336,7 @@ def _grants_of(tf: dict[str, Any], ev: Evaluator, account: str) -> set[tuple[str
 def test_functions_may_only_launch_the_two_jobs_and_use_staging(tf, ev):
     assert _grants_of(tf, ev, "functions") == {
         ("google_storage_bucket_iam_member", "roles/storage.objectUser", "google_storage_bucket.staging.name"),
+        ("google_storage_bucket_iam_member", "roles/storage.objectViewer", "google_storage_bucket.output.name"),
         ("google_cloud_run_v2_job_iam_member", CUSTOM_LAUNCHER, "google_cloud_run_v2_job.extract.name"),
         ("google_cloud_run_v2_job_iam_member", CUSTOM_LAUNCHER, "google_cloud_run_v2_job.merge.name"),
         ("google_service_account_iam_member", "roles/iam.serviceAccountUser", "google_service_account.jobs.name"),

@@ -69,6 +69,11 @@ class Ports:
     trigger: int = 8081
     completion: int = 8082
     run_api: int = 8090
+    # The IAM gate: one port per component, which is how the gate knows who calls (bqx.local.gate).
+    gate_trigger: int = 8091
+    gate_completion: int = 8092
+    gate_extract: int = 8093
+    gate_merge: int = 8094
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -125,6 +130,12 @@ class Settings:
     """Location of BigQuery jobs and the temp dataset (e.g. US); empty = the client's default."""
     run_api_endpoint: str = ""
     """Cloud Run Admin API endpoint override (local stand-in); empty = Google's."""
+    iam_gate: bool = True
+    """Local stack: components reach GCS and the Run API through the IAM gate, as their deployed accounts."""
+    gate_identities: str = ""
+    """The gate's own setting: JSON {port: {"component", "email"}} (written by the stack, read by the gate)."""
+    cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "bqx")
+    """Local stack: where the deployable artifacts' virtualenvs are kept (by the hash of their requirements)."""
     local: bool = False
     """True when talking to the local stack: anonymous credentials, never the metadata server."""
     home: Path = field(default_factory=default_home)
@@ -161,6 +172,9 @@ class Settings:
             bigquery_storage_endpoint=_env("BQX_BIGQUERY_STORAGE_ENDPOINT", ""),
             bigquery_location=_env("BQX_BIGQUERY_LOCATION", ""),
             run_api_endpoint=_env("BQX_RUN_API_ENDPOINT", ""),
+            iam_gate=_env("BQX_IAM_GATE", "1") not in ("0", "false", "False", "off"),
+            gate_identities=_env("BQX_GATE_IDENTITIES", ""),
+            cache=Path(_env("BQX_CACHE", str(d.cache))).expanduser(),
             local=local,
             home=home,
             ports=Ports.from_env(),

@@ -1,8 +1,13 @@
-"""The embedded local stack: fake-gcs-server, the Pub/Sub emulator, both functions and a Cloud Run API.
+"""The embedded local stack: fake-gcs-server, the Pub/Sub emulator, both functions, a Cloud Run API, an IAM gate.
 
 Wiring: fake-gcs-server publishes every object finalize to the events topic; push subscriptions deliver it to
 both functions (each ignores objects outside its prefix); the requests topic pushes to `trigger`. The
 functions start jobs through the local Cloud Run API, which runs `jobs/*/main.py` as processes.
+
+What runs is what deploys (bqx.local.artifacts): each function from its packaged source in a venv of its packaged
+requirements, each job from the image's files in a venv of requirements/jobs.txt. Each component reaches GCS and
+the Run API through the IAM gate (bqx.local.gate) on a port of its own, as the service account deploy/ gives it,
+so a permission deploy/iam.tf does not grant is refused here as it would be in the cloud.
 Each service is its own process group with a pid file under <home>/stack, so `down` leaves nothing behind.
 """
 
@@ -36,6 +41,18 @@ class Service:
     port: int
     argv: list[str]
     env: dict[str, str]
+    cwd: Path | None = None
+    identity: str = ""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The built artifacts: each function's source and venv, the jobs' files and venv, who each component is."""
+
+    functions: dict[str, tuple[Path, Path]]  # name -> (source dir, venv)
+    job_app: Path
+    job_venv: Path
+    accounts: dict[str, str]  # component -> service account email
 
 
 def repo_root() -> Path:
@@ -98,22 +115,65 @@ class Stack:
         self.s = settings
         self.dir = settings.home / "stack"
 
+    # ------------------------------------------------------------------ artifacts
+    def build(self, progress=lambda m: None) -> Runtime:  # type: ignore[no-untyped-def]
+        """Package and install what deploys (cached by the hash of the requirements)."""
+        from bqx.local import artifacts, iam
+
+        root, s = repo_root(), self.s
+        out = s.home / "artifacts"
+        functions = {}
+        for name in ("trigger", "completion"):
+            source = artifacts.function_source(root, name, out / "functions")
+            functions[name] = (source, artifacts.function_venv(s.cache, source, progress))
+        job_app = artifacts.job_source(root, out / "jobs" / "app")
+        job_venv = artifacts.job_venv(s.cache, root, progress)
+        accounts = iam.service_accounts(gate_variables(s))
+        return Runtime(functions, job_app, job_venv, accounts)
+
     # ------------------------------------------------------------------ processes
-    def services(self) -> list[Service]:
+    def services(self, runtime: Runtime | None = None) -> list[Service]:
+        """The services; without a runtime (status, down) their commands are left empty."""
         s, p = self.s, self.s.ports
-        root = repo_root()
         env = {**os.environ, **client_env(s), "PYTHONUNBUFFERED": "1", "BQX_LOG_FORMAT": "json"}
         env.setdefault("BQX_CLAIM_LEASE_SECONDS", LOCAL_LEASE_SECONDS)
         env.setdefault("BQX_TASK_MAX_RETRIES", "1")
+        for leak in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # artifacts import only what they carry
+            env.pop(leak, None)
         py = sys.executable
-        jobs = {s.extract_job: [py, str(root / "jobs" / "extract" / "main.py")],
-                s.merge_job: [py, str(root / "jobs" / "merge" / "main.py")]}
+        accounts = runtime.accounts if runtime else {}
+        gates = gate_ports(s)
+
+        def endpoints(component: str) -> dict[str, str]:
+            port = gates[component] if s.iam_gate else None
+            return {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port or p.gcs}",
+                    "BQX_RUN_API_ENDPOINT": f"http://127.0.0.1:{port or p.run_api}"}
+
+        def job(component: str) -> list[str]:
+            if runtime is None:
+                return []
+            app = runtime.job_app
+            # As the image runs it: its venv, its files, PYTHONPATH=/app/shared; the env wrapper pins the component's
+            # own endpoints (an execution's overrides cannot point it elsewhere).
+            pinned = [f"{k}={v}" for k, v in {**endpoints(component), "PYTHONPATH": str(app / "shared")}.items()]
+            return ["env", *pinned, str(runtime.job_venv / "bin" / "python"), str(app / "jobs" / component / "main.py")]
+
+        def fn(name: str, port: int) -> Service:
+            argv: list[str] = []
+            cwd = None
+            if runtime is not None:
+                source, venv = runtime.functions[name]
+                argv = [str(venv / "bin" / "python"), "-m", "functions_framework", "--target", name,
+                        "--source", str(source / "main.py"), "--signature-type", "cloudevent",
+                        "--host", "127.0.0.1", "--port", str(port)]
+                cwd = source
+            return Service(name, port, argv, {**env, **endpoints(name), "THREADS": "16"}, cwd,
+                           accounts.get(name, ""))
+
+        jobs = {s.extract_job: job("extract"), s.merge_job: job("merge")}
         gcs_root = s.home / "gcs"
         gcs_root.mkdir(parents=True, exist_ok=True)
-        fn = lambda name, port: Service(name, port, [  # noqa: E731
-            py, "-m", "functions_framework", "--target", name, "--source", str(root / "functions" / name / "main.py"),
-            "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(port)],
-            {**env, "THREADS": "16"})
+        identities = {str(port): {"component": c, "email": accounts.get(c, "")} for c, port in gates.items()}
         return [
             Service("pubsub", p.pubsub, [str(pubsub_emulator()), "--host=127.0.0.1", f"--port={p.pubsub}"], env),
             Service("gcs", p.gcs, [
@@ -121,10 +181,12 @@ class Stack:
                 "-backend", "filesystem", "-filesystem-root", str(gcs_root), "-log-level", "warn",
                 "-event.pubsub-project-id", s.project, "-event.pubsub-topic", s.events_topic,
                 "-event.list", "finalize"], env),
-            fn("trigger", p.trigger),
-            fn("completion", p.completion),
             Service("run_api", p.run_api, [py, "-m", "bqx.local.runapi"],
                     {**env, "BQX_RUN_API_HOME": str(s.home / "run-api"), "BQX_LOCAL_JOBS": json.dumps(jobs)}),
+            *([Service("gate", gates["trigger"], [py, "-m", "bqx.local.gate"],
+                       {**env, "BQX_GATE_IDENTITIES": json.dumps(identities)})] if s.iam_gate else []),
+            fn("trigger", p.trigger),
+            fn("completion", p.completion),
         ]
 
     def _pidfile(self, name: str) -> Path:
@@ -147,7 +209,7 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / f"{svc.name}.log", "ab")
         proc = subprocess.Popen(svc.argv, env=svc.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.s.home))
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(svc.cwd or self.s.home))
         self._pidfile(svc.name).write_text(str(proc.pid))
         deadline = time.time() + timeout
         while not port_open(svc.port):
@@ -190,18 +252,28 @@ class Stack:
     # ------------------------------------------------------------------ lifecycle
     def up(self, progress=print) -> None:  # type: ignore[no-untyped-def]
         self.s.home.mkdir(parents=True, exist_ok=True)
-        services = {svc.name: svc for svc in self.services()}
-        for name in ("pubsub", "gcs", "trigger", "completion", "run_api"):
+        runtime = self.build(progress)
+        services = {svc.name: svc for svc in self.services(runtime)}
+        for name in ("pubsub", "gcs", "run_api", "gate", "trigger", "completion"):
+            if name not in services:
+                continue
             if name == "gcs":
                 self._topics()  # the events topic must exist before the first upload, or events are lost
             self.start(services[name])
-            progress(f"{name:10s} up on 127.0.0.1:{services[name].port}")
+            who = f" as {services[name].identity}" if services[name].identity else ""
+            progress(f"{name:10s} up on 127.0.0.1:{services[name].port}{who}")
+        if self.s.iam_gate:
+            for component, port in gate_ports(self.s).items():
+                progress(f"{'':10s} {component} reaches GCS and the Run API through the IAM gate on 127.0.0.1:{port}"
+                         f" as {runtime.accounts[component]}")
+        else:
+            progress("IAM gate off (BQX_IAM_GATE=0): every component has every permission")
         self._buckets()
         self._subscriptions()
 
     def down(self) -> list[str]:
         stopped = []
-        for name in ("run_api", "trigger", "completion", "gcs", "pubsub"):
+        for name in ("run_api", "trigger", "completion", "gate", "gcs", "pubsub"):
             if self.stop(name):
                 stopped.append(name)
         return stopped
@@ -301,6 +373,19 @@ class Stack:
             sub.acknowledge(request={"subscription": self.subscription("bqx-dead-letters"),
                                      "ack_ids": [m.ack_id for m in resp.received_messages]})
         return out
+
+
+def gate_ports(s: Settings) -> dict[str, int]:
+    """The IAM gate's port for each component: the port is how the gate knows who calls."""
+    p = s.ports
+    return {"trigger": p.gate_trigger, "completion": p.gate_completion, "extract": p.gate_extract,
+            "merge": p.gate_merge}
+
+
+def gate_variables(s: Settings) -> dict[str, str]:
+    """The Terraform variables that make deploy/ name this stack's project, region and buckets."""
+    return {"project": s.project, "region": s.region, "staging_bucket": s.staging_bucket,
+            "output_bucket": s.output_bucket}
 
 
 def free_port() -> int:

@@ -1,0 +1,111 @@
+"""The deployable artifacts, built and installed here as the cloud builds them, so the local stack runs what deploys.
+
+- A function: the source directory deploy/package_functions.py produces (main.py, a copy of shared/bqx, the packaged
+  requirements.txt), in a virtualenv installed only from that requirements.txt (Cloud Functions' build runs
+  `pip install -r requirements.txt`), then `pip check`.
+- A job: what jobs/Dockerfile copies (shared/bqx, jobs/) in a virtualenv installed only from requirements/jobs.txt
+  with --no-deps, then `pip check`, exactly as the image is built. One local-only addition, requirements/local-jobs.txt:
+  the DuckDB driver that stands in for BigQuery.
+
+Virtualenvs are cached under the cache folder by the hash of what they install, so a warm start costs nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+from bqx.errors import BqxError
+
+JOB_REQUIREMENTS = ("requirements/jobs.txt", "requirements/local-jobs.txt")
+# What jobs/Dockerfile copies into /app (its .dockerignore keeps bqx/local out).
+JOB_TREES = (("shared/bqx", "shared/bqx"), ("jobs", "jobs"))
+_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "local")
+
+
+class ArtifactError(BqxError):
+    """A deployable artifact could not be built or installed."""
+
+
+def package_functions(repo: Path) -> ModuleType:
+    """deploy/package_functions.py, the one packager (it is a script, not part of the bqx package)."""
+    spec = importlib.util.spec_from_file_location("bqx_package_functions", repo / "deploy" / "package_functions.py")
+    if spec is None or spec.loader is None:
+        raise ArtifactError(f"cannot load {repo / 'deploy' / 'package_functions.py'}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def function_source(repo: Path, name: str, out: Path, requirements: Path | None = None) -> Path:
+    """Build the function's deployable source directory under `out` (as `python deploy/package_functions.py`)."""
+    packager = package_functions(repo)
+    spec = packager.functions()[name]
+    return packager.build_dir(name, spec, out, requirements or packager.REQUIREMENTS)
+
+
+def job_source(repo: Path, out: Path) -> Path:
+    """The job image's /app: shared/bqx and jobs/, fresh copies."""
+    if out.exists():
+        shutil.rmtree(out)
+    for src, dest in JOB_TREES:
+        shutil.copytree(repo / src, out / dest, ignore=_IGNORED)
+    return out
+
+
+def venv(cache: Path, name: str, requirements: list[Path], no_deps: bool,
+         progress: Callable[[str], None] = lambda m: None) -> Path:
+    """A virtualenv with exactly `requirements` installed (and `pip check` passing), cached by their content."""
+    digest = hashlib.sha256(f"{sys.version_info[:3]}|{sys.platform}|no_deps={no_deps}".encode())
+    for req in requirements:
+        digest.update(req.read_bytes())
+    target = cache / "venvs" / f"{name}-{digest.hexdigest()[:16]}"
+    done = target / ".bqx-installed"
+    if done.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two stacks starting at once build it once
+        if done.exists():
+            return target
+        if target.exists():
+            shutil.rmtree(target)
+        progress(f"installing the {name} environment from {', '.join(r.name for r in requirements)} "
+                 "(first start only; cached by their hash)")
+        started = time.time()
+        _run([sys.executable, "-m", "venv", str(target)], name)
+        pip = [str(target / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--no-input"]
+        args = [*pip, "install", "--quiet", *(["--no-deps"] if no_deps else [])]
+        for req in requirements:
+            args += ["-r", str(req)]
+        _run(args, name)
+        _run([*pip, "check"], name)
+        done.write_text(json.dumps({"requirements": [str(r) for r in requirements], "no_deps": no_deps,
+                                    "seconds": round(time.time() - started, 1)}))
+    return target
+
+
+def function_venv(cache: Path, source: Path, progress: Callable[[str], None] = lambda m: None) -> Path:
+    return venv(cache, "function", [source / "requirements.txt"], no_deps=False, progress=progress)
+
+
+def job_venv(cache: Path, repo: Path, progress: Callable[[str], None] = lambda m: None) -> Path:
+    return venv(cache, "job", [repo / r for r in JOB_REQUIREMENTS], no_deps=True, progress=progress)
+
+
+def _run(argv: list[str], name: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        # pip's own warnings about this machine's index settings are noise; its errors are what matter
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "is ignored: it is neither" not in ln]
+        raise ArtifactError(f"building the {name} environment failed ({' '.join(argv[-3:])}):\n"
+                            + "\n".join(lines[-30:]))
