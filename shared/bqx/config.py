@@ -134,6 +134,8 @@ class Settings:
     """Local stack: components reach GCS and the Run API through the IAM gate, as their deployed accounts."""
     gate_identities: str = ""
     """The gate's own setting: JSON {port: {"component", "email"}} (written by the stack, read by the gate)."""
+    deploy_dir: str = ""
+    """Local stack: the Terraform whose identities and IAM grants the stack enforces (empty: the checkout's deploy/)."""
     cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "bqx")
     """Local stack: where the deployable artifacts' virtualenvs are kept (by the hash of their requirements)."""
     local: bool = False
@@ -174,6 +176,7 @@ class Settings:
             run_api_endpoint=_env("BQX_RUN_API_ENDPOINT", ""),
             iam_gate=_env("BQX_IAM_GATE", "1") not in ("0", "false", "False", "off"),
             gate_identities=_env("BQX_GATE_IDENTITIES", ""),
+            deploy_dir=_env("BQX_DEPLOY_DIR", ""),
             cache=Path(_env("BQX_CACHE", str(d.cache))).expanduser(),
             local=local,
             home=home,

@@ -363,12 +363,12 @@ def serve(gate: Gate) -> list[ThreadingHTTPServer]:
 
 def main() -> None:
     from bqx.config import Settings
-    from bqx.local.stack import gate_variables
+    from bqx.local.stack import deploy_dir, gate_variables
 
     s = Settings.from_env()
     routes = json.loads(s.gate_identities)
     identities = {int(port): Identity(v["component"], v["email"]) for port, v in routes.items()}
-    policy = Policy.from_terraform(gate_variables(s))
+    policy = Policy.from_terraform(gate_variables(s), deploy_dir(s))
     unknown = policy.unknown_roles()
     gate = Gate(policy, identities, s.ports.gcs, s.ports.run_api, s.project, s.region)
     serve(gate)

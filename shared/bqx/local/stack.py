@@ -128,7 +128,7 @@ class Stack:
             functions[name] = (source, artifacts.function_venv(s.cache, source, progress))
         job_app = artifacts.job_source(root, out / "jobs" / "app")
         job_venv = artifacts.job_venv(s.cache, root, progress)
-        accounts = iam.service_accounts(gate_variables(s))
+        accounts = iam.service_accounts(gate_variables(s), deploy_dir(s))
         return Runtime(functions, job_app, job_venv, accounts)
 
     # ------------------------------------------------------------------ processes
@@ -380,6 +380,11 @@ def gate_ports(s: Settings) -> dict[str, int]:
     p = s.ports
     return {"trigger": p.gate_trigger, "completion": p.gate_completion, "extract": p.gate_extract,
             "merge": p.gate_merge}
+
+
+def deploy_dir(s: Settings) -> Path:
+    """The Terraform the stack enforces: BQX_DEPLOY_DIR, else the checkout's deploy/."""
+    return Path(s.deploy_dir) if s.deploy_dir else repo_root() / "deploy"
 
 
 def gate_variables(s: Settings) -> dict[str, str]:
