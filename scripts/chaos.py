@@ -4,8 +4,10 @@
 Each schedule is one extraction run: a manifest of 2-6 tables, real Parquet checkpoints uploaded to
 fake-gcs-server, and every checkpoint's finalize event delivered 1-3 times (Eventarc or Pub/Sub-push shape,
 structured or binary CloudEvents), shuffled, by 8 concurrent senders that redeliver failures (HTTP 500 or a
-dropped connection) with backoff, at most MAX_ATTEMPTS times, as Pub/Sub push does. The function runs in a real
-`functions-framework` (gunicorn) server process. Faults, chosen by the seed:
+dropped connection) with backoff, at most MAX_ATTEMPTS times, as Pub/Sub push does. The function runs as it
+deploys: its packaged source in a venv of its packaged requirements (bqx.local.artifacts), in a real
+`functions-framework` (gunicorn) server process, reaching GCS and the Run API through the IAM gate as the account
+deploy/ gives it (bqx.local.gate). Faults, chosen by the seed:
   - crash after claiming: the claims failpoint (BQX_FAILPOINT_AFTER_CLAIM) makes the instance that wins the
     merge claim exit on the spot (`exit`: the process dies, gunicorn starts a new one) or raise (`raise`);
   - the Cloud Run Admin API (bqx.local.runapi, a real HTTP server the google-cloud-run client talks to)
@@ -53,6 +55,7 @@ from cloudevents.http import CloudEvent
 from bqx import layout, storage
 from bqx.catalog import Column, Manifest, TableEntry
 from bqx.config import Settings
+from bqx.local import artifacts, gate
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import free_port
 from bqx.pairs import PAIRS
@@ -188,6 +191,7 @@ class Harness:
         self.api = RunApi(self.dir / "run-api", {settings.extract_job: ["true"], settings.merge_job: ["true"]},
                           {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         self.api_server: ThreadingHTTPServer | None = None
+        self.gate_servers: list[ThreadingHTTPServer] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.payload = checkpoint_bytes()
@@ -199,16 +203,24 @@ class Harness:
         self.api_server.daemon_threads = True
         threading.Thread(target=self.api_server.serve_forever, daemon=True).start()
         self.port = free_port()
-        env = {**self.env, "BQX_STAGING_BUCKET": self.s.staging_bucket,
-               "BQX_RUN_API_ENDPOINT": f"http://127.0.0.1:{self.api_server.server_address[1]}",
+        source = artifacts.function_source(REPO, "completion", self.dir / "artifact")
+        venv = artifacts.function_venv(self.s.cache, source)
+        gate_port = free_port()
+        gcs_port = int(self.env["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
+        self.gate_servers = gate.serve(gate.for_components(self.s, {gate_port: "completion"}, gcs_port,
+                                                           self.api_server.server_address[1]))
+        env = {**{k: v for k, v in self.env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+               "BQX_STAGING_BUCKET": self.s.staging_bucket,
+               "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gate_port}",
+               "BQX_RUN_API_ENDPOINT": f"http://127.0.0.1:{gate_port}",
                "BQX_CLAIM_LEASE_SECONDS": str(self.lease), "BQX_FAILPOINT_AFTER_CLAIM": str(self.tokens),
                "THREADS": "16", "BQX_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "functions_framework", "--target", "completion",
-                "--source", str(REPO / "functions" / "completion" / "main.py"), "--signature-type", "cloudevent",
+        argv = [str(venv / "bin" / "python"), "-m", "functions_framework", "--target", "completion",
+                "--source", str(source / "main.py"), "--signature-type", "cloudevent",
                 "--host", "127.0.0.1", "--port", str(self.port)]
         log = open(self.dir / "completion.log", "ab")
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=source)
         deadline = time.time() + 60
         while not port_open(self.port):
             if self.proc.poll() is not None or time.time() > deadline:
@@ -227,6 +239,9 @@ class Harness:
         if self.api_server is not None:
             self.api_server.shutdown()
             self.api_server.server_close()
+        for server in self.gate_servers:
+            server.shutdown()
+            server.server_close()
 
     def __enter__(self) -> Harness:
         return self.start()

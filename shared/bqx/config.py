@@ -133,7 +133,7 @@ class Settings:
     iam_gate: bool = True
     """Local stack: components reach GCS and the Run API through the IAM gate, as their deployed accounts."""
     gate_identities: str = ""
-    """The gate's own setting: JSON {port: {"component", "email"}} (written by the stack, read by the gate)."""
+    """The gate's own setting: JSON {port: {"component": name}} (written by the stack, read by the gate)."""
     deploy_dir: str = ""
     """Local stack: the Terraform whose identities and IAM grants the stack enforces (empty: the checkout's deploy/)."""
     cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "bqx")

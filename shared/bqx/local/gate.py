@@ -5,8 +5,8 @@ Each component of the local stack talks to the gate on a port of its own, and th
 stand-in for the OAuth token of the account it runs as in the cloud, so every client keeps AnonymousCredentials).
 A refused call gets the 403 GCS or Cloud Run would answer. Every decision is one JSON line in the gate's log.
 
-    python -m bqx.local.gate    # env: BQX_GATE_IDENTITIES (JSON {port: {"component", "email"}}), BQX_GATE_GCS,
-                                # BQX_GATE_RUN_API (upstream ports), BQX_PROJECT/BQX_REGION/bucket names
+    python -m bqx.local.gate    # env: BQX_GATE_IDENTITIES (JSON {port: {"component": name}}), the stack's
+                                # ports (upstream: BQX_PORT_GCS, BQX_PORT_RUN_API), project, region, buckets
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from bqx.config import Settings
 from bqx.local.iam import Policy, Resource
 
 BLOCK = 1 << 20
@@ -361,16 +362,27 @@ def serve(gate: Gate) -> list[ThreadingHTTPServer]:
     return servers
 
 
+def for_components(s: Settings, ports: dict[int, str], gcs_port: int | None = None,
+                   run_port: int | None = None) -> Gate:
+    """A gate for `ports` ({port: component}), each component as the account deploy/ gives it, in front of the
+    given fake-gcs-server and Run API (default: the settings' own)."""
+    from bqx.local.iam import service_accounts
+    from bqx.local.stack import deploy_dir, gate_variables
+
+    variables, deploy = gate_variables(s), deploy_dir(s)
+    accounts = service_accounts(variables, deploy)
+    identities = {port: Identity(component, accounts[component]) for port, component in ports.items()}
+    return Gate(Policy.from_terraform(variables, deploy), identities, gcs_port or s.ports.gcs,
+                run_port or s.ports.run_api, s.project, s.region)
+
+
 def main() -> None:
     from bqx.config import Settings
-    from bqx.local.stack import deploy_dir, gate_variables
 
     s = Settings.from_env()
     routes = json.loads(s.gate_identities)
-    identities = {int(port): Identity(v["component"], v["email"]) for port, v in routes.items()}
-    policy = Policy.from_terraform(gate_variables(s), deploy_dir(s))
-    unknown = policy.unknown_roles()
-    gate = Gate(policy, identities, s.ports.gcs, s.ports.run_api, s.project, s.region)
+    gate = for_components(s, {int(port): v["component"] for port, v in routes.items()})
+    identities, unknown = gate.identities, gate.policy.unknown_roles()
     serve(gate)
     print(json.dumps({"severity": "INFO", "message": "IAM gate up", "identities": {
         str(p): f"{i.component} as {i.email}" for p, i in identities.items()},

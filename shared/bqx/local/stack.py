@@ -173,7 +173,7 @@ class Stack:
         jobs = {s.extract_job: job("extract"), s.merge_job: job("merge")}
         gcs_root = s.home / "gcs"
         gcs_root.mkdir(parents=True, exist_ok=True)
-        identities = {str(port): {"component": c, "email": accounts.get(c, "")} for c, port in gates.items()}
+        identities = {str(port): {"component": c} for c, port in gates.items()}
         return [
             Service("pubsub", p.pubsub, [str(pubsub_emulator()), "--host=127.0.0.1", f"--port={p.pubsub}"], env),
             Service("gcs", p.gcs, [
