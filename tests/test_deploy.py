@@ -478,7 +478,8 @@ def test_dockerfile_builds_both_jobs_as_non_root():
         users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
         assert users and users[-1].split(":")[0] not in ("root", "0"), f"{job} image runs as root"
         entry = [ln for ln in lines if ln.startswith("ENTRYPOINT")]
-        assert json.loads(entry[-1][len("ENTRYPOINT"):]) == ["python", NAMES["jobs"][job]["entrypoint"]]
+        isolated = ["python", "-I", "-u", "-B"]  # PYTHON* variables (overrides) are ignored; unbuffered logs
+        assert json.loads(entry[-1][len("ENTRYPOINT"):]) == [*isolated, NAMES["jobs"][job]["entrypoint"]]
     assert "--no-deps -r /tmp/jobs.txt" in text and "pip check" in text
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1 :] and "!requirements/jobs.txt" in ignore

@@ -220,3 +220,24 @@ def test_a_function_packaged_without_a_dependency_it_imports_fails(stack_env: Lo
     assert reply.status_code == 500  # redelivered forever in the cloud: no merge would ever start
     assert "No module named 'numpy'" in (tmp_path / "fn.log").read_text() or \
         "No module named 'pyarrow'" in (tmp_path / "fn.log").read_text()
+
+
+# ---------------------------------------------------------------- an env override cannot load code into a job
+
+
+def test_job_command_ignores_interpreter_variables(local_stack: LocalStack, tmp_path: Path) -> None:
+    runtime = local_stack.stack.build()
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    marker = tmp_path / "ran"
+    (plant / "bqxplant.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass W(Warning):\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(plant), "PYTHONWARNINGS": "ignore::bqxplant.W"}
+    argv = artifacts.job_command(REPO, runtime.job_app, "extract", runtime.job_venv / "bin" / "python")
+    assert argv[1:4] == ["-I", "-u", "-B"]  # jobs/Dockerfile's ENTRYPOINT, as the stack runs it
+    # the control: the same interpreter without the image's flags imports the planted module at start-up
+    subprocess.run([argv[0], "-c", "pass"], env=env, timeout=60, capture_output=True)
+    assert marker.exists()
+    marker.unlink()
+    proc = subprocess.run([*argv, "notapair"], env=env, capture_output=True, text=True, timeout=60)
+    assert "notapair" in proc.stdout + proc.stderr  # the job ran and refused the pair ...
+    assert not marker.exists()  # ... and the override loaded nothing

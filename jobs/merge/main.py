@@ -1,9 +1,14 @@
 """Cloud Run job entrypoint (the container runs this file; the local stack runs it as a process)."""
 
 import sys
+from pathlib import Path
 
-from bqx import allocator
-from bqx.config import Settings
+# The image runs `python -I` (PYTHON* variables, e.g. in an execution's env overrides, cannot load code), so the
+# library's folder goes on the path here instead of through PYTHONPATH: /app/shared in the image, shared/ here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
+
+from bqx import allocator  # noqa: E402
+from bqx.config import Settings  # noqa: E402
 
 # Before anything imports pyarrow: Arrow's allocator keeps or returns freed pages by the memory budget.
 try:

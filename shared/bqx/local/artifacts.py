@@ -62,6 +62,21 @@ def job_source(repo: Path, out: Path) -> Path:
     return out
 
 
+def job_command(repo: Path, app: Path, job: str, python: Path) -> list[str]:
+    """The job's ENTRYPOINT from jobs/Dockerfile (the stage named after the job), run with the venv's python from the
+    local copy of /app: the same interpreter flags and script as the container."""
+    stage, entry = "", None
+    for line in (repo / "jobs" / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[0].upper() == "FROM" and words[2].upper() == "AS":
+            stage = words[3]
+        elif words and words[0].upper() == "ENTRYPOINT" and stage == job:
+            entry = json.loads(line.split(None, 1)[1])
+    if not entry or entry[0] != "python":
+        raise ArtifactError(f"jobs/Dockerfile has no exec-form ENTRYPOINT [\"python\", ...] in stage {job!r}")
+    return [str(python), *(str(app / a) if (app / a).is_file() else a for a in entry[1:])]
+
+
 def venv(cache: Path, name: str, requirements: list[Path], no_deps: bool,
          progress: Callable[[str], None] = lambda m: None) -> Path:
     """A virtualenv with exactly `requirements` installed (and `pip check` passing), cached by their content."""

@@ -152,11 +152,13 @@ class Stack:
         def job(component: str) -> list[str]:
             if runtime is None:
                 return []
-            app = runtime.job_app
-            # As the image runs it: its venv, its files, PYTHONPATH=/app/shared; the env wrapper pins the component's
-            # own endpoints (an execution's overrides cannot point it elsewhere).
-            pinned = [f"{k}={v}" for k, v in {**endpoints(component), "PYTHONPATH": str(app / "shared")}.items()]
-            return ["env", *pinned, str(runtime.job_venv / "bin" / "python"), str(app / "jobs" / component / "main.py")]
+            from bqx.local.artifacts import job_command
+
+            # As the image runs it (its ENTRYPOINT, its venv, its files); the env wrapper pins the component's own
+            # endpoints, so an execution's overrides cannot point it elsewhere.
+            pinned = [f"{k}={v}" for k, v in endpoints(component).items()]
+            return ["env", *pinned, *job_command(repo_root(), runtime.job_app, component,
+                                                 runtime.job_venv / "bin" / "python")]
 
         def fn(name: str, port: int) -> Service:
             argv: list[str] = []
