@@ -85,6 +85,10 @@ resource "google_storage_bucket_iam_member" "functions_output_summaries" {
   }
 }
 
+# run.jobs.runWithOverrides stays: an execution needs its pair (container args) and run id (BQX_RUN_ID), which only
+# overrides carry. What an override could do beyond that is closed elsewhere: the functions pass only the pair, the run
+# id and a task count (bqx.launch); the jobs run `python -I` (jobs/Dockerfile), so PYTHON* variables load nothing; and
+# the job launcher is bound per job, to this account only.
 resource "google_project_iam_custom_role" "job_launcher" {
   project     = var.project
   role_id     = "bqxJobLauncher"
