@@ -85,7 +85,7 @@ def _job(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedPr
 def test_job_exit_codes(isolated) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "BQX_LOG_FORMAT": "json"}
     bad_pair = _job("extract", "notapair", env=env)
-    assert bad_pair.returncode == 0  # terminal: logged, no retry asked
+    assert bad_pair.returncode == 2  # terminal: logged, and the execution shows as failed
     line = json.loads(bad_pair.stdout.strip().splitlines()[-1])
     assert line["severity"] == "ERROR" and "unknown pair" in line["message"]
     missing = _job("extract", "eurusd", env={**env, "BQX_WAREHOUSE": "/nonexistent/warehouse.duckdb",

@@ -9,6 +9,9 @@
    While launching, a live owner renews the claim every lease/3 (`renewed_at`), so a slow launch is never
    mistaken for a dead owner; the age that counts is since the last renewal.
 
+A job started by hand (`gcloud run jobs execute`) is its own launch: `claim_own` creates the claim recording its own
+execution at once, and never takes a claim held by another execution unless forced.
+
 Fault injection (tests, scripts/chaos.py): with BQX_FAILPOINT_AFTER_CLAIM=<dir>, each claim won takes one token
 file from <dir> if there is one; a token named `exit-*` ends the process on the spot (os._exit: no cleanup, no
 reply, like a killed instance), any other token raises InjectedCrash (the claim is left unrecorded). Unset (as in
@@ -165,3 +168,37 @@ def launch_once(
     if recorded is None:
         log.error("claim changed under us after launching; another launch may follow", claim=name, **context)
     return Outcome(True, execution, took_over)
+
+
+def claim_own(
+    settings: Settings,
+    name: str,
+    execution: str,
+    is_mine: Callable[[str], bool],
+    context: dict[str, object],
+    force: bool = False,
+) -> Outcome:
+    """For a job started by hand, which is its own launch: create claim `name` recording `execution` (create-once).
+    Outcome(True, execution): this execution holds the claim (just created, already its own, or — with `force` —
+    taken over from its holder with a generation precondition). Outcome(False, holder): another execution holds it
+    (holder None: its launcher has not recorded the execution yet)."""
+    bucket = settings.staging_bucket
+    now = time.time()
+    body: dict[str, object] = {"owner": _owner(), "claimed_at": now, "execution": execution, "launched_at": now,
+                               "by_hand": True, **context}
+    if storage.create_json(settings, bucket, name, body) is not None:
+        return Outcome(True, execution)
+    current = storage.read_json(settings, bucket, name)
+    if current is None:
+        raise ClaimHeld(f"claim {name} vanished while being read")
+    state, generation = current
+    holder = state.get("execution") or None
+    if holder is not None and is_mine(str(holder)):
+        return Outcome(True, execution)  # an earlier attempt (or another task) of this execution claimed it
+    if not force:
+        return Outcome(False, holder)
+    if storage.replace_json(settings, bucket, name, {**body, "forced": True, "took_over_from": state},
+                            generation) is None:
+        raise ClaimHeld(f"claim {name} changed while being taken over")
+    log.warning("forced: took the claim over from its holder", claim=name, holder=holder, **context)
+    return Outcome(True, execution, took_over=True)

@@ -32,7 +32,21 @@ class UnknownPair(TerminalError):
 
 
 class BadRequest(TerminalError):
-    """A request object or message that cannot be understood."""
+    """A request object, message or job argument list that cannot be understood."""
+
+
+class Refused(TerminalError):
+    """A job started by hand was asked for what the exactly-once rules forbid (another active run of the pair, a
+    merge already claimed or published, a run that is not complete). Logged, exit 2; never recorded in a run's
+    error.json: the run it names is someone else's, or was never started."""
+
+
+class AlreadyRunning(Refused):
+    """The pair's latest run is another, active one (docs/EXACTLY-ONCE.md); the trigger acknowledges the request."""
+
+    def __init__(self, pair: str, run_id: str, execution: str | None) -> None:
+        super().__init__(f"{pair} already has an active run {run_id} (execution {execution or 'being launched'})")
+        self.pair, self.run_id, self.execution = pair, run_id, execution
 
 
 class OutsideLayout(TerminalError):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from bqx import claims, events, ids, layout, logs, storage
+from bqx import claims, events, ids, layout, logs, runs, storage
 from bqx.catalog import Manifest
 from bqx.config import Settings
-from bqx.errors import BadRequest, TerminalError, TransientError
+from bqx.errors import AlreadyRunning, BadRequest, TerminalError, TransientError
 from bqx.launch import run_job
 from bqx.logs import Log
 from bqx.pairs import validate_pair
@@ -74,53 +73,17 @@ def parse_request_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def active_run(s: Settings, pair: str, latest: dict[str, Any]) -> dict[str, Any] | None:
-    """The extract claim of the pair's latest run while that run is active, else None. Active: requested less
-    than BQX_ACTIVE_RUN_MAX_SECONDS ago, its extract launched (or being launched within the claim lease), no
-    error.json, and no summary of that run in the output bucket."""
-    run_id = latest.get("run_id")
-    if not isinstance(run_id, str) or time.time() - float(latest.get("requested_at") or 0) > s.active_run_max_seconds:
-        return None
-    try:
-        claim_name = layout.claim(pair, run_id, "extract")
-    except TerminalError:
-        return None  # a pointer we did not write: not a run to wait for
-    found = storage.read_json(s, s.staging_bucket, claim_name)
-    if found is None:
-        return None  # never launched: its launch failed and gave the claim back
-    claim = found[0]
-    if not claim.get("execution") and time.time() - float(claim.get("claimed_at") or 0) > s.claim_lease_seconds:
-        return None  # its launcher died before launching
-    if storage.exists(s, s.staging_bucket, layout.run_error(pair, run_id)):
-        return None
-    summary = storage.read_json(s, s.output_bucket, layout.summary(pair))
-    if summary is not None and summary[0].get("run_id") == run_id:
-        return None
-    return claim
-
-
 def start_run(s: Settings, pair: str, run_id: str, origin: dict[str, Any], force: bool = False) -> claims.Outcome:
-    """Start run `run_id` of `pair` once. While the pair's latest run is another, active one, the request is
-    acknowledged as "already running" unless `force`. The latest.json pointer is swapped with a generation
-    precondition, so of two different requests racing for an idle pair only one starts (docs/EXACTLY-ONCE.md)."""
+    """Start run `run_id` of `pair` once (runs.register, which an extract started by hand calls too). While the
+    pair's latest run is another, active one, the request is acknowledged as "already running" unless `force`."""
     rlog = log.bind(pair=pair, run_id=run_id, stage="extract")
-    found = storage.read_json(s, s.staging_bucket, layout.latest(pair))
-    latest, latest_gen = found if found is not None else ({}, 0)
-    if latest.get("run_id") not in (None, run_id) and not force:
-        busy = active_run(s, pair, latest)
-        if busy is not None:
-            rlog.info("already running: request acknowledged, no new run (send force: true to start one anyway)",
-                      active_run_id=latest["run_id"], execution=busy.get("execution"), **origin)
-            return claims.Outcome(False, busy.get("execution"))
-
-    def launch() -> str:
-        pointer = {"pair": pair, "run_id": run_id, "requested_at": time.time(), "force": force, **origin}
-        if storage.replace_json(s, s.staging_bucket, layout.latest(pair), pointer, latest_gen) is None:
-            raise TransientError(f"another run of {pair} was started meanwhile; deciding again on redelivery")
-        return run_job(s, s.extract_job, [pair], {"BQX_RUN_ID": run_id})
-
-    outcome = claims.launch_once(s, layout.claim(pair, run_id, "extract"), launch,
-                                 {"pair": pair, "run_id": run_id})
+    try:
+        outcome = runs.register(s, pair, run_id, lambda: run_job(s, s.extract_job, [pair], {"BQX_RUN_ID": run_id}),
+                                origin, force=force)
+    except AlreadyRunning as busy:
+        rlog.info("already running: request acknowledged, no new run (send force: true to start one anyway)",
+                  active_run_id=busy.run_id, execution=busy.execution, **origin)
+        return claims.Outcome(False, busy.execution)
     if outcome.launched:
         rlog.info("extract job started", execution=outcome.execution, took_over=outcome.took_over, force=force)
     else:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bqx import ids, layout, storage
+from bqx import claims, ids, layout, storage
 from bqx.catalog import Manifest, family_of
 from bqx.config import Settings
-from bqx.errors import TerminalError
+from bqx.errors import AlreadyRunning, TerminalError, TransientError
 
 
 @dataclass
@@ -48,14 +49,99 @@ def latest_run(settings: Settings, pair: str) -> str | None:
     return None if found is None else str(found[0].get("run_id"))
 
 
+def active_run(s: Settings, pair: str, latest: dict[str, Any]) -> dict[str, Any] | None:
+    """The extract claim of the pair's latest run while that run is active, else None. Active: requested less
+    than BQX_ACTIVE_RUN_MAX_SECONDS ago, its extract launched (or being launched within the claim lease), no
+    error.json, and no summary of that run in the output bucket."""
+    run_id = latest.get("run_id")
+    if not isinstance(run_id, str) or time.time() - float(latest.get("requested_at") or 0) > s.active_run_max_seconds:
+        return None
+    try:
+        claim_name = layout.claim(pair, run_id, "extract")
+    except TerminalError:
+        return None  # a pointer we did not write: not a run to wait for
+    found = storage.read_json(s, s.staging_bucket, claim_name)
+    if found is None:
+        return None  # never launched: its launch failed and gave the claim back
+    claim = found[0]
+    if not claim.get("execution") and time.time() - float(claim.get("claimed_at") or 0) > s.claim_lease_seconds:
+        return None  # its launcher died before launching
+    if storage.exists(s, s.staging_bucket, layout.run_error(pair, run_id)):
+        return None
+    summary = storage.read_json(s, s.output_bucket, layout.summary(pair))
+    if summary is not None and summary[0].get("run_id") == run_id:
+        return None
+    return claim
+
+
 def active_run_id(settings: Settings, pair: str) -> str | None:
     """The pair's latest run id while it is active (the same rule the trigger applies), else None."""
-    from bqx.handlers import active_run
-
     found = storage.read_json(settings, settings.staging_bucket, layout.latest(pair))
     if found is None:
         return None
     return str(found[0]["run_id"]) if active_run(settings, pair, found[0]) is not None else None
+
+
+def register(s: Settings, pair: str, run_id: str, launch: Callable[[], str], origin: dict[str, Any],
+             force: bool = False) -> claims.Outcome:
+    """Make run `run_id` the pair's latest run and launch its extract, once: what the trigger does for a request
+    (`launch` starts the extract job) and what an extract started by hand does for itself (`launch` returns its own
+    execution). While the pair's latest run is another, active one, raises AlreadyRunning unless `force`. The
+    latest.json pointer is swapped with a generation precondition, so of two runs racing for an idle pair only one
+    starts; the other's claim is given back and it raises TransientError (decide again). The claim
+    `runs/<pair>/<run>/extract.claim` records the execution (docs/EXACTLY-ONCE.md)."""
+    found = storage.read_json(s, s.staging_bucket, layout.latest(pair))
+    latest, latest_gen = found if found is not None else ({}, 0)
+    if latest.get("run_id") not in (None, run_id) and not force:
+        busy = active_run(s, pair, latest)
+        if busy is not None:
+            raise AlreadyRunning(pair, str(latest["run_id"]), busy.get("execution"))
+
+    def start() -> str:
+        pointer = {"pair": pair, "run_id": run_id, "requested_at": time.time(), "force": force, **origin}
+        if storage.replace_json(s, s.staging_bucket, layout.latest(pair), pointer, latest_gen) is None:
+            raise TransientError(f"another run of {pair} was started meanwhile; deciding again")
+        return launch()
+
+    return claims.launch_once(s, layout.claim(pair, run_id, "extract"), start, {"pair": pair, "run_id": run_id})
+
+
+def run_ids(s: Settings, pair: str) -> list[str]:
+    """The pair's runs that have a manifest, newest first (by when the manifest was written)."""
+    prefix = layout.runs_prefix(pair)
+    found = []
+    for name, (_, created) in storage.list_objects(s, s.staging_bucket, prefix).items():
+        run_id = name[len(prefix):].split("/", 1)[0]
+        try:
+            if layout.manifest(pair, run_id) != name:
+                continue
+        except TerminalError:
+            continue  # not a run directory bqx wrote
+        found.append((created, run_id))
+    return [run_id for _, run_id in sorted(found, reverse=True)]
+
+
+def load_manifest(s: Settings, pair: str, run_id: str) -> Manifest | None:
+    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
+    return None if found is None else Manifest.from_json(found[0])
+
+
+def newest_complete(s: Settings, pair: str) -> Manifest | None:
+    """The manifest of the pair's newest run whose every checkpoint is present and validated (the completion
+    function's test, bqx.validate.complete), or None."""
+    from bqx import validate  # pyarrow: only the callers that look at checkpoints pay for it
+
+    for run_id in run_ids(s, pair):
+        manifest = load_manifest(s, pair, run_id)
+        if manifest is None:
+            continue
+        try:
+            done = validate.complete(s, manifest)[0]
+        except TerminalError:  # a checkpoint was just rejected (set aside and recorded): not complete
+            continue
+        if done:
+            return manifest
+    return None
 
 
 def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:

@@ -1,22 +1,40 @@
-"""What both job entrypoints share: settings, run id, task index, and the exit-code contract.
+"""What both job entrypoints share: arguments, settings, the run a task works on, and the exit-code contract.
 
-Exit 0: done, or a terminal failure that was logged and recorded (retrying cannot help).
-Exit 1: a transient failure; Cloud Run retries the task, and the rerun resumes.
+Arguments: `<pair> [--force]` (extract), `<pair> [<run_id>] [--force]` (merge); `gcloud run jobs execute JOB
+--args=eurusd,--force` gives the container exactly those. The trigger and the completion function launch the jobs
+with `<pair>` and BQX_RUN_ID; started by hand (no BQX_RUN_ID), the jobs apply the same exactly-once rules
+themselves (see jobs/extract.py and jobs/merge.py).
+
+Exit codes (Cloud Run marks an execution failed, and retries the task, on any non-zero exit):
+  0  done; or nothing to do (a duplicate launch whose run another execution owns).
+  1  transient failure (5xx, timeout, a claim held by someone else): the retried task resumes where this one
+     stopped. The last attempt (CLOUD_RUN_TASK_ATTEMPT >= BQX_TASK_MAX_RETRIES) records it in error.json.
+  2  terminal failure: retrying cannot help. A failure of this execution's run (bad data, a broken invariant) is
+     logged and recorded in runs/<pair>/<run>/error.json with this execution and the command to retry; a retried
+     attempt (CLOUD_RUN_TASK_ATTEMPT > 0) that finds the error its own execution recorded exits 2 at once, without
+     redoing any work. A refusal (bad arguments; a start by hand that the rules forbid: another active run of the
+     pair, a merge already claimed or published, no complete run) is only logged — the run it names is someone
+     else's, or never started — and a retried attempt decides again from the buckets (a few small reads).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bqx import ids, layout, logs, storage
 from bqx.config import Settings
-from bqx.errors import TerminalError
+from bqx.errors import BadRequest, Refused, TerminalError
 from bqx.logs import Log
 from bqx.pairs import validate_pair
+
+DONE, TRANSIENT, TERMINAL = 0, 1, 2
+FORCE = "--force"
+USAGE = {"extract": "<pair> [--force]", "merge": "<pair> [<run_id>] [--force]"}
 
 
 @dataclass(frozen=True)
@@ -26,44 +44,110 @@ class JobContext:
     run_id: str
     task_index: int
     task_count: int
-    execution: str
+    execution: str  # CLOUD_RUN_EXECUTION: the execution's id, '' outside Cloud Run
     log: Log
+    attempt: int = 0  # CLOUD_RUN_TASK_ATTEMPT
+    force: bool = False  # --force
+    named_run: str | None = None  # a run id given as an argument (merge)
+    launched_for: str = ""  # BQX_RUN_ID: the run the trigger or the completion function launched this for
+    job: str = ""  # CLOUD_RUN_JOB, else the configured job name
+
+    @property
+    def by_hand(self) -> bool:
+        """Started by hand (gcloud run jobs execute, or a process) rather than by the trigger or completion."""
+        return not self.launched_for
+
+    @property
+    def execution_name(self) -> str:
+        """The execution's resource name as the functions record it in claims (outside Cloud Run: host and pid)."""
+        if not self.execution:
+            return f"local:{socket.gethostname()}:{os.getpid()}"
+        s = self.settings
+        return f"projects/{s.project}/locations/{s.region}/jobs/{self.job}/executions/{self.execution}"
+
+    def owns(self, recorded: object) -> bool:
+        """Whether an execution recorded in a claim or an error is this one."""
+        if not isinstance(recorded, str) or not recorded:
+            return False
+        if self.execution:
+            return recorded.rsplit("/", 1)[-1] == self.execution  # recorded as a resource name or as the id
+        return recorded == self.execution_name
+
+    def gcloud(self, *args: str) -> str:
+        """The command that starts this job by hand with `args`."""
+        return f"gcloud run jobs execute {self.job} --args={','.join(args)} --region={self.settings.region}"
 
 
-def context(component: str, argv: list[str]) -> JobContext:
+def parse_args(component: str, argv: list[str]) -> tuple[str, str | None, bool]:
+    """(pair, run id or None, force) from the container's args."""
+    args = [a.strip() for a in argv if a.strip()]
+    words = [a for a in args if not a.startswith("-")]
+    flags = [a for a in args if a.startswith("-")]
+    most = 2 if component == "merge" else 1
+    if any(f != FORCE for f in flags) or not 1 <= len(words) <= most:
+        raise BadRequest(f"usage: {component} {USAGE[component]}; got {argv!r}")
+    return validate_pair(words[0]), (words[1] if len(words) > 1 else None), FORCE in flags
+
+
+def default_run_id(ctx: JobContext) -> str:
+    """BQX_RUN_ID, else one run per execution (every task and attempt of it shares it), else an ad hoc id."""
+    if ctx.launched_for:
+        return ctx.launched_for
+    return ids.run_id_for_execution(ctx.execution) if ctx.execution else ids.adhoc_run_id()
+
+
+def context(component: str, argv: list[str],
+            resolve: Callable[[JobContext], str] = default_run_id) -> JobContext:
+    """The task's context, bound to the run it works on (`resolve` picks it; the merge's looks at the buckets)."""
     logs.setup(component)
     settings = Settings.from_env()
-    if len(argv) != 1:
-        raise TerminalError(f"usage: {component} <pair>")
-    pair = validate_pair(argv[0])
-    execution = os.environ.get("CLOUD_RUN_EXECUTION", "")
-    run_id = os.environ.get("BQX_RUN_ID") or (ids.run_id_for_execution(execution) if execution else "")
-    if not run_id:
-        run_id = ids.adhoc_run_id()
-    layout.run_prefix(pair, run_id)  # validates the id
-    return JobContext(
-        settings, pair, run_id,
-        int(os.environ.get("CLOUD_RUN_TASK_INDEX", "0")),
-        int(os.environ.get("CLOUD_RUN_TASK_COUNT", "1")),
-        execution,
-        Log(f"bqx.{component}", pair=pair, run_id=run_id, stage=component),
+    pair, named_run, force = parse_args(component, argv)
+    if named_run is not None:
+        layout.run_prefix(pair, named_run)  # validates the id
+    env = os.environ
+    ctx = JobContext(
+        settings, pair, "",
+        int(env.get("CLOUD_RUN_TASK_INDEX", "0") or 0),
+        int(env.get("CLOUD_RUN_TASK_COUNT", "1") or 1),
+        env.get("CLOUD_RUN_EXECUTION", ""),
+        Log(f"bqx.{component}", pair=pair, stage=component),
+        attempt=int(env.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0),
+        force=force,
+        named_run=named_run,
+        launched_for=env.get("BQX_RUN_ID", ""),
+        job=env.get("CLOUD_RUN_JOB") or (settings.merge_job if component == "merge" else settings.extract_job),
     )
+    run_id = resolve(ctx)
+    layout.run_prefix(pair, run_id)  # validates the id
+    return replace(ctx, run_id=run_id, log=ctx.log.bind(run_id=run_id))
 
 
-def run_main(component: str, body: Callable[[JobContext], None], argv: list[str] | None = None) -> int:
+def run_main(component: str, body: Callable[[JobContext], None], argv: list[str] | None = None,
+             resolve: Callable[[JobContext], str] = default_run_id) -> int:
+    """Run one task of a job with the exit-code contract above; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     started = time.time()
-    ctx: JobContext | None = None
+    ctx: JobContext | None = None  # set once the run is known: failures from then on are recorded against it
     try:
-        ctx = context(component, argv)
+        ctx = context(component, argv, resolve)
+        earlier = recorded_failure(ctx, component)
+        if earlier is not None:
+            ctx.log.error(f"{component} failed permanently on an earlier attempt of this execution: "
+                          f"{earlier.get('error')}; exiting without redoing the work (retry: {earlier.get('retry')})",
+                          attempt=ctx.attempt, error_type=earlier.get("error_type"))
+            return TERMINAL
         body(ctx)
-        return 0
+        return DONE
+    except Refused as exc:
+        log = ctx.log if ctx else Log(f"bqx.{component}")
+        log.error(f"{component} refused: {exc}", error_type=type(exc).__name__)
+        return TERMINAL
     except TerminalError as exc:
         log = ctx.log if ctx else Log(f"bqx.{component}")
         log.error(f"{component} failed permanently: {exc}", error_type=type(exc).__name__)
         if ctx is not None:
             record_error(ctx, component, exc, started)
-        return 0
+        return TERMINAL
     except Exception as exc:  # noqa: BLE001 - anything else: let Cloud Run retry the task
         log = ctx.log if ctx else Log(f"bqx.{component}")
         attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0)
@@ -72,7 +156,17 @@ def run_main(component: str, body: Callable[[JobContext], None], argv: list[str]
                   exc_info=True, attempt=attempt)
         if final and ctx is not None:
             record_error(ctx, component, exc, started)
-        return 1
+        return TRANSIENT
+
+
+def recorded_failure(ctx: JobContext, stage: str) -> dict[str, object] | None:
+    """On a retried attempt: the terminal error this execution already recorded for its run's `stage`, if any."""
+    if ctx.attempt <= 0:
+        return None
+    found = storage.read_json(ctx.settings, ctx.settings.staging_bucket, layout.run_error(ctx.pair, ctx.run_id))
+    if found is None or found[0].get("stage") != stage or not ctx.owns(found[0].get("execution")):
+        return None
+    return found[0]
 
 
 def record_error(ctx: JobContext, stage: str, exc: BaseException, started: float) -> None:
@@ -82,6 +176,7 @@ def record_error(ctx: JobContext, stage: str, exc: BaseException, started: float
             "pair": ctx.pair, "run_id": ctx.run_id, "stage": stage, "error": str(exc),
             "error_type": type(exc).__name__, "table": getattr(exc, "table", None),
             "at": time.time(), "seconds": round(time.time() - started, 3), "retry": retry,
+            "execution": ctx.execution_name, "attempt": ctx.attempt,
         })
     except Exception as write_exc:  # noqa: BLE001 - the log line above already carries the error
         ctx.log.error(f"could not record the error: {write_exc}")
