@@ -120,6 +120,71 @@ def stack_dead_letters() -> None:
     _echo(f"{len(msgs)} dead-lettered message(s)")
 
 
+def _gcloud_env(s) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The environment that points the real gcloud at the local stack, offline: a gcloud config of its own under the
+    state dir (created, with the `gce` file that stops gcloud probing the metadata server), no credentials, no
+    metrics or update checks, and endpoint overrides for Pub/Sub, Cloud Storage and Cloud Run.
+
+    gcloud sends `run` commands to the regional host it derives from the override (run.bqx.internal ->
+    us-central1-run.bqx.internal), which resolves nowhere; http_proxy sends those requests to the local Run API,
+    which serves only that made-up host. Pub/Sub and storage go straight to 127.0.0.1 (no_proxy)."""
+    from bqx.local.runapi import LOCAL_RUN_HOST
+
+    config = s.home / "gcloud"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "gce").write_text("False")
+    p = s.ports
+    return {
+        "CLOUDSDK_CONFIG": str(config),
+        "CLOUDSDK_CORE_PROJECT": s.project,
+        "CLOUDSDK_RUN_REGION": s.region,
+        "CLOUDSDK_METRICS_ENVIRONMENT": "local",
+        "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
+        "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
+        "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+        "GCE_METADATA_ROOT": "127.0.0.1:9",
+        "NO_GCE_CHECK": "True",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": f"http://127.0.0.1:{p.pubsub}/",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE": f"http://127.0.0.1:{p.gcs}/storage/v1/",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN": f"http://{LOCAL_RUN_HOST}/",
+        "http_proxy": f"http://127.0.0.1:{p.run_api}",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+
+
+# gcloud's own proxy settings would win over http_proxy and send every call elsewhere
+_GCLOUD_UNSET = ("CLOUDSDK_PROXY_TYPE", "CLOUDSDK_PROXY_ADDRESS", "CLOUDSDK_PROXY_PORT")
+
+
+@stack.command("env")
+def stack_env() -> None:
+    """Print shell lines that point the real gcloud at the local stack, offline.
+
+    \b
+        eval "$(bqx stack env)"
+        gcloud pubsub topics publish bqx-requests --message='{"pair":"eurusd"}'
+        gcloud storage cp request.json gs://bqx-ml-staging/requests/eurusd.json
+        gcloud run jobs execute bqx-ml-extract --args=eurusd
+        gcloud run jobs executions list
+
+    gcloud gets a config directory of its own under the state dir, no credentials (never the metadata server),
+    and endpoint overrides for Pub/Sub and Cloud Storage (127.0.0.1) and Cloud Run (run.bqx.internal, reached
+    through http_proxy: the local Run API serves that made-up host only and refuses to proxy anything else, so
+    in that shell other plain-http requests fail; https is untouched). Start the stack first (`bqx stack up`).
+    """
+    import shlex
+
+    from bqx.local.stack import port_open
+
+    s = _local_settings()
+    env = _gcloud_env(s)
+    if not port_open(s.ports.run_api):
+        _echo("note: the local stack is not running; start it with `bqx stack up`")
+    click.echo(f"unset {' '.join(_GCLOUD_UNSET)}")
+    for key, value in env.items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+
+
 # ---------------------------------------------------------------------------------------------- warehouse
 @main.group()
 def warehouse() -> None:
