@@ -2,12 +2,12 @@
 """Chaos harness for the completion handoff: N seeded schedules against the real `completion` function.
 
 Each schedule is one extraction run: a manifest of 2-6 tables, real Parquet checkpoints uploaded to
-fake-gcs-server, and every checkpoint's finalize event delivered 1-3 times (Eventarc or Pub/Sub-push shape,
-structured or binary CloudEvents), shuffled, by 8 concurrent senders that redeliver failures (HTTP 500 or a
-dropped connection) with backoff, at most MAX_ATTEMPTS times, as Pub/Sub push does. The function runs as it
-deploys: its packaged source in a venv of its packaged requirements (bqx.local.artifacts), in a real
-`functions-framework` (gunicorn) server process, reaching GCS and the Run API through the IAM gate as the account
-deploy/ gives it (bqx.local.gate). Faults, chosen by the seed:
+fake-gcs-server, then the extract's report, and each of these objects' finalize events delivered 1-3 times
+(Eventarc or Pub/Sub-push shape, structured or binary CloudEvents), shuffled, by 8 concurrent senders that
+redeliver failures (HTTP 500 or a dropped connection) with backoff, at most MAX_ATTEMPTS times, as Pub/Sub push
+does. The function runs as it deploys: its packaged source in a venv of its packaged requirements
+(bqx.local.artifacts), in a real `functions-framework` (gunicorn) server process, reaching GCS and the Run API
+through the IAM gate as the account deploy/ gives it (bqx.local.gate). Faults, chosen by the seed:
   - crash after claiming: the claims failpoint (BQX_FAILPOINT_AFTER_CLAIM) makes the instance that wins the
     merge claim exit on the spot (`exit`: the process dies, gunicorn starts a new one) or raise (`raise`);
   - the Cloud Run Admin API (bqx.local.runapi, a real HTTP server the google-cloud-run client talks to)
@@ -55,6 +55,7 @@ from cloudevents.http import CloudEvent
 from bqx import layout, storage
 from bqx.catalog import Column, Manifest, TableEntry
 from bqx.config import Settings
+from bqx.extract import ExtractReport, save_report
 from bqx.local import artifacts, gate
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import free_port
@@ -279,6 +280,7 @@ class Harness:
                        layout.checkpoint(pair, run_id, t)) for t in tables), created_at=time.time())
         storage.write_json(s, bucket, layout.manifest(pair, run_id), manifest.to_json())
         copies = {t.checkpoint: rng.randint(1, 3) for t in manifest.tables}
+        copies[layout.extract_report(pair, run_id, 0, 0)] = rng.randint(1, 3)
         crash_kind = ""
         for token in os.listdir(self.tokens):  # a token left by a schedule whose claim never crashed
             (self.tokens / token).unlink(missing_ok=True)
@@ -314,6 +316,13 @@ class Harness:
             return [finalize_event(rng, bucket, entry.checkpoint, int(blob.generation))
                     for _ in range(copies[entry.checkpoint])]
 
+        def report() -> list[tuple[dict[str, str], bytes]]:
+            """What the extract writes after its last checkpoint: its task's report (bqx.extract.save_report)."""
+            save_report(s, ExtractReport(pair, run_id, task_index=0, task_count=1))
+            name = layout.extract_report(pair, run_id, 0, 0)
+            blob = storage.bucket(s, bucket).get_blob(name)
+            return [finalize_event(rng, bucket, name, int(blob.generation)) for _ in range(copies[name])]
+
         def sender() -> None:
             while True:
                 with cond:
@@ -345,9 +354,11 @@ class Harness:
         if interleaved:
             for entry in order:
                 publish(upload(entry))
+            publish(report())
         else:
             for entry in order:
                 pending.extend(upload(entry))
+            pending.extend(report())
             rng.shuffle(pending)
             publish(pending)
         with cond:

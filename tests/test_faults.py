@@ -372,6 +372,11 @@ def test_bad_checkpoint_then_reextracted_good_one_merges_once(s, run_api) -> Non
         gen = _upload(s, e.checkpoint, _parquet(_table(e)))
         assert post(c, storage_event(s.staging_bucket, e.checkpoint, gen)) == 200
         assert post(c, storage_event(s.staging_bucket, e.checkpoint, gen)) == 200
+    assert merges(run_api) == 0  # until the rerun reports its end
+    report = layout.extract_report(PAIR, m.run_id, 0, 1)
+    gen = _upload(s, report, json.dumps({"task_index": 0, "task_count": 1, "failed": False}).encode())
+    assert post(c, storage_event(s.staging_bucket, report, gen)) == 200
+    assert post(c, storage_event(s.staging_bucket, report, gen)) == 200
     assert merges(run_api) == 1
     assert storage.exists(s, s.staging_bucket, layout.quarantine(PAIR, m.run_id, bad.name))
 

@@ -16,6 +16,7 @@ from functions_framework import create_app
 
 from bqx import layout, storage
 from bqx.catalog import Column, Manifest, TableEntry
+from bqx.extract import ExtractReport, save_report
 from bqx.local.runapi import RunApi
 
 from conftest import REPO, gcs_notification, pubsub_event, storage_event
@@ -113,17 +114,29 @@ def _run_with_checkpoints(s, n: int = 3) -> tuple[str, list[str]]:  # type: igno
     return run_id, [t.checkpoint for t in m.tables]
 
 
-def test_merge_starts_once_when_the_last_checkpoint_lands(s, run_api) -> None:
+def report_extract(s, run_id: str) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    """What the extract writes after its last checkpoint (its one task's report): (name, generation)."""
+    save_report(s, ExtractReport("eurusd", run_id, task_index=0, task_count=1))
+    name = layout.extract_report("eurusd", run_id, 0, 0)
+    found = storage.read_json(s, s.staging_bucket, name)
+    assert found is not None
+    return name, found[1]
+
+
+def test_merge_starts_once_when_the_extract_reports_its_end(s, run_api) -> None:
     run_id, objects = _run_with_checkpoints(s, 3)
     c = client("completion")
     gens = []
     for i, name in enumerate(objects):
         gens.append(upload(s, name, checkpoint_bytes()))
         assert post(c, storage_event(s.staging_bucket, name, gens[-1], f"e{i}")) == 200
-        expected = 1 if i == len(objects) - 1 else 0
-        assert len(launches(run_api, "bqx-ml-merge")) == expected
+        assert launches(run_api, "bqx-ml-merge") == []  # every checkpoint validated; the extract has not reported
+    report, generation = report_extract(s, run_id)
+    assert post(c, storage_event(s.staging_bucket, report, generation, "r")) == 200
+    assert len(launches(run_api, "bqx-ml-merge")) == 1
     for i in range(len(objects)):  # every event again, reordered, both delivery shapes
         assert post(c, gcs_notification(s.staging_bucket, objects[-1 - i], gens[-1 - i], f"d{i}")) == 200
+    assert post(c, gcs_notification(s.staging_bucket, report, generation, "dr")) == 200
     merges = launches(run_api, "bqx-ml-merge")
     assert len(merges) == 1
     ex = run_api.executions[merges[0]["name"].rsplit("/", 1)[-1]]
@@ -132,9 +145,23 @@ def test_merge_starts_once_when_the_last_checkpoint_lands(s, run_api) -> None:
     assert claim and claim[0]["execution"] == merges[0]["name"]
 
 
+def test_a_checkpoint_event_after_the_report_starts_the_merge(s, run_api) -> None:
+    # events arrive in any order: the report's may come first, the last checkpoint's after it
+    run_id, objects = _run_with_checkpoints(s, 3)
+    gens = [upload(s, n, checkpoint_bytes()) for n in objects]
+    report, generation = report_extract(s, run_id)
+    c = client("completion")
+    assert post(c, storage_event(s.staging_bucket, report, generation, "r")) == 200
+    assert len(launches(run_api, "bqx-ml-merge")) == 1  # the report's sweep validated the checkpoints itself
+    for i, name in enumerate(objects):
+        assert post(c, storage_event(s.staging_bucket, name, gens[i], f"e{i}")) == 200
+    assert len(launches(run_api, "bqx-ml-merge")) == 1
+
+
 def test_launch_failure_is_redelivered_then_succeeds_once(s, run_api) -> None:
     run_id, objects = _run_with_checkpoints(s, 2)
     gens = [upload(s, n, checkpoint_bytes()) for n in objects]
+    report_extract(s, run_id)
     run_api.fail_next = 2  # Cloud Run answers 503 twice
     c = client("completion")
     ev = storage_event(s.staging_bucket, objects[-1], gens[-1])
@@ -150,6 +177,7 @@ def test_launch_failure_is_redelivered_then_succeeds_once(s, run_api) -> None:
 def test_instance_dying_after_claim_is_taken_over_after_the_lease(s, run_api) -> None:
     run_id, objects = _run_with_checkpoints(s, 2)
     gens = [upload(s, n, checkpoint_bytes()) for n in objects]
+    report_extract(s, run_id)
     claim_name = layout.claim("eurusd", run_id, "merge")
     # what a crashed instance leaves: a claim with no execution recorded
     dead = {"owner": "dead:1", "claimed_at": time.time(), "execution": None}

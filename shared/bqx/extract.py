@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from bqx import layout, storage
 from bqx.catalog import KEY, Column, Manifest, TableEntry
 from bqx.config import Settings
-from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
+from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError, TransientError
 from bqx.logs import Log
 from bqx.parquet_io import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS, arrow_type, schema_of, type_name
 from bqx.source import Source, SourceTable, open_source
@@ -147,7 +147,10 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
 
 
 def save_report(settings: Settings, report: ExtractReport, failed: bool = False) -> None:
-    """Per-table timings of this task attempt, for `bqx report` (best effort: never fails the task)."""
+    """This task attempt's report: per-table timings for `bqx report`, and, when it did not fail, the signal the
+    completion function waits for before it asks whether the run is complete (bqx.handlers.completion). So a
+    success report that cannot be written fails the task transiently (retried; the rerun skips what is written);
+    a failure report is best effort (the task is failing anyway)."""
     import os
 
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0)
@@ -155,8 +158,10 @@ def save_report(settings: Settings, report: ExtractReport, failed: bool = False)
     try:
         storage.write_json(settings, settings.staging_bucket,
                            layout.extract_report(report.pair, report.run_id, report.task_index, attempt), body)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.warning(f"could not save the extract report: {exc}", pair=report.pair, run_id=report.run_id)
+        if not failed:
+            raise TransientError(f"could not save the extract report: {exc}") from exc
 
 
 class _Progress:
