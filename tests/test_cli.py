@@ -42,3 +42,10 @@ def test_unknown_pair_lists_the_valid_ones(tmp_path) -> None:  # type: ignore[no
 def test_merge_needs_a_pair_or_files() -> None:
     result = CliRunner().invoke(main, ["merge"])
     assert result.exit_code == 2 and "--from" in result.output
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"bqx, version {version('bqx')}"

@@ -57,6 +57,7 @@ class _Cli(click.Group):
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bqx", prog_name="bqx")
 def main() -> None:
     """bqx: BigQuery feature warehouse -> one training Parquet file per FX pair.
 
