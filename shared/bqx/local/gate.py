@@ -163,14 +163,18 @@ class Gate:
                 raise Denied(need, service)
 
     def log(self, identity: Identity, method: str, path: str, allowed: bool, need: Need | None = None) -> None:
-        with self.lock:
-            self.counts["allowed" if allowed else "denied"] += 1
         if allowed:
+            with self.lock:
+                self.counts["allowed"] += 1
             return  # allowed calls are counted, not logged: a merge makes thousands
-        print(json.dumps({"severity": "WARNING", "message": "permission denied", "component": identity.component,
-                          "principal": identity.email, "method": method, "path": path[:300],
-                          "permission": need.permission if need else None,
-                          "resource": need.resource.name if need else None, "time": time.time()}), flush=True)
+        line = json.dumps({"severity": "WARNING", "message": "permission denied", "component": identity.component,
+                           "principal": identity.email, "method": method, "path": path[:300],
+                           "permission": need.permission if need else None,
+                           "resource": need.resource.name if need else None, "time": time.time()})
+        with self.lock:  # one write per line: concurrent denials must not share a line
+            self.counts["denied"] += 1
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
 
 def denial_body(service: str, identity: Identity, need: Need) -> dict[str, Any]:
