@@ -200,7 +200,7 @@ def test_different_requests_racing_for_an_idle_pair_start_one_run(s, run_api) ->
 def test_a_run_whose_launch_failed_does_not_block_the_next_request(s, run_api) -> None:
     c = _trigger()
     run_api.fail_next = 1
-    assert _post(c, pubsub_event(json.dumps({"pair": "eurnzd"}), message_id=uuid.uuid4().hex)) == 500
+    assert _post(c, pubsub_event(json.dumps({"pair": "eurnzd"}), message_id=uuid.uuid4().hex)) == 503
     assert _extracts(run_api, "eurnzd") == []  # its pointer is written, but its claim was given back
     assert _post(c, pubsub_event(json.dumps({"pair": "eurnzd"}), message_id=uuid.uuid4().hex)) == 200
     assert len(_extracts(run_api, "eurnzd")) == 1

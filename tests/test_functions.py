@@ -145,8 +145,8 @@ def test_merge_starts_once_when_the_extract_reports_its_end(s, run_api) -> None:
     assert claim and claim[0]["execution"] == merges[0]["name"]
 
 
-def test_a_checkpoint_event_after_the_report_starts_the_merge(s, run_api) -> None:
-    # events arrive in any order: the report's may come first, the last checkpoint's after it
+def test_the_report_event_before_the_checkpoints_events_starts_the_merge(s, run_api) -> None:
+    # events arrive in any order: the report's may come before the checkpoints' own
     run_id, objects = _run_with_checkpoints(s, 3)
     gens = [upload(s, n, checkpoint_bytes()) for n in objects]
     report, generation = report_extract(s, run_id)
@@ -160,13 +160,14 @@ def test_a_checkpoint_event_after_the_report_starts_the_merge(s, run_api) -> Non
 
 def test_launch_failure_is_redelivered_then_succeeds_once(s, run_api) -> None:
     run_id, objects = _run_with_checkpoints(s, 2)
-    gens = [upload(s, n, checkpoint_bytes()) for n in objects]
-    report_extract(s, run_id)
+    for n in objects:
+        upload(s, n, checkpoint_bytes())
+    report, generation = report_extract(s, run_id)
     run_api.fail_next = 2  # Cloud Run answers 503 twice
     c = client("completion")
-    ev = storage_event(s.staging_bucket, objects[-1], gens[-1])
-    assert post(c, ev) == 500  # transient: raise so Pub/Sub redelivers
-    assert post(c, ev) == 500
+    ev = storage_event(s.staging_bucket, report, generation)
+    assert post(c, ev) == 503  # transient: answer 503 so Pub/Sub redelivers
+    assert post(c, ev) == 503
     assert launches(run_api, "bqx-ml-merge") == []
     assert post(c, ev) == 200
     assert post(c, ev) == 200
@@ -176,15 +177,16 @@ def test_launch_failure_is_redelivered_then_succeeds_once(s, run_api) -> None:
 
 def test_instance_dying_after_claim_is_taken_over_after_the_lease(s, run_api) -> None:
     run_id, objects = _run_with_checkpoints(s, 2)
-    gens = [upload(s, n, checkpoint_bytes()) for n in objects]
-    report_extract(s, run_id)
+    for n in objects:
+        upload(s, n, checkpoint_bytes())
+    report, generation = report_extract(s, run_id)
     claim_name = layout.claim("eurusd", run_id, "merge")
     # what a crashed instance leaves: a claim with no execution recorded
     dead = {"owner": "dead:1", "claimed_at": time.time(), "execution": None}
     storage.create_json(s, s.staging_bucket, claim_name, dead)
     c = client("completion")
-    ev = storage_event(s.staging_bucket, objects[-1], gens[-1])
-    assert post(c, ev) == 500  # fresh claim, no launch recorded: come back later
+    ev = storage_event(s.staging_bucket, report, generation)
+    assert post(c, ev) == 503  # fresh claim, no launch recorded: come back later
     assert launches(run_api, "bqx-ml-merge") == []
     claim, gen = storage.read_json(s, s.staging_bucket, claim_name)  # type: ignore[misc]
     storage.replace_json(s, s.staging_bucket, claim_name, {**claim, "claimed_at": time.time() - 3600}, gen)

@@ -153,12 +153,12 @@ def test_extract_by_hand_registers_its_run_and_the_completion_merges_it(s, run_a
     assert runs.active_run_id(s, PAIR) == run_id
     busy = handlers.start_run(s, PAIR, "r" + uuid.uuid4().hex[:12], {"origin": "test"})
     assert not busy.launched and busy.execution == claim["execution"] and launched(run_api, EXTRACT) == []
-    # the completion function merges it by itself, once, on its checkpoints' events
+    # the completion function merges it by itself, once, on its checkpoints' and its report's events
     manifest = runs.load_manifest(s, PAIR, run_id)
     assert manifest is not None
-    for entry in manifest.tables:
-        blob = storage.bucket(s, s.staging_bucket).get_blob(entry.checkpoint)
-        handlers.completion(s, storage_event(s.staging_bucket, entry.checkpoint, blob.generation))
+    for name in [*(e.checkpoint for e in manifest.tables), layout.extract_report(PAIR, run_id, 0, 0)]:
+        blob = storage.bucket(s, s.staging_bucket).get_blob(name)
+        handlers.completion(s, storage_event(s.staging_bucket, name, blob.generation))
     assert len(launched(run_api, MERGE, run_id)) == 1
     assert runs.state(s, PAIR).merge_execution == launched(run_api, MERGE, run_id)[0]
 
