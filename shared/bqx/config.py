@@ -74,6 +74,7 @@ class Ports:
     gate_completion: int = 8092
     gate_extract: int = 8093
     gate_merge: int = 8094
+    eventarc: int = 8095  # the local Eventarc relay's health port
 
     @classmethod
     def from_env(cls) -> Ports:
