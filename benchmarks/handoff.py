@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="real")
     ap.add_argument("--warmup", type=int, default=1, help="runs before measuring (first-request imports)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the stack's state folder (logs) afterwards")
     args = ap.parse_args(argv)
 
     shape = SHAPES[args.shape]
@@ -206,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_per_run_s": sum(cpu) / 1000 / len(lat), "wall_median_ms": pct(wall, 50), "wall_p99_ms": pct(wall, 99),
         "goals": GOALS, "seconds": round(time.time() - t0, 1),
     }
-    shutil.rmtree(home, ignore_errors=True)
+    if args.keep:
+        print(f"  state kept in {home}", file=sys.stderr)
+    else:
+        shutil.rmtree(home, ignore_errors=True)
     met = all(summary[k] <= v for k, v in GOALS.items())
     if args.json:
         print(json.dumps(summary))

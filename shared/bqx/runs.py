@@ -130,12 +130,14 @@ def load_manifest(s: Settings, pair: str, run_id: str) -> Manifest | None:
     cached = _manifests.get(key)
     if cached is not None:
         return cached
-    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
-    if found is None:
-        return None
-    manifest = Manifest.from_json(found[0])
-    with _manifests_lock:
-        _manifests[key] = manifest
+    with _manifests_lock:  # one thread parses; the others, woken by the same run's first events, wait for it
+        cached = _manifests.get(key)
+        if cached is not None:
+            return cached
+        found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
+        if found is None:
+            return None
+        manifest = _manifests[key] = Manifest.from_json(found[0])
         while len(_manifests) > _MANIFESTS_KEPT:
             _manifests.pop(next(iter(_manifests)))
     return manifest
