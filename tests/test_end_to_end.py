@@ -120,3 +120,12 @@ def test_unknown_pair_is_refused_and_starts_nothing(local_stack: LocalStack) -> 
     assert not storage.exists(s, s.staging_bucket, "requests/notapair.json")
     n_after = len(before.read_text().splitlines()) if before.exists() else 0
     assert n_after == n_before
+
+
+def test_the_merge_reported_its_progress(local_stack: LocalStack, completed_run: dict) -> None:
+    s = local_stack.settings
+    found = storage.read_json(s, s.staging_bucket, layout.merge_progress("eurusd", completed_run["run_id"]))
+    assert found is not None
+    progress = found[0]
+    assert progress["phase"] == "publishing"
+    assert progress["tables_written"] == progress["tables"] == completed_run["checkpoints"] - 1

@@ -202,3 +202,25 @@ def test_checkpoint_of_a_run_without_manifest_is_acknowledged(s, run_api) -> Non
     gen = upload(s, name, b"p")
     assert post(client("completion"), storage_event(s.staging_bucket, name, gen)) == 200
     assert run_api.executions == {}
+
+
+def test_status_says_merging_only_once_a_merge_execution_exists(s, run_api) -> None:
+    from bqx import runs
+
+    run_id, objects = _run_with_checkpoints(s, 3)
+    gens = [upload(s, n, checkpoint_bytes()) for n in objects]
+    c = client("completion")
+    for i, name in enumerate(objects):
+        assert post(c, storage_event(s.staging_bucket, name, gens[i], f"e{i}")) == 200
+    rs = runs.state(s, "eurusd", run_id)
+    assert (rs.state, rs.present, rs.validated) == ("handoff", 3, 3)  # all in and checked; no merge yet
+    report, generation = report_extract(s, run_id)
+    assert post(c, storage_event(s.staging_bucket, report, generation, "r")) == 200
+    rs = runs.state(s, "eurusd", run_id)
+    assert rs.state == "merging" and rs.merge_execution == launches(run_api, "bqx-ml-merge")[0]["name"]
+    # the merge job's progress, as bqx.publish.Progress writes it
+    name = layout.merge_progress("eurusd", run_id)
+    storage.write_json(s, s.staging_bucket, name, {"phase": "merging", "tables_written": 1, "tables": 2})
+    assert runs.state(s, "eurusd", run_id).merge_progress["tables_written"] == 1
+    storage.write_json(s, s.staging_bucket, name, {"phase": "publishing", "tables_written": 2, "tables": 2})
+    assert runs.state(s, "eurusd", run_id).state == "publishing"

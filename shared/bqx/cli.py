@@ -250,7 +250,11 @@ def _watch(s, pairs: list[str], interval: float, explicit: bool) -> None:  # typ
                     continue
                 extra = ""
                 if rs.eta_seconds is not None and rs.state == "extracting":
-                    extra = f"{rs.tables_per_second:.1f} tables/s, ETA {rs.eta_seconds:.0f}s"
+                    extra = f"{rs.validated} validated, {rs.tables_per_second:.1f} tables/s, ETA {rs.eta_seconds:.0f}s"
+                if rs.state == "handoff":
+                    extra = f"{rs.validated} validated; starting the merge"
+                if rs.state in ("merging", "publishing") and rs.merge_progress:
+                    extra = f"{rs.merge_progress.get('tables_written')}/{rs.merge_progress.get('tables')} tables merged"
                 if rs.state == "failed" and rs.error:
                     extra = f"{rs.error.get('stage')}: {str(rs.error.get('error'))[:80]}"
                 if rs.summary:
@@ -306,14 +310,23 @@ def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # 
             _generate(s, pair, Shape(rows or DEFAULT_ROWS))
 
 
-def _progress_line(rs) -> str:  # type: ignore[no-untyped-def]
+def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-untyped-def]
+    """One line for the run's stage; `since` (when the stage began) adds its elapsed time in 5 s steps, so a
+    stage that shows no other change still updates at least every 5 s."""
+    clock = f" ({int(time.time() - since) // 5 * 5}s)" if since is not None else ""
     if rs.state == "extracting" and rs.expected:
         width = 30
         filled = int(width * rs.present / rs.expected)
-        return f"{rs.pair}: extracting [{'#' * filled}{'.' * (width - filled)}] {rs.present}/{rs.expected} checkpoints"
+        return (f"{rs.pair}: extracting [{'#' * filled}{'.' * (width - filled)}] {rs.present}/{rs.expected} "
+                f"checkpoints, {rs.validated} validated")
+    if rs.state == "handoff":
+        return f"{rs.pair}: all {rs.expected} checkpoints in, {rs.validated} validated; starting the merge{clock}"
     if rs.state == "merging":
-        return f"{rs.pair}: all {rs.expected} checkpoints in; merging" + (
-            f" ({rs.merge_execution.rsplit('/', 1)[-1]})" if rs.merge_execution else " (waiting for the handoff)")
+        p = rs.merge_progress or {}
+        tables = f" {p.get('tables_written', 0)}/{p.get('tables')} tables written" if p.get("tables") else ""
+        return f"{rs.pair}: merging{tables} ({(rs.merge_execution or '').rsplit('/', 1)[-1]}){clock}"
+    if rs.state == "publishing":
+        return f"{rs.pair}: publishing: checking the merged file and copying it to the output bucket{clock}"
     return f"{rs.pair}: {rs.state}"
 
 
@@ -344,9 +357,12 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
         _prepare_local(s, chosen, rows)
     tty = sys.stderr.isatty()
     last: dict[str, str] = {}
+    stage_since: dict[str, tuple[str, float]] = {}
 
     def show(rs) -> None:  # type: ignore[no-untyped-def]
-        line = _progress_line(rs)
+        if stage_since.get(rs.pair, ("",))[0] != rs.state:
+            stage_since[rs.pair] = (rs.state, time.time())
+        line = _progress_line(rs, stage_since[rs.pair][1])
         if line != last.get(rs.pair):
             last[rs.pair] = line
             if tty and len(chosen) == 1:

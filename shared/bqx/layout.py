@@ -71,6 +71,10 @@ def claim(pair: str, run_id: str, stage: str) -> str:
     return f"{run_prefix(pair, run_id)}{stage}.claim"
 
 
+def merge_progress(pair: str, run_id: str) -> str:
+    return f"{run_prefix(pair, run_id)}merge-progress.json"
+
+
 def run_error(pair: str, run_id: str) -> str:
     return f"{run_prefix(pair, run_id)}error.json"
 

@@ -58,6 +58,31 @@ def verify_checkpoints(settings: Settings, manifest: Manifest) -> dict[str, tupl
     return present
 
 
+class Progress:
+    """The merge's progress where `bqx run` and `bqx status` read it (runs/<pair>/<run>/merge-progress.json):
+    tables written, then the phase. At most one write every PROGRESS_SECONDS (GCS: one write per object per second),
+    best effort: a progress write that fails never fails the merge."""
+
+    def __init__(self, settings: Settings, manifest: Manifest) -> None:
+        self.s, self.m = settings, manifest
+        self.name = layout.merge_progress(manifest.pair, manifest.run_id)
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, phase: str = "merging", force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        try:
+            storage.write_json(self.s, self.s.staging_bucket, self.name,
+                               {"phase": phase, "tables_written": done, "tables": total, "at": now})
+        except Exception as exc:  # noqa: BLE001
+            log.warning(f"could not write merge progress: {exc}", pair=self.m.pair, run_id=self.m.run_id)
+
+
+PROGRESS_SECONDS = 2.0
+
+
 def merge_run(settings: Settings, manifest: Manifest, method: str, execution: str = "") -> dict[str, Any]:
     pair, run_id = manifest.pair, manifest.run_id
     started = time.time()
@@ -65,15 +90,20 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     out_bucket = storage.bucket(settings, settings.output_bucket)
     temp = out_bucket.blob(layout.output_temp(pair, run_id))
     md = {"bqx.pair": pair, "bqx.run_id": run_id, "bqx.method": method}
+    progress = Progress(settings, manifest)
+    features_total = len(manifest.features)
+    progress(0, features_total, force=True)
     if method == "stream":
         targets, features = gcs_inputs(settings, manifest, versions)
         with temp.open("wb", chunk_size=WRITE_CHUNK, ignore_flush=True,
                        content_type="application/vnd.apache.parquet") as sink:
-            stats = merge(targets, features, sink, memory_budget=settings.memory_budget, metadata=md)
+            stats = merge(targets, features, sink, memory_budget=settings.memory_budget, metadata=md,
+                          progress=progress)
     else:
         from bqx import methods
 
         stats = methods.run(method, settings, manifest, temp, md)
+    progress(features_total, features_total, "publishing", force=True)
     temp.reload()
     if temp.size != stats.bytes:
         raise TransientError(f"merged object has {temp.size} bytes, the merge wrote {stats.bytes}; not published")

@@ -10,6 +10,7 @@ from typing import Any
 
 from bqx import claims, ids, layout, storage
 from bqx.catalog import Manifest, family_of
+from bqx.clients import storage_client
 from bqx.config import Settings
 from bqx.errors import AlreadyRunning, TerminalError, TransientError
 
@@ -28,6 +29,8 @@ class RunState:
     extract_execution: str | None = None
     requested_at: float | None = None
     bytes: int = 0
+    validated: int = 0  # checkpoints the completion function has checked
+    merge_progress: dict[str, Any] | None = None  # the merge job's: phase, tables_written, tables
     first_checkpoint_at: float | None = None
     last_checkpoint_at: float | None = None
     tables_per_second: float | None = None
@@ -186,9 +189,14 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
             setattr(rs, f"{stage}_execution", c[0].get("execution"))
     found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
     if found:
+        from bqx.validate import is_marked  # pyarrow: the CLI has it; the trigger, which imports this module, not
+
         manifest = Manifest.from_json(found[0])
-        objects = storage.list_objects(s, s.staging_bucket, layout.checkpoints_prefix(pair, run_id))
-        present = {n: v for n, v in objects.items() if n in manifest.expected_objects()}
+        expected, present = manifest.expected_objects(), {}
+        for b in storage_client(s).list_blobs(s.staging_bucket, prefix=layout.checkpoints_prefix(pair, run_id)):
+            if b.name in expected:
+                present[b.name] = (int(b.size or 0), b.time_created.timestamp() if b.time_created else 0.0)
+                rs.validated += is_marked(b)
         rs.expected, rs.present = len(manifest.tables), len(present)
         rs.bytes = sum(size for size, _ in present.values())
         if present:
@@ -205,9 +213,16 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
             fam[0] += t.checkpoint in present
         rs.state = "extracting"
         if rs.present == rs.expected:
-            rs.state = "merging"
+            rs.state = "handoff"  # every checkpoint in; validating and waiting for the merge to be started
     elif rs.extract_execution:
         rs.state = "extracting"
+    if rs.merge_execution and rs.state in ("handoff", "extracting"):
+        rs.state = "merging"  # only once a merge execution exists
+        progress = storage.read_json(s, s.staging_bucket, layout.merge_progress(pair, run_id))
+        if progress:
+            rs.merge_progress = progress[0]
+            if progress[0].get("phase") == "publishing":
+                rs.state = "publishing"
     if rs.summary:
         rs.state = "done"
     elif err:

@@ -191,7 +191,7 @@ def arrival(s: Settings, manifest: Manifest, name: str, generation: int) -> bool
         raise TransientError(f"reading {name}: {exc}") from exc
     if blob is None:
         return False  # overwritten or already quarantined: the newer generation's event speaks for it
-    if _is_marked(blob):
+    if is_marked(blob):
         return True  # a repeated event: validated already, no read needed
     if entry is None:
         reject(s, manifest.pair, manifest.run_id, cp.table, name, generation,
@@ -262,7 +262,7 @@ def listing(s: Settings, manifest: Manifest) -> tuple[set[str], set[str]]:
     for b in storage_client(s).list_blobs(s.staging_bucket,
                                           prefix=layout.checkpoints_prefix(manifest.pair, manifest.run_id)):
         present.add(b.name)
-        if _is_marked(b):
+        if is_marked(b):
             valid.add(b.name)
     return present, valid
 
@@ -282,7 +282,8 @@ def complete(s: Settings, manifest: Manifest) -> tuple[bool, set[str], int]:
     return expected <= valid, valid, len(expected - valid)
 
 
-def _is_marked(blob: Any) -> bool:
+def is_marked(blob: Any) -> bool:
+    """The object's current content passed validation (its marker names its crc32c)."""
     return bool(blob.crc32c) and (blob.metadata or {}).get(VALIDATED) == str(blob.crc32c)
 
 
