@@ -342,3 +342,20 @@ def test_checkpoint_without_rows_gives_null_columns_of_its_declared_types(tmp_pa
         assert out.schema.field(name).type == t.schema.field(j).type
         # the encoded chunks are of the type the footer's schema declares (not Arrow's null type)
         assert md.row_group(0).column(i).physical_type == md.schema.column(i).physical_type
+
+
+def test_local_inputs_name_columns_as_the_pipeline_does(tmp_path: Path) -> None:
+    """One naming rule: `bqx merge --from` prefixes columns like the pipeline's file (the table's name less the
+    pair), taking the pair from targets_<pair>; files of no known pair keep their name."""
+    from bqx import layout
+
+    table = pa.table({"interval_time": pa.array([0], pa.timestamp("us", tz="UTC")), "f000": [1.0]})
+    for name in ("targets_eurusd", "mom_eurusd_000", "cov_eurusd_eurgbp_w45"):
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    _, features = local_inputs(tmp_path)
+    assert {f.table: f.prefix for f in features} == {
+        "mom_eurusd_000": "mom_000", "cov_eurusd_eurgbp_w45": "cov_eurgbp_w45"}
+    assert all(f.prefix == layout.prefix_of("eurusd", f.table) for f in features)
+    (tmp_path / "targets_eurusd.parquet").rename(tmp_path / "targets.parquet")
+    _, features = local_inputs(tmp_path)
+    assert {f.prefix for f in features} == {"mom_eurusd_000", "cov_eurusd_eurgbp_w45"}

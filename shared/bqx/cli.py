@@ -513,10 +513,7 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
 
         if dst is None:
             raise click.UsageError("--from needs --to FILE")
-        t, features = local_inputs(src, targets)
-        if pair:
-            pair = _pairs((pair,), False)[0]
-            features = [replace(f, prefix=layout.prefix_of(pair, f.table)) for f in features]
+        t, features = local_inputs(src, targets, _pairs((pair,), False)[0] if pair else None)
         tmp = dst.with_name(dst.name + ".partial")
         with open(tmp, "wb") as sink:
             stats = do_merge(t, features, sink, budget, workers)

@@ -37,12 +37,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx import allocator
+from bqx import allocator, layout
 from bqx.catalog import KEY
 from bqx.chunks import Chunk
 from bqx.chunks import row_groups as chunks_of
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
 from bqx.logs import Log
+from bqx.pairs import PAIRS
 from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
 from bqx.stitch import FileRange, Stitcher
 from bqx.stitch import column_signature as _column_signature
@@ -114,8 +115,11 @@ class CountingWriter:
                 self.write(piece)
 
 
-def local_inputs(directory: Path, targets: str | None = None) -> tuple[MergeInput, list[MergeInput]]:
-    """DIR with one Parquet file per table -> (targets, features). Targets: the file named `targets*`."""
+def local_inputs(directory: Path, targets: str | None = None,
+                 pair: str | None = None) -> tuple[MergeInput, list[MergeInput]]:
+    """DIR with one Parquet file per table -> (targets, features). Targets: the file named `targets*`. Columns are
+    prefixed as in the pipeline's file (layout.prefix_of: the table's name less the pair), the pair being `pair` or
+    the one a `targets_<pair>` file names; files of no known pair keep their whole name as prefix."""
     files = sorted(p for p in Path(directory).glob("*.parquet") if p.is_file())
     if not files:
         raise TerminalError(f"no .parquet files in {directory}")
@@ -125,7 +129,11 @@ def local_inputs(directory: Path, targets: str | None = None) -> tuple[MergeInpu
             f"need exactly one targets file in {directory} (matching {targets or 'targets*'}), found {len(chosen)}"
         )
     t = chosen[0]
-    features = [MergeInput(p.stem, p.stem, (lambda p=p: str(p))) for p in files if p != t]
+    if pair is None:
+        named = t.stem.split("_", 1)[1] if "_" in t.stem else ""
+        pair = named if named in PAIRS else None
+    features = [MergeInput(p.stem, layout.prefix_of(pair, p.stem) if pair else p.stem, (lambda p=p: str(p)))
+                for p in files if p != t]
     return MergeInput(t.stem, "", lambda: str(t)), features
 
 
