@@ -129,3 +129,11 @@ def test_the_merge_reported_its_progress(local_stack: LocalStack, completed_run:
     progress = found[0]
     assert progress["phase"] == "publishing"
     assert progress["tables_written"] == progress["tables"] == completed_run["checkpoints"] - 1
+
+
+def test_the_merge_logs_no_connection_pool_warnings(local_stack: LocalStack, completed_run: dict) -> None:
+    logs = sorted((local_stack.settings.home / "run-api" / "logs").glob("bqx-ml-merge-*.log"))
+    assert logs, "no merge job log"
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    assert "training file published" in text
+    assert "Connection pool is full" not in text  # the client's pool is sized to the merge's threads

@@ -39,9 +39,20 @@ def _credentials(settings: Settings):  # type: ignore[no-untyped-def]
 
 @functools.cache
 def storage_client(settings: Settings) -> storage.Client:
+    """One client per process, shared by every thread: its connection pool is sized to the most threads bqx runs
+    at once (the merge's background plan, the extract's tables, a function's request threads), so connections
+    are reused instead of being discarded with "Connection pool is full" warnings."""
+    import requests.adapters
     from google.cloud import storage
 
-    return storage.Client(project=settings.project, credentials=_credentials(settings))
+    client = storage.Client(project=settings.project, credentials=_credentials(settings))
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=HTTP_POOL_SIZE)
+    for scheme in ("http://", "https://"):
+        client._http.mount(scheme, adapter)
+    return client
+
+
+HTTP_POOL_SIZE = 32
 
 
 @functools.cache
