@@ -95,3 +95,17 @@ def test_job_exit_codes(isolated) -> None:  # type: ignore[no-untyped-def]
     ok = _job("extract", "eurusd", env={**env, "BQX_RUN_ID": ok_run})
     assert ok.returncode == 0, ok.stdout[-2000:]
     assert storage.exists(isolated, isolated.staging_bucket, layout.manifest("eurusd", ok_run))
+
+
+def test_a_checkpoint_is_created_once(isolated) -> None:  # type: ignore[no-untyped-def]
+    """A duplicated task writing a table that is already there keeps the existing (maybe validated) object."""
+    s = isolated
+    run_id = "t" + uuid.uuid4().hex[:10]
+    extract.run(s, "eurusd", run_id)
+    manifest = Manifest.from_json(storage.read_json(s, s.staging_bucket, layout.manifest("eurusd", run_id))[0])
+    entry = manifest.tables[1]
+    before = storage.bucket(s, s.staging_bucket).get_blob(entry.checkpoint)
+    source = DuckDBSource(s.warehouse, s.dataset)
+    result = extract.write_checkpoint(s, source, manifest, entry)
+    after = storage.bucket(s, s.staging_bucket).get_blob(entry.checkpoint)
+    assert result.skipped and after.generation == before.generation and after.md5_hash == before.md5_hash

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from google.api_core import exceptions as gexc
 
 from bqx import layout, storage
 from bqx.catalog import KEY, Column, Manifest, TableEntry
@@ -120,28 +121,37 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
     previous: int | None = None
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    # Leaving the `with` on an exception cancels the resumable upload, so no partial object ever appears.
-    with blob.open("wb", chunk_size=UPLOAD_CHUNK, ignore_flush=True,
-                   content_type="application/vnd.apache.parquet") as sink:
-        writer = pq.ParquetWriter(sink, schema, **WRITER_OPTIONS)
-        try:
-            for batch in source.read(entry.name, manifest.row_limit):
-                batch = _conform(batch, schema, entry.name)
-                previous = check_keys(entry.name, batch.column(KEY), previous)
-                pending.append(batch)
-                pending_rows += batch.num_rows
-                if pending_rows >= CHECKPOINT_ROW_GROUP:
-                    writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=CHECKPOINT_ROW_GROUP)
+    # Create-once (a duplicated task cannot replace a checkpoint that may be validated already), in one request
+    # while it fits in UPLOAD_CHUNK; leaving the `with` on an exception uploads nothing.
+    try:
+        with storage.ObjectSink(blob, UPLOAD_CHUNK, UPLOAD_CHUNK, "application/vnd.apache.parquet",
+                                if_generation_match=0) as sink:
+            writer = pq.ParquetWriter(sink, schema, **WRITER_OPTIONS)
+            try:
+                for batch in source.read(entry.name, manifest.row_limit):
+                    batch = _conform(batch, schema, entry.name)
+                    previous = check_keys(entry.name, batch.column(KEY), previous)
+                    pending.append(batch)
+                    pending_rows += batch.num_rows
+                    if pending_rows >= CHECKPOINT_ROW_GROUP:
+                        writer.write_table(pa.Table.from_batches(pending, schema),
+                                           row_group_size=CHECKPOINT_ROW_GROUP)
+                        result.rows += pending_rows
+                        pending, pending_rows = [], 0
+                if pending_rows or result.rows == 0:
+                    writer.write_table(pa.Table.from_batches(pending, schema),
+                                       row_group_size=CHECKPOINT_ROW_GROUP)
                     result.rows += pending_rows
-                    pending, pending_rows = [], 0
-            if pending_rows or result.rows == 0:
-                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=CHECKPOINT_ROW_GROUP)
-                result.rows += pending_rows
-            writer.close()
-        except BaseException:
-            writer.is_open = False  # the upload is being cancelled: no footer, no __del__ close
-            raise
-        result.bytes = sink.tell() if hasattr(sink, "tell") else 0
+                writer.close()
+            except BaseException:
+                writer.is_open = False  # the upload is being cancelled: no footer, no __del__ close
+                raise
+            result.bytes = sink.tell()
+    except gexc.PreconditionFailed:
+        # create-once: this checkpoint exists already (a duplicated task, or an attempt whose answer was lost)
+        log.info("checkpoint already written; kept as it is", pair=manifest.pair, run_id=manifest.run_id,
+                 table=entry.name)
+        result.skipped = True
     result.seconds = time.time() - result.started_at
     return result
 

@@ -22,7 +22,7 @@ from bqx.merge import MergeInput, MergeStats, merge
 from bqx.objectfile import ObjectFile
 
 READ_CHUNK = 4 * 1024 * 1024
-WRITE_CHUNK = 16 * 1024 * 1024
+WRITE_CHUNK = 128 * 1024 * 1024  # the output's resumable upload pieces, at most 1/8 of the memory budget (below)
 log = Log("bqx.publish")
 
 
@@ -95,10 +95,13 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     progress(0, features_total, force=True)
     if method == "stream":
         targets, features = gcs_inputs(settings, manifest, versions)
-        with temp.open("wb", chunk_size=WRITE_CHUNK, ignore_flush=True,
+        # Few large pieces: each is a request (and on fake-gcs-server a copy of everything uploaded so far: a
+        # 276 MB file took 15.6 s of its CPU in 16 MiB pieces, 4.7 s in 128 MiB ones).
+        chunk = max(1 << 20, min(WRITE_CHUNK, settings.memory_budget // 8)) // (256 << 10) * (256 << 10)
+        with temp.open("wb", chunk_size=chunk, ignore_flush=True,
                        content_type="application/vnd.apache.parquet") as sink:
-            stats = merge(targets, features, sink, memory_budget=settings.memory_budget, metadata=md,
-                          progress=progress)
+            stats = merge(targets, features, sink, memory_budget=settings.memory_budget - chunk, metadata=md,
+                          progress=progress)  # the upload's piece is held outside the merge: its budget less it
     else:
         from bqx import methods
 

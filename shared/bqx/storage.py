@@ -88,3 +88,70 @@ def list_objects(settings: Settings, bucket_name: str, prefix: str) -> dict[str,
 
 def exists(settings: Settings, bucket_name: str, name: str) -> bool:
     return bucket(settings, bucket_name).blob(name).exists()
+
+
+class ObjectSink:
+    """A write-only file that becomes one object: in a single request while it is at most `small` bytes (one
+    request instead of a resumable session's two or more; a create-once precondition is honoured), as a resumable
+    upload in `chunk`-byte pieces once it grows past that. Leaving its `with` on an exception uploads nothing: a
+    resumable session, if one was opened, is cancelled, so no partial object ever appears."""
+
+    def __init__(self, blob: Any, small: int, chunk: int, content_type: str,
+                 if_generation_match: int | None = None) -> None:
+        self.blob, self.small, self.chunk, self.content_type = blob, small, chunk, content_type
+        self.if_generation_match = if_generation_match
+        self.buffer = bytearray()
+        self.writer: Any = None
+        self.position = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.position += len(view)
+        if self.writer is not None:
+            self.writer.write(view)
+        else:
+            self.buffer += view
+            if len(self.buffer) > self.small:
+                self.writer = self.blob.open("wb", chunk_size=self.chunk, ignore_flush=True,
+                                             content_type=self.content_type,
+                                             if_generation_match=self.if_generation_match)
+                self.writer.write(self.buffer)
+                self.buffer = bytearray()
+        return len(view)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.blob.upload_from_string(bytes(self.buffer), content_type=self.content_type,
+                                         if_generation_match=self.if_generation_match)
+
+    def __enter__(self) -> ObjectSink:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        self.closed = True
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)  # the client cancels the resumable session
