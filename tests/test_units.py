@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import struct
 
 import pyarrow as pa
@@ -124,3 +126,24 @@ def test_config_reads_env_and_rejects_bad_values(monkeypatch: pytest.MonkeyPatch
     assert parse_bytes("1GiB") == 1 << 30
     with pytest.raises(ConfigError):
         parse_bytes("lots")
+
+
+def test_object_events_carry_the_object_resource() -> None:
+    resource = {"bucket": "b", "name": "checkpoints/x.parquet", "generation": "7", "size": "1234",
+                "crc32c": "AAAAAA==", "metadata": {"table": "t"}}
+    pushed = gcs_notification("b", "checkpoints/x.parquet", 7)
+    pushed.data["message"]["data"] = base64.b64encode(json.dumps(resource).encode()).decode()
+    for ev in (events.parse(pushed), events.parse(storage_event("b", "checkpoints/x.parquet", 7))):
+        assert ev.generation == "7"
+    ev = events.parse(pushed)
+    assert (ev.size, ev.crc32c, ev.metadata) == (1234, "AAAAAA==", {"table": "t"})
+    eventarc = storage_event("b", "checkpoints/x.parquet", 7)
+    eventarc.data.update({k: v for k, v in resource.items() if k != "metadata"})
+    assert events.parse(eventarc).metadata == {} and events.parse(eventarc).size == 1234  # no metadata: none set
+    # a resource of another generation says nothing about this one
+    stale = storage_event("b", "checkpoints/x.parquet", 8)
+    stale.data.update({"size": "1", "crc32c": "x", "metadata": {}})
+    assert events.parse(stale).size is not None  # same generation: taken
+    other = gcs_notification("b", "checkpoints/x.parquet", 8)
+    other.data["message"]["data"] = base64.b64encode(json.dumps(resource).encode()).decode()
+    assert (events.parse(other).size, events.parse(other).crc32c) == (None, None)

@@ -173,7 +173,7 @@ def completion(s: Settings, cloud_event: Any) -> claims.Outcome | None:
     if manifest is None:
         raise BadRequest(f"object {ev.name} belongs to no run with a manifest")
     if table is not None:
-        if not validate.arrival(s, manifest, ev.name, int(ev.generation)):
+        if not validate.arrival(s, manifest, ev.name, int(ev.generation), ev):
             # that generation is gone (overwritten, set aside, or re-stamped by a metadata patch on the emulator)
             rlog.debug("that checkpoint generation is gone", generation=ev.generation)
         return None  # the extract's report, written after its last checkpoint, is what asks for the merge

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
 
-from bqx import layout, storage
+from bqx import events, layout, storage
 from bqx.catalog import KEY, Manifest, TableEntry
 from bqx.clients import storage_client
 from bqx.config import Settings
@@ -45,6 +45,7 @@ from bqx.logs import Log
 from bqx.objectfile import TAIL, ObjectFile, download
 from bqx.parquet_io import KEY_TYPE, type_name
 
+WHOLE_BELOW = 1 << 20  # a checkpoint up to this size is read whole, in the request that reads its footer
 KEY_READ_LIMIT = 32 * 1024 * 1024  # compressed key-column bytes read to check every key; above: statistics only
 VALIDATED = "bqx_validated"  # custom metadata key: the crc32c of the content that passed validation
 INLINE_VALIDATIONS = 64  # unmarked checkpoints one event validates when the run looks complete (else: their events,
@@ -75,7 +76,8 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
     """Validate one checkpoint object generation against its manifest entry. Never raises for bad content."""
     if size < 12:
         return Verdict(False, f"truncated: {size} bytes is not a Parquet file", "BadCheckpoint")
-    tail = download(blob, max(0, size - TAIL), size)  # the footer, in one read up to ~1,000 columns
+    # The footer, in one read up to ~1,000 columns; a small checkpoint (most, at 2,000 rows) whole in that read.
+    tail = download(blob, 0 if size <= WHOLE_BELOW else max(0, size - TAIL), size)
     reads = 1
     if tail[-4:] != b"PAR1":
         return Verdict(False, f"truncated or not Parquet: no footer magic in the last bytes ({size} bytes)",
@@ -180,15 +182,25 @@ def _check_keys(pf: pq.ParquetFile, meta: pq.FileMetaData, table: str) -> tuple[
 # ---------------------------------------------------------------- arrival, quarantine, report
 
 
-def arrival(s: Settings, manifest: Manifest, name: str, generation: int) -> bool:
+def arrival(s: Settings, manifest: Manifest, name: str, generation: int,
+            known: events.ObjectEvent | None = None) -> bool:
     """Validate a finalized checkpoint. True: valid (now marked). False: stale event (object replaced or gone).
-    Raises BadCheckpoint (terminal) after setting a bad object aside and recording why."""
+    Raises BadCheckpoint (terminal) after setting a bad object aside and recording why. `known`: the event, whose
+    object resource (size, crc32c, metadata of this generation) saves reading the object's metadata."""
     cp = layout.parse_checkpoint(name)
     entry = next((t for t in manifest.tables if t.checkpoint == name), None)
-    try:
-        blob = storage.bucket(s, s.staging_bucket).get_blob(name, generation=generation)
-    except storage.TRANSIENT as exc:
-        raise TransientError(f"reading {name}: {exc}") from exc
+    bucket = storage.bucket(s, s.staging_bucket)
+    if known is not None and known.size is not None and known.crc32c and known.metadata is not None:
+        blob = bucket.blob(name, generation=generation)
+        # as the client fills a blob from a listing's resource (nothing marked changed, so a patch sends only
+        # what is set afterwards)
+        blob._set_properties({"name": name, "bucket": s.staging_bucket, "generation": str(generation),
+                              "size": str(known.size), "crc32c": known.crc32c, "metadata": known.metadata})
+    else:
+        try:
+            blob = bucket.get_blob(name, generation=generation)
+        except storage.TRANSIENT as exc:
+            raise TransientError(f"reading {name}: {exc}") from exc
     if blob is None:
         return False  # overwritten or already quarantined: the newer generation's event speaks for it
     if is_marked(blob):
