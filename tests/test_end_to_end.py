@@ -137,3 +137,29 @@ def test_the_merge_logs_no_connection_pool_warnings(local_stack: LocalStack, com
     text = "\n".join(p.read_text(errors="replace") for p in logs)
     assert "training file published" in text
     assert "Connection pool is full" not in text  # the client's pool is sized to the merge's threads
+
+
+def test_report_goes_to_the_state_directory_and_status_lists_the_same_pairs(local_stack: LocalStack,
+                                                                             completed_run: dict,
+                                                                             tmp_path: Path) -> None:
+    rep = subprocess.run([sys.executable, "-m", "bqx.cli", "report", "eurusd"], env={**os.environ, **local_stack.env},
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert rep.returncode == 0, rep.stderr
+    written = [Path(p) for p in rep.stdout.split()]
+    assert written and all(p.parent == local_stack.settings.home / "reports" and p.exists() for p in written)
+    assert list(tmp_path.iterdir()) == []  # nothing left in the current directory
+    text = bqx(local_stack, "status")
+    as_json = bqx(local_stack, "status", "--json")
+    listed = {line.split()[0] for line in text.stdout.splitlines() if line.strip()}
+    assert listed == {r["pair"] for r in json.loads(as_json.stdout)} and "eurusd" in listed
+
+
+def test_dry_run_is_calibrated_by_the_measured_run(local_stack: LocalStack, completed_run: dict) -> None:
+    est = bqx(local_stack, "run", "eurusd", "--dry-run", "--json")
+    assert est.returncode == 0, est.stderr
+    got = json.loads(est.stdout.strip().splitlines()[-1])
+    measured = completed_run["cost"]
+    assert got["calibrated_from"] and completed_run["run_id"] in got["calibrated_from"]
+    assert got["bytes_scanned"] == measured["bigquery_bytes"]  # the same warehouse: the same scan
+    assert abs(got["extract_seconds"] - measured["extract_seconds"]) <= 0.01 * measured["extract_seconds"] + 0.01
+    assert abs(got["merge_seconds"] - measured["merge_seconds"]) <= 0.01 * measured["merge_seconds"] + 0.01

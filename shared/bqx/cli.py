@@ -268,26 +268,48 @@ def _watch(s, pairs: list[str], interval: float, explicit: bool) -> None:  # typ
             time.sleep(interval)
 
 
+def _calibration(s, pairs: list[str]) -> tuple[float, float, str] | None:  # type: ignore[no-untyped-def]
+    """(extract seconds, merge seconds) per byte scanned, measured by the newest published run of one of `pairs`
+    (else of any pair), and which run that was; None before any run was published."""
+    from bqx import layout, storage
+    from bqx.pairs import PAIRS
+
+    for pair in dict.fromkeys([*pairs, *PAIRS]):
+        found = storage.read_json(s, s.output_bucket, layout.summary(pair))
+        cost = (found[0].get("cost") or {}) if found else {}
+        scanned = cost.get("bigquery_bytes") or 0
+        if scanned and cost.get("extract_seconds") and cost.get("merge_seconds"):
+            return (cost["extract_seconds"] / scanned, cost["merge_seconds"] / scanned,
+                    f"run {found[0].get('run_id')} of {pair}")  # type: ignore[index]
+    return None
+
+
 def _dry_run(s, pairs: list[str], as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    """Estimate bytes scanned and Cloud Run time before anything runs."""
+    """Estimate bytes scanned and Cloud Run time before anything runs: times scale the newest published run's
+    measured seconds per byte scanned (its summary's cost), or rough guesses before there is one."""
     from bqx import pricing
     from bqx.source import open_source
 
     source = open_source(s)
+    calibration = _calibration(s, pairs)
     for pair in pairs:
         tables = source.discover(pair)
         scanned = sum(source.estimate_bytes(t.name, s.row_limit) for t in tables)
-        # Throughput measured on the local stack (~12 tables/s on 2 cores) and ~60 MB/s merge; scaled guesses.
-        extract_s = len(tables) / 12.0 + scanned / 200e6
-        merge_s = scanned / 60e6 + 5
+        if calibration:
+            extract_s, merge_s, basis = scanned * calibration[0], scanned * calibration[1], calibration[2]
+        else:  # ~12 tables/s and ~60 MB/s on 2 cores: guesses until a run has been measured
+            extract_s, merge_s, basis = len(tables) / 12.0 + scanned / 200e6, scanned / 60e6 + 5, ""
         cost = pricing.Cost(scanned, extract_s, merge_s, 1, len(tables) + 8)
-        out = {"pair": pair, "tables": len(tables), "bytes_scanned": scanned, **cost.to_json()}
+        out = {"pair": pair, "tables": len(tables), "bytes_scanned": scanned, "calibrated_from": basis or None,
+               **cost.to_json()}
         if as_json:
             click.echo(json.dumps(out))
         else:
             click.echo(f"{pair}: {len(tables)} tables, {scanned / 1e9:.2f} GB scanned -> BigQuery "
                        f"${cost.bigquery_usd:.4f}; extract ~{extract_s:.0f}s (${cost.extract_usd:.4f}), merge "
-                       f"~{merge_s:.0f}s (${cost.merge_usd:.4f}); total ~${cost.total_usd:.4f} at list prices")
+                       f"~{merge_s:.0f}s (${cost.merge_usd:.4f}); total ~${cost.total_usd:.4f} at list prices; "
+                       + (f"times scaled from {basis}" if basis else "times are rough guesses until a run is "
+                          "published"))
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -442,12 +464,14 @@ def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, 
         _watch(s, chosen, interval, explicit=bool(pairs))
         return
     states = [runs.state(s, p) for p in chosen]
+    if not pairs:  # all pairs: those with a run, in text and JSON alike
+        states = [r for r in states if r.state != "none"]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in states], default=str))
         return
+    if not states:
+        _echo("no runs yet; start one with `bqx run PAIR`")
     for rs in states:
-        if rs.state == "none" and not pairs:
-            continue
         extra = ""
         if rs.state == "failed" and rs.error:
             extra = f"  {rs.error.get('stage')}: {rs.error.get('error')}  (retry: {rs.error.get('retry')})"
@@ -459,15 +483,17 @@ def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, 
 @main.command()
 @click.argument("pair")
 @click.option("--run-id", default=None, help="A run of PAIR other than its newest.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help="Directory for the HTML and PNG.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for the HTML and PNG (default: reports/ in the state directory, $BQX_HOME).")
 @click.option("--cloud", is_flag=True)
-def report(pair: str, run_id: str | None, out_dir: Path, cloud: bool) -> None:
+def report(pair: str, run_id: str | None, out_dir: Path | None, cloud: bool) -> None:
     """Write a run's report: timeline of every table, handoff and merge; slowest tables; retries; cost."""
     from bqx import report as rep
 
     pair = _pairs((pair,), False)[0]
     s = _settings() if cloud else _local_settings()
+    out_dir = out_dir or s.home / "reports"
+    out_dir.mkdir(parents=True, exist_ok=True)
     html_path, png_path, tl = rep.write(s, pair, out_dir, run_id)
     cost = tl.cost()
     click.echo(f"{html_path}\n{png_path}")
