@@ -224,3 +224,38 @@ def test_status_says_merging_only_once_a_merge_execution_exists(s, run_api) -> N
     assert runs.state(s, "eurusd", run_id).merge_progress["tables_written"] == 1
     storage.write_json(s, s.staging_bucket, name, {"phase": "publishing", "tables_written": 2, "tables": 2})
     assert runs.state(s, "eurusd", run_id).state == "publishing"
+
+
+def test_a_refused_merge_launch_is_recorded_not_left_merging(s, run_api) -> None:
+    """Cloud Run answering 403 (or 400) to run_job: retrying cannot help. The event is acknowledged and the run
+    recorded as failed with the cause and the retry command, instead of staying "merging" with no merge."""
+    from bqx import runs
+
+    run_id, objects = _run_with_checkpoints(s, 2)
+    for n in objects:
+        upload(s, n, checkpoint_bytes())
+    report, generation = report_extract(s, run_id)
+    run_api.fail_next, run_api.fail_status = 1, 403
+    c = client("completion")
+    assert post(c, storage_event(s.staging_bucket, report, generation)) == 200  # acknowledged: no retry storm
+    assert launches(run_api, "bqx-ml-merge") == []
+    err = storage.read_json(s, s.staging_bucket, layout.run_error("eurusd", run_id))
+    assert err is not None and err[0]["stage"] == "handoff" and "403" in err[0]["error"]
+    assert err[0]["retry"].endswith(f"bqx merge eurusd --run-id {run_id}")
+    rs = runs.state(s, "eurusd", run_id)
+    assert rs.state == "failed" and rs.error["error_type"] == "LaunchRefused"
+
+
+def test_a_refused_extract_launch_fails_the_run_it_registered(s, run_api) -> None:
+    from bqx import runs
+
+    run_api.fail_next, run_api.fail_status = 1, 400
+    msg = pubsub_event(json.dumps({"pair": "eurusd"}), message_id=uuid.uuid4().hex)
+    assert post(client("trigger"), msg) == 200
+    assert launches(run_api, "bqx-ml-extract") == []
+    rs = runs.state(s, "eurusd")
+    assert rs.state == "failed" and rs.error["stage"] == "trigger" and "400" in rs.error["error"]
+    # the pair is not "already running": the next request starts a run
+    msg = pubsub_event(json.dumps({"pair": "eurusd"}), message_id=uuid.uuid4().hex)
+    assert post(client("trigger"), msg) == 200
+    assert len(launches(run_api, "bqx-ml-extract")) == 1

@@ -72,4 +72,9 @@ class ClaimHeld(TransientError):
 
 
 class LaunchFailed(TransientError):
-    """The Cloud Run Admin API refused or timed out; the event should be redelivered."""
+    """The Cloud Run Admin API failed or timed out (5xx, network); the event should be redelivered."""
+
+
+class LaunchRefused(TerminalError):
+    """The Cloud Run Admin API refused the execution (a 4xx: permission, bad request, no such job): retrying the
+    same call cannot help. The run is failed and the refusal recorded where `bqx status` shows it."""

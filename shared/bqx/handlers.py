@@ -11,7 +11,7 @@ from google.api_core import exceptions as gexc
 
 from bqx import claims, events, ids, layout, logs, runs, storage
 from bqx.config import Settings
-from bqx.errors import AlreadyRunning, BadRequest, ClaimHeld, TerminalError, TransientError
+from bqx.errors import AlreadyRunning, BadRequest, ClaimHeld, LaunchRefused, TerminalError, TransientError
 from bqx.launch import run_job
 from bqx.logs import Log
 from bqx.pairs import validate_pair
@@ -105,6 +105,10 @@ def start_run(s: Settings, pair: str, run_id: str, origin: dict[str, Any], force
         rlog.info("already running: request acknowledged, no new run (send force: true to start one anyway)",
                   active_run_id=busy.run_id, execution=busy.execution, **origin)
         return claims.Outcome(False, busy.execution)
+    except LaunchRefused as exc:  # Cloud Run said no (a 4xx): retrying cannot help; the run has failed
+        runs.record_failure(s, pair, run_id, "trigger", str(exc), type(exc).__name__,
+                            f"fix the cause, then: bqx run {pair}")
+        raise
     if outcome.launched:
         rlog.info("extract job started", execution=outcome.execution, took_over=outcome.took_over, force=force)
     else:
@@ -191,11 +195,16 @@ def completion(s: Settings, cloud_event: Any) -> claims.Outcome | None:
         rlog.error("all checkpoints present, but the run has a recorded error: merge not started",
                    error=blocking.get("error"), error_stage=blocking.get("stage"))
         return None
-    outcome = claims.launch_once(
-        s, layout.claim(pair, run_id, "merge"),
-        lambda: run_job(s, s.merge_job, [pair], {"BQX_RUN_ID": run_id}),
-        {"pair": pair, "run_id": run_id},
-    )
+    try:
+        outcome = claims.launch_once(
+            s, layout.claim(pair, run_id, "merge"),
+            lambda: run_job(s, s.merge_job, [pair], {"BQX_RUN_ID": run_id}),
+            {"pair": pair, "run_id": run_id},
+        )
+    except LaunchRefused as exc:  # Cloud Run said no (a 4xx): record it, or `bqx status` would say "handoff" forever
+        runs.record_failure(s, pair, run_id, "handoff", str(exc), type(exc).__name__,
+                            f"fix the cause, then: bqx merge {pair} --run-id {run_id}")
+        raise
     if outcome.launched:
         rlog.info("all checkpoints present: merge job started", checkpoints=len(expected),
                   execution=outcome.execution, took_over=outcome.took_over)

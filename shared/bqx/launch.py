@@ -6,7 +6,7 @@ from google.api_core import exceptions as gexc
 
 from bqx.clients import TRANSIENT_ERRORS, jobs_client
 from bqx.config import Settings
-from bqx.errors import LaunchFailed, TerminalError
+from bqx.errors import LaunchFailed, LaunchRefused
 
 
 def job_path(settings: Settings, job: str) -> str:
@@ -42,4 +42,4 @@ def run_job(
         code = getattr(exc, "code", None)
         if code is not None and int(code) >= 500:
             raise LaunchFailed(f"could not start {job}: {exc}") from exc
-        raise TerminalError(f"Cloud Run refused to start {job}: {exc}") from exc
+        raise LaunchRefused(f"Cloud Run refused to start {job}: {exc}") from exc

@@ -245,3 +245,12 @@ def follow(settings: Settings, pair: str, run_id: str, timeout: float, on_update
                 f"({rs.present}/{rs.expected} checkpoints); see `bqx status {pair}`"
             )
         time.sleep(poll)
+
+
+def record_failure(s: Settings, pair: str, run_id: str, stage: str, error: str, error_type: str, retry: str,
+                   **extra: Any) -> bool:
+    """Record why the run cannot go on in runs/<pair>/<run>/error.json, where `bqx status` and `bqx run` show it
+    with the command to retry. The first failure recorded wins (create-once); True if this one was recorded."""
+    body = {"pair": pair, "run_id": run_id, "stage": stage, "error": error, "error_type": error_type,
+            "table": None, "at": time.time(), "retry": retry, **extra}
+    return storage.create_json(s, s.staging_bucket, layout.run_error(pair, run_id), body) is not None
