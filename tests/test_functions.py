@@ -259,3 +259,14 @@ def test_a_refused_extract_launch_fails_the_run_it_registered(s, run_api) -> Non
     msg = pubsub_event(json.dumps({"pair": "eurusd"}), message_id=uuid.uuid4().hex)
     assert post(client("trigger"), msg) == 200
     assert len(launches(run_api, "bqx-ml-extract")) == 1
+
+
+@pytest.mark.parametrize("nested", [b"[" * 30_000 + b"]" * 30_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000])
+def test_deeply_nested_json_is_a_bad_request(s, run_api, nested: bytes) -> None:
+    """Nesting within the 64 KB limit used to raise RecursionError: 500 and redelivery forever (issue 17.7)."""
+    assert len(nested) < 64 * 1024
+    assert post(client("trigger"), pubsub_event(nested, message_id=uuid.uuid4().hex)) == 200
+    name = "requests/eurusd.json"
+    gen = upload(s, name, nested)
+    assert post(client("trigger"), storage_event(s.staging_bucket, name, gen)) == 200
+    assert launches(run_api, "bqx-ml-extract") == []

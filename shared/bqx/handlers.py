@@ -84,6 +84,8 @@ def parse_request_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request is not valid JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the parser goes, within the size limit: still just bad input
+        raise BadRequest("request is nested too deeply to be a request") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request must be a JSON object, got {type(body).__name__}")
     unknown = set(body) - REQUEST_FIELDS
