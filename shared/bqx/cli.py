@@ -218,6 +218,20 @@ def _generate(s, pair: str, shape) -> None:  # type: ignore[no-untyped-def]
     _echo(f"warehouse: {pair}: {n} tables ({shape.describe()}) in {time.time() - t0:.1f}s -> {s.warehouse}")
 
 
+@warehouse.command("touch")
+@click.argument("pair")
+@click.argument("tables", nargs=-1, required=True)
+def warehouse_touch(pair: str, tables: tuple[str, ...]) -> None:
+    """Mark TABLES of PAIR as updated, without changing their rows (a new version, as an update in BigQuery
+    changes a table's modification time): the next `bqx run PAIR` extracts them again and reuses the others."""
+    from bqx.warehouse import Warehouse
+
+    pair = _pairs((pair,), False)[0]
+    s = _local_settings()
+    versions = Warehouse(Path(s.warehouse), s.dataset).touch(pair, list(tables))
+    _echo(f"warehouse: {pair}: {len(versions)} table(s) have a new version: {', '.join(versions)}")
+
+
 @warehouse.command("info")
 def warehouse_info() -> None:
     """List the generated pairs and their shapes."""
@@ -277,6 +291,8 @@ def _calibration(s, pairs: list[str]) -> tuple[float, float, str] | None:  # typ
     for pair in dict.fromkeys([*pairs, *PAIRS]):
         found = storage.read_json(s, s.output_bucket, layout.summary(pair))
         cost = (found[0].get("cost") or {}) if found else {}
+        if found and (found[0].get("reused") or {}).get("tables"):
+            continue  # its extract copied checkpoints it did not scan: seconds per byte scanned would mislead
         scanned = cost.get("bigquery_bytes") or 0
         if scanned and cost.get("extract_seconds") and cost.get("merge_seconds"):
             return (cost["extract_seconds"] / scanned, cost["merge_seconds"] / scanned,
@@ -361,11 +377,17 @@ def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-un
               help="Rows per table if the local warehouse must be generated.")
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Pairs followed at once.")
 @click.option("--cloud", is_flag=True, help="Use Google Cloud instead of the local stack.")
-@click.option("--force", is_flag=True, help="Start a new run even if one is active.")
+@click.option("--force", is_flag=True, help="Start a new run even if one is active or the pair is up to date.")
+@click.option("--accept-drift", is_flag=True,
+              help="Publish even if the run has lost rows or columns against the published file.")
 @click.option("--dry-run", is_flag=True, help="Only estimate bytes scanned, run time and cost; start nothing.")
 def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, rows: int | None,
-        concurrency: int, cloud: bool, force: bool, dry_run: bool) -> None:
-    """Request PAIRS and follow each run until its training file is published."""
+        concurrency: int, cloud: bool, force: bool, accept_drift: bool, dry_run: bool) -> None:
+    """Request PAIRS and follow each run until its training file is published.
+
+    A pair whose warehouse tables are all unchanged since its last published run is up to date: its summary is shown
+    and no run starts (--force starts one). A new run extracts only the tables that changed and copies the
+    checkpoints of the others from that run."""
     from bqx import runs
 
     chosen = _pairs(pairs, all_pairs)
@@ -398,7 +420,16 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
             # The trigger would acknowledge a new request as "already running": follow the active run instead.
             _echo(f"{pair}: run {active} is already active; following it (--force starts a new run)")
             return runs.follow(s, pair, active, timeout, on_update=show)
-        run_id = runs.submit(s, pair, force=force)
+        if not force:
+            from bqx.source import open_source
+
+            current = runs.up_to_date(s, pair, open_source(s))
+            if current is not None:
+                _echo(f"{pair} is up to date: no table changed since run {current['run_id']}, published "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(current.get('published_at') or 0))} "
+                      f"(--force starts a new run)")
+                return runs.RunState(pair, current["run_id"], "done", summary=current)
+        run_id = runs.submit(s, pair, force=force, accept_drift=accept_drift)
         _echo(f"{pair}: requested gs://{s.staging_bucket}/requests/{pair}.json (run {run_id})")
         return runs.follow(s, pair, run_id, timeout, on_update=show)
 
@@ -420,7 +451,10 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
                     f"{rs.pair}: {summary['rows']} rows x {summary['columns']} columns from "
                     f"{summary['checkpoints']} checkpoints -> {summary['output']} "
                     f"({summary['bytes'] / 1e6:.1f} MB, crc32c {summary.get('crc32c')}, "
-                    f"merge {summary['merge_seconds']:.1f}s, run {summary['run_id']})"
+                    f"merge {summary['merge_seconds']:.1f}s, run {summary['run_id']}"
+                    + (f"; {summary['reused']['tables']} reused from run {', '.join(summary['reused']['from'])}, "
+                       f"{summary['reused']['extracted']} extracted" if (summary.get("reused") or {}).get("tables")
+                       else "") + ")"
                 )
     if failed:
         raise click.ClickException(f"{failed} of {len(chosen)} pair(s) failed")
@@ -516,8 +550,11 @@ def report(pair: str, run_id: str | None, out_dir: Path | None, cloud: bool) -> 
 @click.option("--workers", type=int, default=None, help="Tables merged at once (default: up to 2).")
 @click.option("--cloud", is_flag=True, help="With PAIR: use Google Cloud instead of the local stack.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--accept-drift", is_flag=True,
+              help="With PAIR: publish even if the run has lost rows or columns against the published file.")
 def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | None, method: str | None,
-          run_id: str | None, memory_budget: str, workers: int | None, cloud: bool, as_json: bool) -> None:
+          run_id: str | None, memory_budget: str, workers: int | None, cloud: bool, as_json: bool,
+          accept_drift: bool) -> None:
     """LEFT JOIN every feature table onto the targets by interval_time, memory-bounded.
 
     \b
@@ -571,7 +608,8 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
     found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
     if found is None:
         raise click.ClickException(f"run {run_id} of {pair} has no manifest (extraction never started?)")
-    summary = merge_run(replace(s, memory_budget=budget), Manifest.from_json(found[0]), chosen)
+    summary = merge_run(replace(s, memory_budget=budget), Manifest.from_json(found[0]), chosen,
+                        accept_drift=accept_drift or None)
     click.echo(json.dumps(summary) if as_json else
                f"{pair}: {summary['rows']} rows x {summary['columns']} columns -> {summary['output']} "
                f"({chosen}, {summary['merge_seconds']:.1f}s)")

@@ -115,6 +115,8 @@ class Settings:
     """Rows read per table (0 = all); the original runs sampled ~100k."""
     claim_lease_seconds: float = 60.0
     """After this long without a recorded execution, a claim may be taken over."""
+    max_row_drop: float = 0.1
+    """A run whose rows fall by more than this fraction from the pair's published file is not published."""
     active_run_max_seconds: float = 6 * 3600.0
     """A pair's run older than this no longer makes new requests wait ("already running")."""
     request_topic: str = "bqx-requests"
@@ -167,6 +169,7 @@ class Settings:
             task_max_retries=_env_int("BQX_TASK_MAX_RETRIES", d.task_max_retries),
             row_limit=_env_int("BQX_ROW_LIMIT", d.row_limit),
             claim_lease_seconds=_env_float("BQX_CLAIM_LEASE_SECONDS", d.claim_lease_seconds),
+            max_row_drop=_env_float("BQX_MAX_ROW_DROP", d.max_row_drop),
             active_run_max_seconds=_env_float("BQX_ACTIVE_RUN_MAX_SECONDS", d.active_run_max_seconds),
             request_topic=_env("BQX_REQUEST_TOPIC", d.request_topic),
             events_topic=_env("BQX_EVENTS_TOPIC", d.events_topic),

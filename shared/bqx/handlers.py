@@ -17,7 +17,7 @@ from bqx.logs import Log
 from bqx.pairs import validate_pair
 
 MAX_REQUEST_BYTES = 64 * 1024
-REQUEST_FIELDS = {"pair", "force", "requested_by", "note"}
+REQUEST_FIELDS = {"pair", "force", "accept_drift", "requested_by", "note"}
 
 log = Log("bqx.functions")
 
@@ -91,18 +91,20 @@ def parse_request_body(raw: bytes) -> dict[str, Any]:
     unknown = set(body) - REQUEST_FIELDS
     if unknown:
         raise BadRequest(f"unknown request fields {sorted(unknown)[:5]}; allowed: {sorted(REQUEST_FIELDS)}")
-    if "force" in body and not isinstance(body["force"], bool):
-        raise BadRequest("'force' must be true or false")
+    for flag in ("force", "accept_drift"):
+        if flag in body and not isinstance(body[flag], bool):
+            raise BadRequest(f"'{flag}' must be true or false")
     return body
 
 
-def start_run(s: Settings, pair: str, run_id: str, origin: dict[str, Any], force: bool = False) -> claims.Outcome:
+def start_run(s: Settings, pair: str, run_id: str, origin: dict[str, Any], force: bool = False,
+              accept_drift: bool = False) -> claims.Outcome:
     """Start run `run_id` of `pair` once (runs.register, which an extract started by hand calls too). While the
     pair's latest run is another, active one, the request is acknowledged as "already running" unless `force`."""
     rlog = log.bind(pair=pair, run_id=run_id, stage="extract")
     try:
         outcome = runs.register(s, pair, run_id, lambda: run_job(s, s.extract_job, [pair], {"BQX_RUN_ID": run_id}),
-                                origin, force=force)
+                                origin, force=force, accept_drift=accept_drift)
     except AlreadyRunning as busy:
         rlog.info("already running: request acknowledged, no new run (send force: true to start one anyway)",
                   active_run_id=busy.run_id, execution=busy.execution, **origin)
@@ -145,7 +147,8 @@ def trigger(s: Settings, cloud_event: Any) -> claims.Outcome | None:
         pair = validate_pair(body["pair"])
         run_id = ids.run_id_for_message(ev.message_id)
         origin = {"origin": "message", "message_id": ev.message_id}
-    return start_run(s, pair, run_id, origin, force=bool(body.get("force", False)))
+    return start_run(s, pair, run_id, origin, force=bool(body.get("force", False)),
+                     accept_drift=bool(body.get("accept_drift", False)))
 
 
 # ---------------------------------------------------------------- completion: checkpoints -> merge job

@@ -83,9 +83,21 @@ class Progress:
 PROGRESS_SECONDS = 2.0
 
 
-def merge_run(settings: Settings, manifest: Manifest, method: str, execution: str = "") -> dict[str, Any]:
+def merge_run(settings: Settings, manifest: Manifest, method: str, execution: str = "",
+              accept_drift: bool | None = None) -> dict[str, Any]:
+    """Merge the run and publish it. `accept_drift`: publish even if it falls short of the pair's published file
+    (None: as the run's request said, recorded in its extract claim)."""
     pair, run_id = manifest.pair, manifest.run_id
     started = time.time()
+    targets_rows = _targets_rows(settings, manifest)
+    if targets_rows == 0:
+        raise TerminalError(f"run {run_id}'s targets table {manifest.targets.name} has 0 rows (a table being "
+                            "refreshed?): nothing merged, the pair's published training file is left as it is")
+    if accept_drift is None:
+        claim = storage.read_json(settings, settings.staging_bucket, layout.claim(pair, run_id, "extract"))
+        accept_drift = bool(claim and claim[0].get("accept_drift"))
+    if not accept_drift:
+        check_drift(settings, manifest, targets_rows, expected_columns(manifest))
     versions = verify_checkpoints(settings, manifest)
     out_bucket = storage.bucket(settings, settings.output_bucket)
     temp = out_bucket.blob(layout.output_temp(pair, run_id))
@@ -112,7 +124,7 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
         raise TransientError(f"merged object has {temp.size} bytes, the merge wrote {stats.bytes}; not published")
     with temp.open("rb", chunk_size=READ_CHUNK) as f:
         meta = pq.ParquetFile(f).metadata
-    want_rows = _targets_rows(settings, manifest)
+    want_rows = targets_rows
     if meta.num_rows != want_rows or meta.num_columns != expected_columns(manifest):
         raise TerminalError(
             f"merged file has {meta.num_rows} rows x {meta.num_columns} columns; expected "
@@ -128,25 +140,47 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     summary = build_summary(settings, manifest, stats, method, execution, started)
     # GCS's own checksums of what it stored (base64, as `gcloud storage hash` prints them): the merge does not hash.
     summary["crc32c"], summary["md5"] = temp.crc32c, temp.md5_hash
-    summary["cost"] = _cost(settings, manifest, summary["seconds"])
+    summary["cost"], summary["reused"] = _cost(settings, manifest, summary["seconds"])
     storage.write_json(settings, settings.output_bucket, layout.summary(pair), summary)
     log.info("training file published", pair=pair, run_id=run_id, rows=stats.rows, columns=stats.columns,
              seconds=round(stats.seconds, 2), output=summary["output"])
     return summary
 
 
-def _cost(settings: Settings, manifest: Manifest, merge_seconds: float) -> dict[str, Any]:
-    """The run's cost at list prices, from measured durations (best effort: never blocks publishing)."""
+def _cost(settings: Settings, manifest: Manifest, merge_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's cost at list prices, from measured durations, and what it reused (checkpoints copied from earlier
+    runs, bqx.report.Timeline.reuse_json). Best effort: never blocks publishing."""
     from dataclasses import replace
 
     from bqx import report
 
     try:
         tl = report.load(settings, manifest.pair, manifest.run_id)
-        return replace(tl.cost(), merge_seconds=merge_seconds).to_json()
+        return replace(tl.cost(), merge_seconds=merge_seconds).to_json(), tl.reuse_json()
     except Exception as exc:  # noqa: BLE001
         log.warning(f"cost estimate unavailable: {exc}", pair=manifest.pair, run_id=manifest.run_id)
-        return {}
+        return {}, {}
+
+
+def check_drift(settings: Settings, manifest: Manifest, rows: int, columns: int) -> None:
+    """Refuse (terminal) a run that would replace the pair's published file with one that has lost rows (more
+    than BQX_MAX_ROW_DROP of them) or columns; the error says by how much and how to publish it anyway."""
+    found = storage.read_json(settings, settings.output_bucket, layout.summary(manifest.pair))
+    if found is None or found[0].get("run_id") == manifest.run_id:
+        return
+    prev = found[0]
+    prev_rows, prev_cols = int(prev.get("rows") or 0), int(prev.get("columns") or 0)
+    problems = []
+    if prev_rows and rows < prev_rows * (1 - settings.max_row_drop):
+        problems.append(f"rows fell by {1 - rows / prev_rows:.1%} ({prev_rows} -> {rows}), more than "
+                        f"BQX_MAX_ROW_DROP={settings.max_row_drop:g}")
+    if columns < prev_cols:
+        problems.append(f"{prev_cols - columns} columns fewer ({prev_cols} -> {columns})")
+    if problems:
+        raise TerminalError(
+            f"run {manifest.run_id} of {manifest.pair} not published: against the published run "
+            f"{prev.get('run_id')}, {'; '.join(problems)}. If that is intended: bqx merge {manifest.pair} "
+            f"--run-id {manifest.run_id} --accept-drift (or request with \"accept_drift\": true)")
 
 
 def _targets_rows(settings: Settings, manifest: Manifest) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bqx import claims, ids, layout, storage
-from bqx.catalog import Manifest, family_of
+from bqx.catalog import Manifest, TableEntry, family_of
 from bqx.clients import storage_client
 from bqx.config import Settings
 from bqx.errors import AlreadyRunning, TerminalError, TransientError
@@ -40,10 +40,11 @@ class RunState:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def submit(settings: Settings, pair: str, force: bool = False) -> str:
+def submit(settings: Settings, pair: str, force: bool = False, accept_drift: bool = False) -> str:
     """Drop requests/<pair>.json in the staging bucket; returns the run id the trigger will use."""
     blob = storage.bucket(settings, settings.staging_bucket).blob(layout.request(pair))
-    body = {"pair": pair, "requested_by": "bqx", **({"force": True} if force else {})}
+    body = {"pair": pair, "requested_by": "bqx", **({"force": True} if force else {}),
+            **({"accept_drift": True} if accept_drift else {})}
     blob.upload_from_string(storage.dumps(body), content_type="application/json")
     return ids.run_id_for_object(settings.staging_bucket, blob.name, blob.generation)
 
@@ -87,7 +88,7 @@ def active_run_id(settings: Settings, pair: str) -> str | None:
 
 
 def register(s: Settings, pair: str, run_id: str, launch: Callable[[], str], origin: dict[str, Any],
-             force: bool = False) -> claims.Outcome:
+             force: bool = False, accept_drift: bool = False) -> claims.Outcome:
     """Make run `run_id` the pair's latest run and launch its extract, once: what the trigger does for a request
     (`launch` starts the extract job) and what an extract started by hand does for itself (`launch` returns its own
     execution). While the pair's latest run is another, active one, raises AlreadyRunning unless `force`. The
@@ -107,7 +108,10 @@ def register(s: Settings, pair: str, run_id: str, launch: Callable[[], str], ori
             raise TransientError(f"another run of {pair} was started meanwhile; deciding again")
         return launch()
 
-    return claims.launch_once(s, layout.claim(pair, run_id, "extract"), start, {"pair": pair, "run_id": run_id})
+    # the run's options live in its extract claim: written once, read by its merge (bqx.publish)
+    options = {"accept_drift": True} if accept_drift else {}
+    return claims.launch_once(s, layout.claim(pair, run_id, "extract"), start,
+                              {"pair": pair, "run_id": run_id, **options})
 
 
 def run_ids(s: Settings, pair: str) -> list[str]:
@@ -167,6 +171,50 @@ def newest_complete(s: Settings, pair: str) -> Manifest | None:
         if done:
             return manifest
     return None
+
+
+def published(s: Settings, pair: str) -> tuple[dict[str, Any], Manifest] | None:
+    """The pair's last published run: its summary (training_<pair>.summary.json) and its manifest, or None."""
+    found = storage.read_json(s, s.output_bucket, layout.summary(pair))
+    run_id = found[0].get("run_id") if found else None
+    if not isinstance(run_id, str):
+        return None
+    try:
+        manifest = load_manifest(s, pair, run_id)
+    except TerminalError:  # a summary naming a run id outside the layout, or a malformed manifest
+        return None
+    return None if manifest is None else (found[0], manifest)  # type: ignore[index]
+
+
+def unchanged(previous: Manifest, current: Manifest) -> dict[str, TableEntry]:
+    """table -> its entry in `previous`, for each of `current`'s tables that holds the same data there: same source
+    and row limit, and the same role, columns and (non-empty) fingerprint. Such a table's checkpoint can be reused."""
+    if previous.source != current.source or previous.row_limit != current.row_limit:
+        return {}
+    before = {t.name: t for t in previous.tables}
+    out = {}
+    for t in current.tables:
+        p = before.get(t.name)
+        if p is not None and t.fingerprint and (p.fingerprint, p.role, p.columns) == (t.fingerprint, t.role, t.columns):
+            out[t.name] = p
+    return out
+
+
+def up_to_date(s: Settings, pair: str, source: Any) -> dict[str, Any] | None:
+    """The summary of the pair's last published run when a new run would publish the same training file: every
+    table the source has now is unchanged since that run (`unchanged`), no table came or went, and the training file
+    is still there. None otherwise. `source`: a bqx.source.Source (one discovery: two queries)."""
+    found = published(s, pair)
+    if found is None:
+        return None
+    summary, previous = found
+    from bqx.extract import build_manifest  # pyarrow: the trigger imports this module, and never calls this
+
+    current = build_manifest(pair, previous.run_id, source.discover(pair), source.name, s.row_limit)
+    same = unchanged(previous, current)
+    if len(same) != len(current.tables) or len(same) != len(previous.tables):
+        return None
+    return summary if storage.exists(s, s.output_bucket, layout.output(pair)) else None
 
 
 def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
