@@ -380,15 +380,44 @@ class Harness:
                       if body.get("launched_at") else 0.0, bool(body.get("took_over_from")))
 
 
-def run_many(harnesses: list[Harness], seeds: list[int], progress: Any = None) -> tuple[Totals, list[Result]]:
-    """Run the seeds across the harnesses (each runs its share one schedule at a time)."""
+class ServiceDied(RuntimeError):
+    """A service the harness needs exited: the schedules stop at once, with the tail of its log."""
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_many(harnesses: list[Harness], seeds: list[int], progress: Any = None,
+             services: dict[str, tuple[subprocess.Popen[bytes], Path]] | None = None) -> tuple[Totals, list[Result]]:
+    """Run the seeds across the harnesses (each runs its share one schedule at a time). Before each schedule the
+    harnesses' completion servers and `services` ({name: (process, log)}) are checked: one that exited stops every
+    harness and raises ServiceDied with its log's tail, instead of schedules timing out against a dead server."""
     totals, results, lock = Totals(), [], threading.Lock()
     queue = list(reversed(seeds))
+    died: list[str] = []
+    watched = dict(services or {})
+    for i, h in enumerate(harnesses):
+        if h.proc is not None:
+            watched[f"completion server {i}"] = (h.proc, h.dir / "completion.log")
+
+    def dead() -> str | None:
+        for name, (proc, log) in watched.items():
+            if proc.poll() is not None:
+                return f"{name} exited with {proc.returncode}; the end of {log}:\n{_tail(log)}"
+        return None
 
     def worker(h: Harness) -> None:
         while True:
             with lock:
-                if not queue:
+                if not queue or died:
+                    return
+                why = dead()
+                if why:
+                    died.append(why)
                     return
                 seed = queue.pop()
             r = h.run_schedule(seed)
@@ -403,11 +432,13 @@ def run_many(harnesses: list[Harness], seeds: list[int], progress: Any = None) -
         t.start()
     for t in threads:
         t.join()
+    if died:
+        raise ServiceDied(died[0])
     results.sort(key=lambda r: r.seed)
     return totals, results
 
 
-def start_fake_gcs(port: int, workdir: Path, backend: str = "memory") -> subprocess.Popen[bytes]:
+def start_fake_gcs(port: int, workdir: Path, backend: str = "filesystem") -> subprocess.Popen[bytes]:
     from bqx.local.stack import fake_gcs_binary
 
     storage_flags = ["-backend", "memory"] if backend == "memory" else [
@@ -430,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="first seed; schedules use seed, seed+1, ...")
     ap.add_argument("--parallel", type=int, default=2, help="independent harnesses (server + Run API) at once")
     ap.add_argument("--lease", type=float, default=1.0, help="BQX_CLAIM_LEASE_SECONDS for the function")
-    ap.add_argument("--backend", choices=["memory", "filesystem"], default="memory",
-                    help="fake-gcs-server storage backend (the local stack uses filesystem)")
+    ap.add_argument("--backend", choices=["memory", "filesystem"], default="filesystem",
+                    help="fake-gcs-server storage backend: filesystem, as the local stack runs it (v1.54.0's memory "
+                         "backend crashed with 'concurrent map writes' under this load)")
     ap.add_argument("--json", action="store_true", help="print the totals as JSON")
     args = ap.parse_args(argv)
 
@@ -460,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {totals.schedules:5d} schedules, {time.time() - t0:6.1f}s{mark}", file=sys.stderr,
                       flush=True)
 
-        totals, _ = run_many(harnesses, list(range(args.seed, args.seed + args.schedules)), progress)
+        totals, _ = run_many(harnesses, list(range(args.seed, args.seed + args.schedules)), progress,
+                             {"fake-gcs-server": (gcs, workdir / "gcs.log")})
         seconds = time.time() - t0
     finally:
         for h in harnesses:

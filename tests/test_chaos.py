@@ -204,3 +204,20 @@ def test_a_run_whose_launch_failed_does_not_block_the_next_request(s, run_api) -
     assert _extracts(run_api, "eurnzd") == []  # its pointer is written, but its claim was given back
     assert _post(c, pubsub_event(json.dumps({"pair": "eurnzd"}), message_id=uuid.uuid4().hex)) == 200
     assert len(_extracts(run_api, "eurnzd")) == 1
+
+
+def test_a_dead_service_stops_the_harness_at_once_with_its_log(harnesses, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17.13: a crashed emulator (fake-gcs-server's memory backend died with 'concurrent map writes') used to
+    leave the harness silent for minutes; now the schedules stop before the next one, naming it."""
+    import subprocess
+    import time
+
+    log = tmp_path / "gcs.log"
+    log.write_text("fatal error: concurrent map writes\ngoroutine 1 [running]:\n")
+    dead = subprocess.Popen(["false"])
+    dead.wait()
+    t0 = time.time()
+    with pytest.raises(chaos.ServiceDied) as died:
+        chaos.run_many(harnesses, list(range(5)), services={"fake-gcs-server": (dead, log)})
+    assert time.time() - t0 < 5
+    assert "fake-gcs-server exited with 1" in str(died.value) and "concurrent map writes" in str(died.value)
