@@ -76,6 +76,7 @@ def merge_kills(s: Settings, n: int, out: list[dict[str, Any]], log: Any) -> Non
     base = tf.with_bucket(s, staging=tf.new_bucket(s), output=tf.new_bucket(s, "o"))
     run_id = "k" + uuid.uuid4().hex[:12]
     assert tf.run_job_to_end("extract", tf.job_env(base, run_id)) == 0
+    tf.validate_run(base, run_id)  # as the completion function does: the merge publishes only validated checkpoints
     assert tf.run_job_to_end("merge", tf.job_env(base, run_id)) == 0
     sha = tf.sha256_of(base, base.output_bucket, "training_eurusd.parquet")
     want = tf.read_output(base, base.output_bucket)

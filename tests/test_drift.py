@@ -14,6 +14,8 @@ from bqx import handlers, layout, publish, runs, storage
 from bqx.catalog import Manifest, TableEntry
 from bqx.errors import TerminalError
 
+from fakes import validate_all
+
 
 def _run(s, rows: int, tables: tuple[str, ...] = TABLES, accept_drift: bool = False) -> Manifest:  # type: ignore[no-untyped-def]
     run_id = "d" + uuid.uuid4().hex[:12]
@@ -25,6 +27,7 @@ def _run(s, rows: int, tables: tuple[str, ...] = TABLES, accept_drift: bool = Fa
                        {"pair": PAIR, "run_id": run_id, **({"accept_drift": True} if accept_drift else {})})
     for e in m.tables:
         _upload(s, e.checkpoint, _parquet(_table(e, rows=rows)))
+    validate_all(s, m)  # as the completion function does; only validated checkpoints are published
     return m
 
 
@@ -78,3 +81,22 @@ def test_the_request_carries_accept_drift_to_the_run(isolated_output, run_api) -
     assert claim and claim[0]["accept_drift"] is True
     with pytest.raises(TerminalError, match="accept_drift"):
         handlers.parse_request_body(b'{"pair": "eurusd", "accept_drift": "yes"}')
+
+
+def test_a_checkpoint_replaced_after_validation_is_not_merged(isolated_output) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17.2: the merge merges exactly the generations that were validated. A checkpoint overwritten after its
+    validation (here with an int64 column the manifest does not allow) fails the merge transiently; nothing is
+    published until a validated generation is there."""
+    import pyarrow as pa
+
+    from bqx.errors import TransientError
+
+    s = isolated_output
+    m = _run(s, 300)
+    victim = m.tables[1]
+    table = _table(victim, rows=300)
+    bad = table.set_column(1, "f000", pa.array(range(300), pa.int64()))
+    _upload(s, victim.checkpoint, _parquet(bad))  # a new generation, never validated
+    with pytest.raises(TransientError, match="not the generation that was validated"):
+        publish.merge_run(s, m, "stream")
+    assert storage.read_json(s, s.output_bucket, layout.summary(PAIR)) is None

@@ -118,6 +118,15 @@ def merges(api: RunApi, run_id: str | None = None) -> int:
                if e.job == "bqx-ml-merge" and (run_id is None or e.env.get("BQX_RUN_ID") == run_id))
 
 
+def validate_run(settings: Settings, run_id: str) -> None:
+    """What the completion function does for each checkpoint of the run (the merge publishes only validated ones)."""
+    from fakes import validate_all
+
+    found = storage.read_json(settings, settings.staging_bucket, layout.manifest(PAIR, run_id))
+    assert found is not None
+    validate_all(settings, Manifest.from_json(found[0]))
+
+
 def kill_extract_scenario(settings: Settings, seed: int, baseline: dict[str, str], run_id: str,
                           n_tables: int) -> dict[str, Any]:
     """Start the extract job, SIGKILL it at a seeded point (after k checkpoints or after a delay), rerun it to the
@@ -219,6 +228,7 @@ def extracted(local_stack) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     run_id = "k" + uuid.uuid4().hex[:12]
     assert run_job_to_end("extract", job_env(s, run_id)) == 0
     digests = checkpoint_digests(s, s.staging_bucket, run_id)
+    validate_run(s, run_id)
     assert run_job_to_end("merge", job_env(s, run_id)) == 0
     sha = sha256_of(s, s.output_bucket, layout.output(PAIR))
     summary = storage.read_json(s, s.output_bucket, layout.summary(PAIR))

@@ -48,13 +48,29 @@ def expected_columns(manifest: Manifest) -> int:
     return 1 + sum(len(t.value_columns) for t in manifest.tables)
 
 
-def verify_checkpoints(settings: Settings, manifest: Manifest) -> dict[str, tuple[int, int]]:
-    """Every expected checkpoint is there: name -> (size, generation) of each."""
-    present = storage.list_versions(settings, settings.staging_bucket,
-                                    layout.checkpoints_prefix(manifest.pair, manifest.run_id))
+def verify_checkpoints(settings: Settings, manifest: Manifest, validated: bool = False) -> dict[str, tuple[int, int]]:
+    """Every expected checkpoint is there: name -> (size, generation) of each, from one listing (the merge reads
+    exactly these generations). `validated`: each must also be the generation the completion function validated
+    (its marker names the content's crc32c); one that is not (replaced after it was checked, or not checked yet)
+    fails the merge transiently, so it is merged only once a validated generation is there."""
+    from bqx.clients import storage_client
+    from bqx.validate import is_marked
+
+    present, unchecked = {}, []
+    for b in storage_client(settings).list_blobs(settings.staging_bucket,
+                                                 prefix=layout.checkpoints_prefix(manifest.pair, manifest.run_id)):
+        present[b.name] = (int(b.size or 0), int(b.generation))
+        if validated and not is_marked(b):
+            unchecked.append(f"{b.name}#{b.generation}")
     missing = sorted(manifest.expected_objects() - present.keys())
     if missing:
         raise BadCheckpoint(f"{len(missing)} checkpoints missing, e.g. {missing[:3]}")
+    unchecked = [u for u in unchecked if u.split("#")[0] in manifest.expected_objects()]
+    if unchecked:
+        log.warning("checkpoints not (or no longer) the validated generation; the merge will be retried",
+                    pair=manifest.pair, run_id=manifest.run_id, unchecked=unchecked[:10], count=len(unchecked))
+        raise TransientError(f"{len(unchecked)} checkpoints are not the generation that was validated, e.g. "
+                             f"{unchecked[:3]}: replaced after validation, or not validated yet")
     return present
 
 
@@ -98,7 +114,7 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
         accept_drift = bool(claim and claim[0].get("accept_drift"))
     if not accept_drift:
         check_drift(settings, manifest, targets_rows, expected_columns(manifest))
-    versions = verify_checkpoints(settings, manifest)
+    versions = verify_checkpoints(settings, manifest, validated=True)
     out_bucket = storage.bucket(settings, settings.output_bucket)
     temp = out_bucket.blob(layout.output_temp(pair, run_id))
     md = {"bqx.pair": pair, "bqx.run_id": run_id, "bqx.method": method}

@@ -106,9 +106,19 @@ def merge_world(root: Path, shape, pair: str = "eurusd", run_id: str = "rplan", 
         extract.run(settings, pair, run_id, source=DuckDBSource(str(warehouse), settings.dataset))
         manifest = Manifest.from_json(storage.read_json(settings, settings.staging_bucket,
                                                         f"runs/{pair}/{run_id}/manifest.json")[0])
+        validate_all(settings, manifest)
         sink = io.BytesIO()
         targets, features = gcs_inputs(settings, manifest)
         merge(targets, features, sink, memory_budget=settings.memory_budget, workers=1)
         reference = pq.read_table(io.BytesIO(sink.getvalue()))
         yield {"settings": settings, "manifest": manifest, "reference": reference, "endpoint": endpoint,
                "reference_file": pq.ParquetFile(io.BytesIO(sink.getvalue()))}
+
+
+def validate_all(settings, manifest) -> None:  # type: ignore[no-untyped-def]
+    """What the completion function does for each checkpoint's event (publishing merges only validated ones)."""
+    from bqx import storage, validate
+
+    for entry in manifest.tables:
+        blob = storage.bucket(settings, settings.staging_bucket).get_blob(entry.checkpoint)
+        assert validate.arrival(settings, manifest, entry.checkpoint, int(blob.generation))
