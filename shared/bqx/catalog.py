@@ -49,6 +49,10 @@ class TableEntry:
     role: str  # "feature" | "targets"
     columns: tuple[Column, ...]
     checkpoint: str = ""
+    # The source's fingerprint of the table when the run was planned (its version or last modification, row count
+    # and schema): two entries with the same non-empty fingerprint, columns and run row limit hold the same data.
+    fingerprint: str = ""
+    reused_from: str = ""  # a run whose checkpoint of this table is copied instead of reading the warehouse
 
     @property
     def value_columns(self) -> tuple[Column, ...]:
@@ -79,8 +83,8 @@ class Manifest:
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
         d["tables"] = [
-            {"name": t.name, "role": t.role, "checkpoint": t.checkpoint,
-             "columns": [[c.name, c.type] for c in t.columns]}
+            {"name": t.name, "role": t.role, "checkpoint": t.checkpoint, "fingerprint": t.fingerprint,
+             "reused_from": t.reused_from, "columns": [[c.name, c.type] for c in t.columns]}
             for t in self.tables
         ]
         return d
@@ -89,8 +93,9 @@ class Manifest:
     def from_json(cls, d: dict) -> Manifest:
         try:
             tables = tuple(
-                TableEntry(t["name"], t["role"], tuple(Column(n, ty) for n, ty in t["columns"]), t["checkpoint"])
-                for t in d["tables"]
+                TableEntry(t["name"], t["role"], tuple(Column(n, ty) for n, ty in t["columns"]), t["checkpoint"],
+                           str(t.get("fingerprint") or ""), str(t.get("reused_from") or ""))
+                for t in d["tables"]  # manifests written before fingerprints have none: nothing of them is reused
             )
             m = cls(d["pair"], d["run_id"], tables, d.get("source", ""), int(d.get("row_limit", 0)),
                     float(d.get("created_at", 0.0)), dict(d.get("extra") or {}))

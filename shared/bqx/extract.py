@@ -3,6 +3,11 @@
 Checkpoints are written straight to GCS through a resumable upload (an object appears only once complete),
 several tables at once, each with retries. A rerun of the same run id skips checkpoints already present.
 Tasks of one execution shard the tables by index.
+
+An unchanged table is not read again: when the manifest is planned, each table whose fingerprint (bqx.source),
+columns and row limit are those of the pair's last published run, and whose checkpoint of that run still exists, is
+marked `reused_from` that run; its checkpoint is then copied server-side (a rewrite, create-once like an upload, and
+finalized like one: the completion function validates it as usual) instead of being extracted.
 """
 
 from __future__ import annotations
@@ -10,14 +15,14 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
 
-from bqx import layout, storage
+from bqx import layout, runs, storage
 from bqx.catalog import KEY, Column, Manifest, TableEntry
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError, TransientError
@@ -26,6 +31,7 @@ from bqx.parquet_io import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS, arrow_type, sch
 from bqx.source import Source, SourceTable, open_source
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # multiple of 256 KiB, as resumable uploads require
+COPY_CONCURRENCY = 16  # server-side copies at once, beside the reads: each is one request's latency and no CPU here
 log = Log("bqx.extract")
 
 
@@ -38,6 +44,8 @@ class TableResult:
     attempts: int = 0
     skipped: bool = False
     started_at: float = 0.0
+    reused: bool = False  # copied from an earlier run's checkpoint, not read from the warehouse
+    reused_from: str = ""
 
 
 @dataclass
@@ -51,7 +59,12 @@ class ExtractReport:
 
     @property
     def written(self) -> int:
+        """Checkpoints this task created: extracted or copied."""
         return sum(not t.skipped for t in self.tables)
+
+    @property
+    def reused(self) -> int:
+        return sum(t.reused and not t.skipped for t in self.tables)
 
 
 def build_manifest(pair: str, run_id: str, tables: list[SourceTable], source: str, row_limit: int) -> Manifest:
@@ -61,10 +74,28 @@ def build_manifest(pair: str, run_id: str, tables: list[SourceTable], source: st
             t.role,
             tuple(Column(c, type_name(arrow_type(ty))) for c, ty in t.columns),
             layout.checkpoint(pair, run_id, t.name),
+            t.fingerprint,
         )
         for t in tables
     )
     return Manifest(pair, run_id, entries, source, row_limit, time.time())
+
+
+def plan_reuse(settings: Settings, manifest: Manifest) -> Manifest:
+    """`manifest` with `reused_from` set on each table that the pair's last published run holds unchanged
+    (bqx.runs.unchanged) in a checkpoint that still exists (one listing of that run's checkpoints)."""
+    found = runs.published(settings, manifest.pair)
+    if found is None or found[1].run_id == manifest.run_id:
+        return manifest
+    previous = found[1]
+    same = runs.unchanged(previous, manifest)
+    if not same:
+        return manifest
+    present = storage.list_names(settings, settings.staging_bucket,
+                                 layout.checkpoints_prefix(manifest.pair, previous.run_id))
+    entries = tuple(replace(t, reused_from=previous.run_id) if t.name in same and same[t.name].checkpoint in present
+                    else t for t in manifest.tables)
+    return replace(manifest, tables=entries)
 
 
 def ensure_manifest(settings: Settings, manifest: Manifest) -> Manifest:
@@ -156,6 +187,34 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
     return result
 
 
+def copy_checkpoint(settings: Settings, source: Source, manifest: Manifest, entry: TableEntry) -> TableResult:
+    """Copy the checkpoint of `entry.reused_from` to this run's name, server-side and create-once. If that checkpoint
+    is gone meanwhile, the table is extracted instead (its fingerprint is the warehouse's current one)."""
+    result = TableResult(entry.name, started_at=time.time(), reused=True, reused_from=entry.reused_from)
+    bucket = storage.bucket(settings, settings.staging_bucket)
+    src = bucket.blob(layout.checkpoint(manifest.pair, entry.reused_from, entry.name))
+    dst = bucket.blob(entry.checkpoint)
+    # Custom metadata of its own (not the source's validation marker): the completion function validates the copy.
+    dst.metadata = {"run_id": manifest.run_id, "table": entry.name, "reused_from": entry.reused_from}
+    dst.content_type = "application/vnd.apache.parquet"
+    try:
+        token, _, size = dst.rewrite(src, if_generation_match=0)
+        while token is not None:  # large objects across locations or classes take several calls; same bucket, one
+            token, _, size = dst.rewrite(src, token=token, if_generation_match=0)
+    except gexc.PreconditionFailed:
+        log.info("checkpoint already written; kept as it is", pair=manifest.pair, run_id=manifest.run_id,
+                 table=entry.name)
+        result.skipped = True
+    except gexc.NotFound:
+        log.warning("the checkpoint to reuse is gone; extracting the table", pair=manifest.pair,
+                    run_id=manifest.run_id, table=entry.name, reused_from=entry.reused_from)
+        return write_checkpoint(settings, source, manifest, entry)
+    else:
+        result.bytes = int(size)
+    result.seconds = time.time() - result.started_at
+    return result
+
+
 def save_report(settings: Settings, report: ExtractReport, failed: bool = False) -> None:
     """This task attempt's report: per-table timings for `bqx report`, and, when it did not fail, the signal the
     completion function waits for before it asks whether the run is complete (bqx.handlers.completion). So a
@@ -186,8 +245,9 @@ class _Progress:
         with self.lock:
             self.done += 1
             self.rows += r.rows
-            self.log.info("checkpoint written", table=r.table, rows=r.rows, bytes=r.bytes,
-                          seconds=round(r.seconds, 3), attempts=r.attempts, done=self.done, total=self.total)
+            self.log.info("checkpoint reused" if r.reused else "checkpoint written", table=r.table, rows=r.rows,
+                          bytes=r.bytes, seconds=round(r.seconds, 3), attempts=r.attempts, done=self.done,
+                          total=self.total, **({"reused_from": r.reused_from} if r.reused else {}))
             now = time.time()
             if now - self.last >= 60 or self.done == self.total:
                 rate = self.done / max(now - self.start, 1e-9)
@@ -227,7 +287,8 @@ def run(
     rlog = log.bind(pair=pair, run_id=run_id, stage="extract")
     source = source or open_source(settings)
     tables = source.discover(pair)
-    manifest = ensure_manifest(settings, build_manifest(pair, run_id, tables, source.name, settings.row_limit))
+    planned = plan_reuse(settings, build_manifest(pair, run_id, tables, source.name, settings.row_limit))
+    manifest = ensure_manifest(settings, planned)
     mine = [t for i, t in enumerate(manifest.tables) if i % task_count == task_index]
     present = storage.list_names(settings, settings.staging_bucket, layout.checkpoints_prefix(pair, run_id))
     report = ExtractReport(pair, run_id, task_index, task_count)
@@ -237,13 +298,19 @@ def run(
             report.tables.append(TableResult(entry.name, skipped=True))
         else:
             todo.append(entry)
+    reuse = sum(bool(e.reused_from) for e in todo)
     rlog.info("extract starting", tables=len(manifest.tables), mine=len(mine), todo=len(todo),
-              skipped=len(mine) - len(todo), task_index=task_index, task_count=task_count, source=source.name)
+              skipped=len(mine) - len(todo), reuse=reuse, extract=len(todo) - reuse, task_index=task_index,
+              task_count=task_count, source=source.name)
     progress = _Progress(rlog, len(todo))
-    with ThreadPoolExecutor(settings.extract_concurrency, thread_name_prefix="extract") as pool:
+    # Reads and copies in pools of their own: the copies (a request each) never wait behind the reads.
+    with ThreadPoolExecutor(settings.extract_concurrency, thread_name_prefix="extract") as pool, \
+            ThreadPoolExecutor(COPY_CONCURRENCY, thread_name_prefix="copy") as copier:
         futures = {
-            pool.submit(_with_retries, settings, rlog,
-                        lambda e=entry: write_checkpoint(settings, source, manifest, e), entry.name): entry
+            (copier if entry.reused_from else pool).submit(
+                _with_retries, settings, rlog,
+                lambda e=entry: (copy_checkpoint if e.reused_from else write_checkpoint)(settings, source, manifest, e),
+                entry.name): entry
             for entry in todo
         }
         try:
@@ -259,6 +326,6 @@ def run(
             raise
     report.seconds = time.time() - started
     save_report(settings, report)
-    rlog.info("extract finished", written=report.written, skipped=len(report.tables) - report.written,
-              seconds=round(report.seconds, 2))
+    rlog.info("extract finished", written=report.written, reused=report.reused,
+              skipped=len(report.tables) - report.written, seconds=round(report.seconds, 2))
     return report

@@ -22,6 +22,7 @@ class TableSpan:
     rows: int = 0
     bytes: int = 0
     attempts: int = 1
+    reused_from: str = ""  # copied from this run's checkpoint: nothing read from the warehouse
 
 
 @dataclass
@@ -41,6 +42,15 @@ class Timeline:
     summary: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     bigquery_bytes: int = 0
+
+    @property
+    def reused(self) -> list[TableSpan]:
+        return [t for t in self.tables if t.reused_from]
+
+    def reuse_json(self) -> dict[str, Any]:
+        """What the run reused, for its summary: tables copied from earlier runs, tables extracted, those runs."""
+        return {"tables": len(self.reused), "extracted": len(self.tables) - len(self.reused),
+                "from": sorted({t.reused_from for t in self.reused})}
 
     @property
     def last_checkpoint_at(self) -> float | None:
@@ -92,7 +102,8 @@ def load(settings: Settings, pair: str, run_id: str | None = None) -> Timeline:
             if t.get("skipped"):
                 continue
             spans[t["table"]] = TableSpan(t["table"], t["started_at"], t["started_at"] + t["seconds"], t["rows"],
-                                          t["bytes"], t.get("attempts") or 1)
+                                          t["bytes"], t.get("attempts") or 1,
+                                          str(t.get("reused_from") or "") if t.get("reused") else "")
     if manifest:
         objects = storage.list_objects(s, s.staging_bucket, layout.checkpoints_prefix(pair, run_id))
         cols = {t.name: len(t.columns) for t in manifest.tables}
@@ -100,7 +111,9 @@ def load(settings: Settings, pair: str, run_id: str | None = None) -> Timeline:
             if t.name not in spans and t.checkpoint in objects:
                 created = objects[t.checkpoint][1]
                 spans[t.name] = TableSpan(t.name, created, created, 0, objects[t.checkpoint][0])
-        tl.bigquery_bytes = sum(span.rows * cols.get(span.table, 0) * 8 for span in spans.values())
+        # BigQuery bills what was read: a reused table's checkpoint was copied, not queried
+        tl.bigquery_bytes = sum(span.rows * cols.get(span.table, 0) * 8 for span in spans.values()
+                                if not span.reused_from)
     tl.tables = sorted(spans.values(), key=lambda x: x.start)
     tl.extract_seconds = max(tasks.values(), default=0.0)
     summary = storage.read_json(s, s.output_bucket, layout.summary(pair))
@@ -120,8 +133,8 @@ def _bars(tl: Timeline) -> tuple[float, list[tuple[str, float, float, str]]]:
     origin = min(x for x in (tl.requested_at, tl.extract_launched_at, tl.manifest_at,
                              tl.tables[0].start if tl.tables else None) if x is not None) if (
         tl.tables or tl.requested_at) else time.time()
-    bars = [(t.table, t.start - origin, max(t.end - origin, t.start - origin), "retry" if t.attempts > 1 else "table")
-            for t in tl.tables]
+    bars = [(t.table, t.start - origin, max(t.end - origin, t.start - origin),
+             "reused" if t.reused_from else "retry" if t.attempts > 1 else "table") for t in tl.tables]
     if tl.last_checkpoint_at and tl.merge_launched_at:
         bars.append(("handoff", tl.last_checkpoint_at - origin, tl.merge_launched_at - origin, "handoff"))
     if tl.merge_launched_at and tl.published_at:
@@ -129,7 +142,7 @@ def _bars(tl: Timeline) -> tuple[float, list[tuple[str, float, float, str]]]:
     return origin, bars
 
 
-COLORS = {"table": "#4e79a7", "retry": "#e15759", "handoff": "#f28e2b", "merge": "#59a14f"}
+COLORS = {"table": "#4e79a7", "reused": "#bab0ac", "retry": "#e15759", "handoff": "#f28e2b", "merge": "#59a14f"}
 
 
 def svg(tl: Timeline, width: int = 1000, row: int = 4) -> str:
@@ -158,7 +171,7 @@ def svg(tl: Timeline, width: int = 1000, row: int = 4) -> str:
 
 def html_report(tl: Timeline) -> str:
     cost = tl.cost().to_json()
-    slow = sorted(tl.tables, key=lambda t: t.start - t.end)[:10]
+    slow = sorted((t for t in tl.tables if not t.reused_from), key=lambda t: t.start - t.end)[:10]
     retried = [t for t in tl.tables if t.attempts > 1]
     rows = "".join(f"<tr><td>{html.escape(t.table)}</td><td>{t.end - t.start:.3f}</td><td>{t.rows}</td>"
                    f"<td>{t.bytes}</td><td>{t.attempts}</td></tr>" for t in slow)
@@ -172,6 +185,14 @@ def html_report(tl: Timeline) -> str:
                          for k, v in stages.items())
     cost_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in cost.items() if k != "prices")
     summary = tl.summary or {}
+    reused = tl.reuse_json()
+    extracted = [t.table for t in tl.tables if not t.reused_from]
+    names = html.escape(", ".join(extracted[:20])) + (" ..." if len(extracted) > 20 else "")
+    reuse = (f"<p class='reuse'>{reused['tables']} of {len(tl.tables)} checkpoints reused: copied from run "
+             f"{html.escape(', '.join(reused['from']))}, where their tables had the same fingerprint (version, rows, "
+             f"schema) and row limit; nothing of them was read from the warehouse. {reused['extracted']} extracted"
+             f"{': ' + names if extracted else ''}.</p>") if reused["tables"] else (
+        "<p class='reuse'>No checkpoint reused: every table was extracted.</p>")
     err = (f"<p class='error'>Failed in {html.escape(str(tl.error.get('stage')))}: "
            f"{html.escape(str(tl.error.get('error')))} — retry: <code>{html.escape(str(tl.error.get('retry')))}"
            f"</code></p>") if tl.error else ""
@@ -181,14 +202,16 @@ padding:2px 8px;text-align:left}}.error{{color:#b00}}</style></head><body>
 <h1>{tl.pair}: run {tl.run_id}</h1>{err}
 <p>{summary.get('rows', '-')} rows × {summary.get('columns', '-')} columns from {len(tl.tables)} checkpoints;
 output {html.escape(str(summary.get('output', '(not published)')))}; crc32c {summary.get('crc32c', '-')}</p>
-<h2>Timeline</h2><p>Each bar is one table's extraction (red: retried), then the handoff and the merge.</p>
+{reuse}
+<h2>Timeline</h2><p>Each bar is one table's extraction (red: retried; grey: reused, a copy of an earlier run's
+checkpoint), then the handoff and the merge.</p>
 {svg(tl)}
 <h2>Stages</h2><table>{stage_rows}</table>
 <h2>Slowest tables</h2><table><tr><th>table</th><th>seconds</th><th>rows</th><th>bytes</th><th>attempts</th></tr>
 {rows}</table>
 <h2>Retries</h2><p>{len(retried)} table(s) needed more than one attempt{': ' if retried else ''}
 {', '.join(html.escape(t.table) for t in retried[:20])}</p>
-<h2>Cost (estimate at list prices)</h2><table>{cost_rows}</table>
+<h2>Cost (estimate at list prices; BigQuery bytes of the extracted tables only)</h2><table>{cost_rows}</table>
 <p>Prices: {html.escape(str(cost['prices']))}</p></body></html>"""
 
 

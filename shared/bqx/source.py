@@ -1,14 +1,20 @@
 """Reading the warehouse: discovery from the information schema and streaming table reads to Arrow.
 
-DuckDB (local) and BigQuery (cloud) share this shape: `discover(pair)` -> tables with columns,
+DuckDB (local) and BigQuery (cloud) share this shape: `discover(pair)` -> tables with columns and a fingerprint,
 `read(table)` -> Arrow record batches sorted by interval_time. Identifiers are always quoted, never
 interpolated raw; the pair only reaches SQL as a bound parameter.
+
+A table's fingerprint (`fingerprint()`) is its version, its row count and a digest of its schema: BigQuery's last
+modification time and row count from the dataset's `__TABLES__`; the DuckDB warehouse's per-table version, which
+every write of the table bumps (bqx.warehouse). A table with no version has no fingerprint, and is never reused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import pyarrow as pa
@@ -17,7 +23,7 @@ from bqx.catalog import KEY, belongs_to, family_of, targets_table
 from bqx.config import Settings
 from bqx.errors import TerminalError
 from bqx.layout import TABLE_RE
-from bqx.warehouse import FAMILIES
+from bqx.warehouse import FAMILIES, VERSIONS_TABLE
 
 BATCH_ROWS = 16_384
 
@@ -27,6 +33,16 @@ class SourceTable:
     name: str
     role: str
     columns: tuple[tuple[str, str], ...]  # (name, warehouse type)
+    fingerprint: str = ""  # version/rows/schema digest; "" when the source cannot tell (never reused)
+
+
+def fingerprint(version: object, rows: int, columns: tuple[tuple[str, str], ...]) -> str:
+    """`<version>/<rows>/<schema digest>`, or "" without a version: a table whose fingerprint is unchanged holds the
+    same rows (the warehouse bumps the version, or BigQuery the modification time, on every write)."""
+    if version is None or version == "":
+        return ""
+    digest = hashlib.sha256(json.dumps([list(c) for c in columns]).encode()).hexdigest()[:16]
+    return f"{version}/{int(rows)}/{digest}"
 
 
 class Source(Protocol):
@@ -86,7 +102,27 @@ class DuckDBSource:
             "WHERE table_schema = ? AND table_name LIKE ? ORDER BY table_name, ordinal_position",
             [self.dataset, f"%{pair}%"],
         ).fetchall()
-        return _classify(pair, rows)
+        return self._with_fingerprints(_classify(pair, rows))
+
+    def _with_fingerprints(self, tables: list[SourceTable]) -> list[SourceTable]:
+        """Each table's version (the warehouse's bookkeeping table) and row count: two queries for all of them."""
+        import duckdb
+
+        cursor = self._con.cursor()
+        try:
+            try:
+                versions = dict(cursor.execute(f"SELECT table_name, version FROM {quote_duckdb(VERSIONS_TABLE)} "
+                                               "WHERE dataset = ?", [self.dataset]).fetchall())
+            except duckdb.CatalogException:  # a warehouse written before versions were kept
+                versions = {}
+            ds = quote_duckdb(self.dataset)
+            counts = dict(cursor.execute(" UNION ALL ".join(
+                f"SELECT {i} AS i, count(*) AS n FROM {ds}.{quote_duckdb(t.name)}" for i, t in enumerate(tables)
+            )).fetchall()) if tables else {}
+        finally:
+            cursor.close()
+        return [replace(t, fingerprint=fingerprint(versions.get(t.name), counts[i], t.columns))
+                for i, t in enumerate(tables)]
 
     def estimate_bytes(self, table: str, row_limit: int = 0) -> int:
         """What BigQuery would bill for reading the table: logical bytes of every column."""
@@ -117,7 +153,8 @@ class DuckDBSource:
 class BigQuerySource:
     """The warehouse in BigQuery, through google-cloud-bigquery.
 
-    Discovery is one INFORMATION_SCHEMA.COLUMNS query with the pair as a bound parameter. Each table is read
+    Discovery is one INFORMATION_SCHEMA.COLUMNS query with the pair as a bound parameter, and one of the dataset's
+    `__TABLES__` (last modification time and row count of every table: the fingerprints). Each table is read
     by a query ordered by interval_time; its rows stream to Arrow through the BigQuery Storage Read API (one
     ordered stream) in the cloud, or wherever BQX_BIGQUERY_STORAGE_ENDPOINT is set, and through the query
     results pages otherwise (the local stack). Without google-cloud-bigquery-storage the source fails when it
@@ -150,6 +187,12 @@ class BigQuerySource:
             "WHERE table_name LIKE @pattern ORDER BY table_name, ordinal_position"
         )
 
+    def tables_sql(self) -> str:
+        return (
+            "SELECT table_id, last_modified_time, row_count "
+            f"FROM {self._dataset_ref()}.__TABLES__ WHERE table_id LIKE @pattern"
+        )
+
     def discover(self, pair: str) -> list[SourceTable]:
         from google.cloud import bigquery
 
@@ -157,7 +200,11 @@ class BigQuerySource:
             query_parameters=[bigquery.ScalarQueryParameter("pattern", "STRING", f"%{pair}%")]
         )
         rows = self.client.query(self.discover_sql(), job_config=config).result()
-        return _classify(pair, [(r[0], r[1], r[2]) for r in rows])
+        tables = _classify(pair, [(r[0], r[1], r[2]) for r in rows])
+        # Streaming inserts still in the buffer change neither value; every DML, load or copy changes the first.
+        meta = {r[0]: (r[1], r[2]) for r in self.client.query(self.tables_sql(), job_config=config).result()}
+        return [replace(t, fingerprint=fingerprint(*meta[t.name], t.columns)) if t.name in meta else t
+                for t in tables]
 
     def read_sql(self, table: str, row_limit: int = 0) -> str:
         if not TABLE_RE.match(table):

@@ -4,10 +4,15 @@ Per pair: 667 feature tables in the real family mix with 4-232 value columns (~1
 targets table with the 49 target columns, keyed by a 1-minute `interval_time` TIMESTAMP. Values are random
 walks and smooth indicators (they compress like real series); some tables have gaps, some columns nulls,
 and some tables start before the targets do.
+
+Each table has a version in `_bqx_versions` (dataset, table_name, version), as BigQuery has a last modification
+time: every write of the table gives it a new, larger one (nanoseconds since the epoch, so a regenerated file never
+repeats an older file's version), and `touch` gives one without changing the rows, standing in for an update.
 """
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bqx.catalog import FAMILIES, KEY, TARGET_COLUMNS, targets_table
+from bqx.catalog import FAMILIES, KEY, TARGET_COLUMNS, belongs_to, targets_table
+from bqx.errors import TerminalError
 from bqx.pairs import PAIRS
 
 TOTAL_FEATURE_COLUMNS = 17_000
 MIN_COLS, MAX_COLS = 4, 232
 START = np.datetime64("2024-01-01T00:00:00", "us")
 DEFAULT_ROWS = 2_000
+VERSIONS_TABLE = "_bqx_versions"  # in the file's main schema, beside _bqx_generated: never one of a dataset's tables
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,7 @@ class Warehouse:
             q = f'"{self.dataset}"'
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
             con.execute("CREATE TABLE IF NOT EXISTS _bqx_generated (pair VARCHAR PRIMARY KEY, shape VARCHAR)")
+            _create_versions(con)
             specs = table_specs(pair, shape)
             tables = [(targets_table(pair), None), *((s.name, s) for s in specs)]
             con.execute("BEGIN")
@@ -173,7 +181,45 @@ class Warehouse:
                 if progress:
                     progress(i + 1, len(tables))
             con.execute("INSERT OR REPLACE INTO _bqx_generated VALUES (?, ?)", [pair, shape.describe()])
+            _bump(con, self.dataset, [name for name, _ in tables])
             con.execute("COMMIT")
             return len(tables)
         finally:
             con.close()
+
+    def touch(self, pair: str, tables: list[str]) -> dict[str, int]:
+        """Give the pair's `tables` new versions without changing their rows, as an update in BigQuery would change
+        their modification time: the next run extracts them again. Returns table -> new version."""
+        if not self.path.exists():
+            raise TerminalError(f"no warehouse at {self.path}; generate one with `bqx warehouse generate {pair}`")
+        con = self._connect(read_only=False)
+        try:
+            present = {r[0] for r in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", [self.dataset]).fetchall()}
+            unknown = [t for t in tables if t not in present or not belongs_to(pair, t)]
+            if unknown:
+                raise TerminalError(f"not tables of {pair} in the warehouse: {', '.join(unknown[:10])}"
+                                    f"{' ...' if len(unknown) > 10 else ''}")
+            _create_versions(con)
+            con.execute("BEGIN")
+            versions = _bump(con, self.dataset, list(dict.fromkeys(tables)))
+            con.execute("COMMIT")
+            return versions
+        finally:
+            con.close()
+
+
+def _create_versions(con) -> None:  # type: ignore[no-untyped-def]
+    con.execute(f"CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (dataset VARCHAR, table_name VARCHAR, version BIGINT, "
+                "PRIMARY KEY (dataset, table_name))")
+
+
+def _bump(con, dataset: str, tables: list[str]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """New versions for `tables`: now in nanoseconds, and always above the table's previous version."""
+    old = dict(con.execute(f"SELECT table_name, version FROM {VERSIONS_TABLE} WHERE dataset = ?",
+                           [dataset]).fetchall())
+    now = time.time_ns()
+    new = {t: max(now, int(old.get(t) or 0) + 1) for t in tables}
+    con.executemany(f"INSERT OR REPLACE INTO {VERSIONS_TABLE} VALUES (?, ?, ?)",
+                    [[dataset, t, v] for t, v in new.items()])
+    return new

@@ -7,6 +7,8 @@ references are resolved to DuckDB tables, it is transpiled to DuckDB and execute
   `duplicate` as BigQuery answers; jobs.get; jobs.getQueryResults (paged, int64 timestamps when asked)
 - datasets.insert/get, tables.get/delete
 - `INFORMATION_SCHEMA.COLUMNS` of a dataset (BigQuery type names), `@named` query parameters
+- a dataset's `__TABLES__` (table_id, creation_time, last_modified_time in ms, row_count, ...); `touch` changes a
+  table's last_modified_time as a write would
 
 Tables live in DuckDB: a dataset is a schema of an in-memory database, and an optional warehouse file is
 attached read-only (its schemas are the warehouse's datasets). gs:// URIs are read and written through a
@@ -122,6 +124,7 @@ class FakeBigQuery:
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     statements: list[tuple[str, str]] = field(default_factory=list)  # (bigquery sql, duckdb sql) executed
     dry_run_bytes: list[int] = field(default_factory=list)  # what each dry run answered
+    modified: dict[tuple[str, str], int] = field(default_factory=dict)  # (dataset, table) -> last modified, ms
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()
@@ -142,10 +145,32 @@ class FakeBigQuery:
         rows = self.con.execute(
             "SELECT table_schema, table_name, count(*) FROM information_schema.columns WHERE table_catalog = 'wh' "
             "GROUP BY ALL").fetchall()
+        now = int(time.time() * 1000)
         for dataset, table, ncols in rows:
             n = self.con.execute(f'SELECT count(*) FROM "wh"."{dataset}"."{table}"').fetchall()[0][0]
             self.catalog[(dataset, table)] = ("wh", int(n), int(ncols))
+            self.modified.setdefault((dataset, table), now)
             self.warehouse_datasets.add(dataset)
+
+    def touch(self, dataset: str, table: str) -> None:
+        """A write to the table: its last_modified_time moves on (its rows stay as they are)."""
+        with self.lock:
+            if not self.table_exists(dataset, table):
+                raise KeyError((dataset, table))
+            self.modified[(dataset, table)] = max(int(time.time() * 1000), self.modified[(dataset, table)] + 1)
+
+    def _tables_meta(self, dataset: str) -> pa.Table:
+        """The rows of `dataset.__TABLES__`, as BigQuery's legacy meta-table has them."""
+        keys = sorted(k for k in self.catalog if k[0] == dataset)
+        return pa.table({
+            "project_id": [self.project] * len(keys), "dataset_id": [d for d, _ in keys],
+            "table_id": [t for _, t in keys],
+            "creation_time": pa.array([self.modified.get(k, 0) for k in keys], pa.int64()),
+            "last_modified_time": pa.array([self.modified.get(k, 0) for k in keys], pa.int64()),
+            "row_count": pa.array([self.catalog[k][1] for k in keys], pa.int64()),
+            "size_bytes": pa.array([self.catalog[k][1] * self.catalog[k][2] * 8 for k in keys], pa.int64()),
+            "type": pa.array([1] * len(keys), pa.int64()),
+        })
 
     def _catalog_of(self, dataset: str) -> str:
         if dataset in self.datasets:
@@ -180,6 +205,10 @@ class FakeBigQuery:
                 f"FROM information_schema.columns WHERE table_catalog = '{catalog}' AND table_schema = '{dataset}'",
                 read="duckdb")
             return exp.Subquery(this=sub, alias=exp.TableAlias(this=exp.to_identifier(alias or "columns")))
+        if name.upper() == "__TABLES__":
+            self.con.register("_fake_tables", self._tables_meta(dataset))  # under the lock every job runs in
+            sub = sqlglot.parse_one("SELECT * FROM _fake_tables", read="duckdb")
+            return exp.Subquery(this=sub, alias=exp.TableAlias(this=exp.to_identifier(alias or "tables")))
         if not self.table_exists(dataset, name):
             raise ApiError(404, "notFound", f"Not found: Table {self.project}:{dataset}.{name}")
         new = exp.Table(this=exp.to_identifier(name, quoted=True), db=exp.to_identifier(dataset, quoted=True),
@@ -214,7 +243,7 @@ class FakeBigQuery:
         return tree.transform(rewrite, copy=True), refs
 
     def _size_of(self, dataset: str, table: str) -> int:
-        if table.upper().startswith("INFORMATION_SCHEMA"):
+        if table.upper().startswith("INFORMATION_SCHEMA") or table.upper() == "__TABLES__":
             return 10 << 20  # BigQuery bills metadata queries at 10 MB minimum
         _, rows, cols = self.catalog[(dataset, table)]
         return rows * cols * 8
@@ -348,6 +377,7 @@ class FakeBigQuery:
                 self.con.execute(f"CREATE OR REPLACE TABLE {q} AS SELECT * FROM _load")
                 rows = data.num_rows
             self.catalog[(dataset, table)] = ("memory", rows, data.num_columns)
+            self.modified[(dataset, table)] = int(time.time() * 1000)
         finally:
             self.con.unregister("_load")
         size = sum(len(b) for b in raw)
