@@ -613,10 +613,12 @@ def test_emulator_restarts_and_cloud_run_503s_mid_run(tmp_path: Path) -> None:
         assert r["disrupted"] and r["state"] == "done" and r["merges"] == 1, r
         r = disrupted_run(stack, s, env, lambda: restart(stack, "pubsub", 1.0), when_checkpoints=3)
         # events published while the emulator was down are lost; the extract's report sweeps the run, or the run
-        # is reported as stuck with its counts - never silently done wrong
+        # is reported as stuck with its counts - never silently done wrong. (This second run of an unchanged
+        # warehouse copies its checkpoints from the first in under a second, so the report's event may be lost too:
+        # every checkpoint in, no merge - "handoff".)
         assert r["disrupted"], r
-        assert (r["state"] == "done" and r["merges"] == 1) or (r["state"] in ("extracting", "merging", "failed")
-                                                                and r["merges"] == 0), r
+        assert (r["state"] == "done" and r["merges"] == 1) or (
+            r["state"] in ("extracting", "handoff", "merging", "failed") and r["merges"] == 0), r
         print("pubsub restart:", r)
     finally:
         stack.down()
