@@ -6,13 +6,12 @@ nothing falls back to REST result pages."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import sys
 from collections.abc import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from test_bigquery_source import read_checkpoint
 
 from bqx import extract, storage
 from bqx.catalog import KEY, Manifest
@@ -52,11 +51,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 @pytest.fixture(autouse=True)
 def _gcs_env(world: dict) -> None:
     apply_env(gcs_env(world["endpoint"]))
-
-
-def read_checkpoint(settings, name: str) -> pa.Table:  # type: ignore[no-untyped-def]
-    data = storage.bucket(settings, settings.staging_bucket).blob(name).download_as_bytes()
-    return pq.read_table(io.BytesIO(data))
 
 
 def test_checkpoints_identical_to_duckdb_source_through_storage_read(world: dict) -> None:

@@ -61,16 +61,21 @@ def test_tasks_shard_the_tables_without_overlap(isolated) -> None:  # type: igno
     assert ta | tb == {t.name for t in manifest.tables}
 
 
-def test_duplicate_keys_fail_the_table_by_name_and_leave_no_checkpoint(isolated, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    s = isolated
-    path = tmp_path / "dups.duckdb"
+def duplicate_keys_warehouse(dataset: str, path: Path) -> Path:
+    """A DuckDB warehouse whose mom_eurusd_000 has every key twice."""
     con = duckdb.connect(str(path))
-    con.execute(f'CREATE SCHEMA "{s.dataset}"')
-    con.execute(f'CREATE TABLE "{s.dataset}".targets_eurusd AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
+    con.execute(f'CREATE SCHEMA "{dataset}"')
+    con.execute(f'CREATE TABLE "{dataset}".targets_eurusd AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
                 f'INTERVAL (i) MINUTE AS interval_time, i * 1.0 AS target_bqx45_h15 FROM range(100) t(i)')
-    con.execute(f'CREATE TABLE "{s.dataset}".mom_eurusd_000 AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
+    con.execute(f'CREATE TABLE "{dataset}".mom_eurusd_000 AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
                 f'INTERVAL (i // 2) MINUTE AS interval_time, i * 1.0 AS f000 FROM range(100) t(i)')
     con.close()
+    return path
+
+
+def test_duplicate_keys_fail_the_table_by_name_and_leave_no_checkpoint(isolated, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s = isolated
+    path = duplicate_keys_warehouse(s.dataset, tmp_path / "dups.duckdb")
     run_id = "t" + uuid.uuid4().hex[:10]
     with pytest.raises(DuplicateKeys, match="mom_eurusd_000"):
         extract.run(s, "eurusd", run_id, source=DuckDBSource(str(path), s.dataset))

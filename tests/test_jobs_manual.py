@@ -288,15 +288,9 @@ def test_bad_arguments_exit_2(s) -> None:
 
 @pytest.fixture
 def duplicate_keys(s: Settings, tmp_path: Path) -> Path:
-    path = tmp_path / "dups.duckdb"
-    con = duckdb.connect(str(path))
-    con.execute(f'CREATE SCHEMA "{s.dataset}"')
-    con.execute(f'CREATE TABLE "{s.dataset}".targets_eurusd AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
-                f'INTERVAL (i) MINUTE AS interval_time, i * 1.0 AS target_bqx45_h15 FROM range(100) t(i)')
-    con.execute(f'CREATE TABLE "{s.dataset}".mom_eurusd_000 AS SELECT TIMESTAMPTZ \'2024-01-01 00:00:00+00\' + '
-                f'INTERVAL (i // 2) MINUTE AS interval_time, i * 1.0 AS f000 FROM range(100) t(i)')
-    con.close()
-    return path
+    from test_extract import duplicate_keys_warehouse
+
+    return duplicate_keys_warehouse(s.dataset, tmp_path / "dups.duckdb")
 
 
 def test_terminal_failure_exits_2_and_a_retried_task_stops_at_once(s, run_api, duplicate_keys) -> None:
