@@ -209,7 +209,8 @@ class Harness:
         gate_port = free_port()
         gcs_port = int(self.env["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
         self.gate_servers = gate.serve(gate.for_components(self.s, {gate_port: "completion"}, gcs_port,
-                                                           self.api_server.server_address[1]))
+                                                           self.api_server.server_address[1],
+                                                           open(self.dir / "gate.log", "a")))
         env = {**{k: v for k, v in self.env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
                "BQX_STAGING_BUCKET": self.s.staging_bucket,
                "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gate_port}",

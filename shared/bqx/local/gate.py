@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from bqx.config import Settings
@@ -68,8 +68,9 @@ class Denied(Exception):
 
 class Gate:
     def __init__(self, policy: Policy, identities: dict[int, Identity], gcs_port: int, run_port: int,
-                 project: str, region: str) -> None:
+                 project: str, region: str, log: TextIO | None = None) -> None:
         self.policy = policy
+        self.out = log or sys.stdout  # where refusals are logged (the stack: the gate's own log file)
         self.identities = identities
         self.upstream = {"gcs": gcs_port, "run": run_port}
         self.project, self.region = project, region
@@ -167,8 +168,8 @@ class Gate:
                            "principal": identity.email, "method": method, "path": path[:300],
                            "permission": need.permission, "resource": need.resource.name, "time": time.time()})
         with self.lock:  # one write per line: concurrent denials must not share a line
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            self.out.write(line + "\n")
+            self.out.flush()
 
 
 def denial_body(service: str, identity: Identity, need: Need) -> dict[str, Any]:
@@ -229,6 +230,12 @@ def make_handler(gate: Gate) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, fmt: str, *args: Any) -> None:
             pass
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the caller went away (an instance killed mid-request): there is no one to answer
 
         def _json(self, code: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
@@ -360,7 +367,7 @@ def serve(gate: Gate) -> list[ThreadingHTTPServer]:
 
 
 def for_components(s: Settings, ports: dict[int, str], gcs_port: int | None = None,
-                   run_port: int | None = None) -> Gate:
+                   run_port: int | None = None, log: TextIO | None = None) -> Gate:
     """A gate for `ports` ({port: component}), each component as the account deploy/ gives it, in front of the
     given fake-gcs-server and Run API (default: the settings' own)."""
     from bqx.local.iam import service_accounts
@@ -370,7 +377,7 @@ def for_components(s: Settings, ports: dict[int, str], gcs_port: int | None = No
     accounts = service_accounts(variables, deploy)
     identities = {port: Identity(component, accounts[component]) for port, component in ports.items()}
     return Gate(Policy.from_terraform(variables, deploy), identities, gcs_port or s.ports.gcs,
-                run_port or s.ports.run_api, s.project, s.region)
+                run_port or s.ports.run_api, s.project, s.region, log)
 
 
 def main() -> None:
