@@ -19,6 +19,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,19 +48,48 @@ def package_functions(repo: Path) -> ModuleType:
 
 
 def function_source(repo: Path, name: str, out: Path, requirements: Path | None = None) -> Path:
-    """Build the function's deployable source directory under `out` (as `python deploy/package_functions.py`)."""
+    """The function's deployable source directory (as `python deploy/package_functions.py` builds it), under `out`
+    in a folder named by the digest of what goes into it."""
     packager = package_functions(repo)
     spec = packager.functions()[name]
-    return packager.build_dir(name, spec, out, requirements or packager.REQUIREMENTS)
+    req = requirements or packager.REQUIREMENTS
+    files = [repo / spec["source"] / "main.py", req, *(packager.LIBRARY / rel for rel in packager.library_files())]
+    return _built(out, name, files, lambda tmp: packager.build_dir(name, spec, tmp, req))
 
 
 def job_source(repo: Path, out: Path) -> Path:
-    """The job image's /app: shared/bqx and jobs/, fresh copies."""
-    if out.exists():
-        shutil.rmtree(out)
-    for src, dest in JOB_TREES:
-        shutil.copytree(repo / src, out / dest, ignore=_IGNORED)
-    return out
+    """The job image's /app (shared/bqx and jobs/, as jobs/Dockerfile copies them), under `out` in a folder named
+    by the digest of those files."""
+    files = [f for src, _ in JOB_TREES for f in sorted((repo / src).rglob("*"))
+             if f.is_file() and not _IGNORED(str(f.parent), [f.name]) and "local" not in f.relative_to(repo).parts
+             and "__pycache__" not in f.parts]
+
+    def copy(tmp: Path) -> Path:
+        for src, dest in JOB_TREES:
+            shutil.copytree(repo / src, tmp / dest, ignore=_IGNORED)
+        return tmp
+
+    return _built(out, "app", files, copy)
+
+
+def _built(out: Path, name: str, files: list[Path], build: Callable[[Path], Path]) -> Path:
+    """`build` into out/<name>-<digest of files> unless it is there already. Never rebuilt in place: running
+    functions and jobs import lazily from these folders, and `bqx stack up` on a running stack builds again."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.name).encode() + b"\0" + f.read_bytes() + b"\0")
+    target = out / f"{name}-{digest.hexdigest()[:16]}"
+    if target.exists():
+        return target
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    built = build(tmp / name)
+    try:
+        built.rename(target)
+    except OSError:  # built meanwhile by another stack start: theirs is the same content
+        shutil.rmtree(built, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def job_command(repo: Path, app: Path, job: str, python: Path) -> list[str]:

@@ -1,8 +1,9 @@
 """The embedded local stack: fake-gcs-server, the Pub/Sub emulator, both functions, a Cloud Run API, an IAM gate.
 
-Wiring: fake-gcs-server publishes every object finalize to the events topic; push subscriptions deliver it to
-both functions (each ignores objects outside its prefix); the requests topic pushes to `trigger`. The
-functions start jobs through the local Cloud Run API, which runs `jobs/*/main.py` as processes.
+Wiring: fake-gcs-server publishes every object finalize to the events topic; a subscription per function carries
+it, and the local Eventarc relay (bqx.local.eventarc) pushes each message to that function (each ignores objects
+outside its prefix); the requests topic's subscription goes to `trigger`. The functions start jobs through the
+local Cloud Run API, which runs `jobs/*/main.py` as processes.
 
 What runs is what deploys (bqx.local.artifacts): each function from its packaged source in a venv of its packaged
 requirements, each job from the image's files in a venv of requirements/jobs.txt. Each component reaches GCS and
@@ -126,7 +127,7 @@ class Stack:
         for name in ("trigger", "completion"):
             source = artifacts.function_source(root, name, out / "functions")
             functions[name] = (source, artifacts.function_venv(s.cache, source, progress))
-        job_app = artifacts.job_source(root, out / "jobs" / "app")
+        job_app = artifacts.job_source(root, out / "jobs")
         job_venv = artifacts.job_venv(s.cache, root, progress)
         accounts = iam.service_accounts(gate_variables(s), deploy_dir(s))
         return Runtime(functions, job_app, job_venv, accounts)
@@ -344,6 +345,7 @@ class Stack:
                 for name, (_topic, port) in self.push_subscriptions().items()}
 
     def push_subscriptions(self) -> dict[str, tuple[str, int]]:
+        """Subscription name -> (its topic, the port of the function its messages go to)."""
         p = self.s.ports
         return {
             "bqx-trigger-events": (self.s.events_topic, p.trigger),
