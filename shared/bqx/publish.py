@@ -140,11 +140,10 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
         raise TransientError(f"merged object has {temp.size} bytes, the merge wrote {stats.bytes}; not published")
     with temp.open("rb", chunk_size=READ_CHUNK) as f:
         meta = pq.ParquetFile(f).metadata
-    want_rows = targets_rows
-    if meta.num_rows != want_rows or meta.num_columns != expected_columns(manifest):
+    if meta.num_rows != targets_rows or meta.num_columns != expected_columns(manifest):
         raise TerminalError(
             f"merged file has {meta.num_rows} rows x {meta.num_columns} columns; expected "
-            f"{want_rows} x {expected_columns(manifest)} - not published"
+            f"{targets_rows} x {expected_columns(manifest)} - not published"
         )
     final = out_bucket.blob(layout.output(pair))
     token, _, _ = final.rewrite(temp)

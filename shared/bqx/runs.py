@@ -235,11 +235,10 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
         c = storage.read_json(s, s.staging_bucket, layout.claim(pair, run_id, stage))
         if c:
             setattr(rs, f"{stage}_execution", c[0].get("execution"))
-    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
-    if found:
+    manifest = load_manifest(s, pair, run_id)  # parsed once per process: `bqx run` asks every half second
+    if manifest is not None:
         from bqx.validate import is_marked  # pyarrow: the CLI has it; the trigger, which imports this module, not
 
-        manifest = Manifest.from_json(found[0])
         expected, present = manifest.expected_objects(), {}
         for b in storage_client(s).list_blobs(s.staging_bucket, prefix=layout.checkpoints_prefix(pair, run_id)):
             if b.name in expected:
@@ -250,7 +249,7 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
         if present:
             times = sorted(t for _, t in present.values())
             rs.first_checkpoint_at, rs.last_checkpoint_at = times[0], times[-1]
-            start = float(found[0].get("created_at") or times[0])
+            start = manifest.created_at or times[0]
             elapsed = max(time.time() if rs.present < rs.expected else times[-1], times[-1]) - start
             if elapsed > 0:
                 rs.tables_per_second = round(rs.present / elapsed, 3)
