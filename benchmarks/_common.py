@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bqx.catalog import KEY, targets_table
-from bqx.parquet_io import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS
-from bqx.warehouse import Shape, feature_arrow, table_specs, targets_arrow
+from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
+from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"

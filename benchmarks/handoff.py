@@ -38,14 +38,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bqx import layout, storage
+from bqx import layout
 from bqx.catalog import Column, Manifest, TableEntry, targets_table
 from bqx.config import Settings
-from bqx.extract import ExtractReport, save_report
+from bqx.extract.run import ExtractReport, save_report
+from bqx.gcp import storage
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import Stack, client_env, gate_ports, use_free_ports
-from bqx.parquet_io import WRITER_OPTIONS, type_name
-from bqx.warehouse import Shape, feature_arrow, table_specs, targets_arrow
+from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
+from bqx.parquet.conventions import WRITER_OPTIONS, type_name
 
 PAIR = "eurusd"
 GOALS = {"p50": 1.0, "p99": 2.0, "cpu_median_ms": 10.0, "cpu_p99_ms": 50.0}
@@ -91,7 +92,7 @@ def one_run(s: Settings, extract_gcs: str, journal: Journal, data: list, timeout
     m = Manifest(PAIR, run_id, tuple(TableEntry(name, kind, cols, layout.checkpoint(PAIR, run_id, name))
                                      for name, kind, cols, _ in data), source="benchmark", created_at=time.time())
     os.environ["STORAGE_EMULATOR_HOST"] = extract_gcs  # as the extract job: through its gate port
-    from bqx.clients import storage_client
+    from bqx.gcp.clients import storage_client
 
     storage_client.cache_clear()
     storage.write_json(s, s.staging_bucket, layout.manifest(PAIR, run_id), m.to_json())

@@ -27,13 +27,14 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx import layout, runs, storage
+from bqx import layout, runs
 from bqx.catalog import KEY, Manifest
 from bqx.config import Settings
+from bqx.extract.sources import quote_duckdb as q
+from bqx.gcp import storage
 from bqx.local.stack import Stack, client_env, use_free_ports
+from bqx.local.warehouse import Shape, Warehouse
 from bqx.pairs import PAIRS
-from bqx.source import quote_duckdb as q
-from bqx.warehouse import Shape, Warehouse
 
 
 class MemorySampler(threading.Thread):

@@ -55,7 +55,7 @@ def run_floor(src: Path, dst: Path, scratch: Path) -> dict:
     """Decode every input fully and encode it again into one file (same writer settings, 2 threads)."""
     import pyarrow.parquet as pq
 
-    from bqx.parquet_io import WRITER_OPTIONS
+    from bqx.parquet.conventions import WRITER_OPTIONS
 
     targets, features = _tables(src)
     lock = threading.Lock()
@@ -91,16 +91,16 @@ def run_copy(src: Path, dst: Path, scratch: Path) -> dict:
 
 def run_ours_gcs(src: Path, dst: Path, scratch: Path) -> dict:
     """Ours reading every checkpoint from fake-gcs-server (STORAGE_EMULATOR_HOST) as the merge job does, through
-    the same blob readers as bqx.publish. The output goes to a local file: fake-gcs-server rewrites the whole
+    the same blob readers as bqx.merge.publish. The output goes to a local file: fake-gcs-server rewrites the whole
     object on every chunk of a resumable upload (128 MB took 3.4 s, 512 MB 22 s here), so uploading to it would
     time the stand-in, not the merge."""
-    from bqx import allocator
+    from bqx.merge import allocator
 
     allocator.configure(int(os.environ["BQX_MEMORY_BUDGET_BYTES"]))
-    from bqx import storage
     from bqx.config import Settings
-    from bqx.merge import MergeInput, merge
-    from bqx.publish import object_opener
+    from bqx.gcp import storage
+    from bqx.merge.publish import object_opener
+    from bqx.merge.stream import MergeInput, merge
 
     settings = Settings.from_env()
     bucket = storage.bucket(settings, BUCKET)

@@ -52,15 +52,16 @@ import requests
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
-from bqx import layout, storage
+from bqx import layout
 from bqx.catalog import Column, Manifest, TableEntry
 from bqx.config import Settings
-from bqx.extract import ExtractReport, save_report
+from bqx.extract.run import ExtractReport, save_report
+from bqx.gcp import storage
 from bqx.local import artifacts, gate
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import free_port
 from bqx.pairs import PAIRS
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 SENDERS = 8
@@ -318,7 +319,7 @@ class Harness:
                     for _ in range(copies[entry.checkpoint])]
 
         def report() -> list[tuple[dict[str, str], bytes]]:
-            """What the extract writes after its last checkpoint: its task's report (bqx.extract.save_report)."""
+            """What the extract writes after its last checkpoint: its task's report (bqx.extract.run.save_report)."""
             save_report(s, ExtractReport(pair, run_id, task_index=0, task_count=1))
             name = layout.extract_report(pair, run_id, 0, 0)
             blob = storage.bucket(s, bucket).get_blob(name)
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)
     harnesses: list[Harness] = []
     try:
-        from bqx.clients import storage_client
+        from bqx.gcp.clients import storage_client
 
         base = Settings.from_env()
         for i in range(max(1, args.parallel)):

@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import test_faults as tf  # noqa: E402  (the scenarios are shared with the CI tests)
 
-from bqx import clients, handlers  # noqa: E402
+from bqx import serving  # noqa: E402
 from bqx.config import Settings  # noqa: E402
+from bqx.gcp import clients  # noqa: E402
 from bqx.local.runapi import RunApi, make_handler  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def extract_kills(s: Settings, n: int, out: list[dict[str, Any]], log: Any) -> N
         api, server = counting_run_api(home / str(seed))
         os.environ["BQX_RUN_API_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
         os.environ["BQX_STAGING_BUCKET"] = tf.new_bucket(s)
-        handlers.settings.cache_clear()
+        serving.settings.cache_clear()
         clients.jobs_client.cache_clear()
         si = Settings.from_env()
         t0 = time.time()

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from cloudevents.http import CloudEvent
 
-from bqx import handlers
+from bqx import serving
 from bqx.config import Settings
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import Stack, client_env, use_free_ports
-from bqx.warehouse import Shape, Warehouse
+from bqx.local.warehouse import Shape, Warehouse
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = Shape(rows=300, seed=11, table_scale=0.03, column_scale=0.5)
@@ -28,11 +28,11 @@ SMALL = Shape(rows=300, seed=11, table_scale=0.03, column_scale=0.5)
 @pytest.fixture(autouse=True)
 def _restore_env() -> Iterator[None]:
     saved = dict(os.environ)
-    handlers.settings.cache_clear()
+    serving.settings.cache_clear()
     yield
     os.environ.clear()
     os.environ.update(saved)
-    handlers.settings.cache_clear()
+    serving.settings.cache_clear()
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LocalStack:
 
     def apply_env(self) -> None:
         os.environ.update(self.env)
-        handlers.settings.cache_clear()
+        serving.settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -77,10 +77,10 @@ def _own_bucket(variable: str, prefix: str) -> Settings:
     """Point `variable` at a new bucket of this test's own and create it; the settings that follow."""
     import uuid
 
-    from bqx.clients import storage_client
+    from bqx.gcp.clients import storage_client
 
     os.environ[variable] = name = f"{prefix}-{uuid.uuid4().hex[:16]}"
-    handlers.settings.cache_clear()
+    serving.settings.cache_clear()
     settings = Settings.from_env()
     storage_client(settings).create_bucket(name)
     return settings
@@ -106,8 +106,8 @@ def run_api(tmp_path: Path) -> Iterator[RunApi]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     os.environ["BQX_RUN_API_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
-    handlers.settings.cache_clear()
-    from bqx import clients
+    serving.settings.cache_clear()
+    from bqx.gcp import clients
 
     clients.jobs_client.cache_clear()
     try:

@@ -17,11 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import sqlglot
 
-from bqx import bigquery_plan, layout, storage
-from bqx.bigquery_plan import Limits, build_plan
+from bqx import layout
 from bqx.catalog import KEY, TARGET_COLUMNS, Column, Manifest, TableEntry, targets_table
 from bqx.errors import BadCheckpoint, TerminalError
-from bqx.warehouse import Shape, table_specs
+from bqx.gcp import storage
+from bqx.local.warehouse import Shape, table_specs
+from bqx.merge import bigquery as bigquery_plan
+from bqx.merge.bigquery import Limits, build_plan
 
 from fakes import apply_env, gcs_env, merge_world
 from fakes.bigquery_api import FakeBigQuery, FakeBigQueryServer, StorageGcs

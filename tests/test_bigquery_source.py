@@ -11,11 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import extract, layout, storage
+from bqx import layout
 from bqx.catalog import Manifest
 from bqx.errors import TerminalError
-from bqx.source import BigQuerySource, DuckDBSource
-from bqx.warehouse import Shape, Warehouse
+from bqx.extract import run as extract
+from bqx.extract.sources import BigQuerySource, DuckDBSource
+from bqx.gcp import storage
+from bqx.local.warehouse import Shape, Warehouse
 
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings
 from fakes.bigquery_api import FakeBigQuery, FakeBigQueryServer

@@ -13,12 +13,13 @@ import pyarrow as pa
 import pytest
 from test_bigquery_source import read_checkpoint
 
-from bqx import extract, storage
 from bqx.catalog import KEY, Manifest
 from bqx.config import Settings
 from bqx.errors import ConfigError
-from bqx.source import BigQuerySource, DuckDBSource
-from bqx.warehouse import Shape, Warehouse
+from bqx.extract import run as extract
+from bqx.extract.sources import BigQuerySource, DuckDBSource
+from bqx.gcp import storage
+from bqx.local.warehouse import Shape, Warehouse
 
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings
 from fakes.bigquery_api import FakeBigQueryServer

@@ -26,7 +26,8 @@ import pytest
 from cloudevents.conversion import to_structured
 from functions_framework import create_app
 
-from bqx import handlers, layout, storage
+from bqx import layout, serving
+from bqx.gcp import storage
 from bqx.local.runapi import RunApi
 
 from conftest import REPO, pubsub_event, storage_event
@@ -167,7 +168,7 @@ def test_a_finished_failed_or_too_old_run_no_longer_blocks(s, run_api, ending: s
         storage.write_json(s, s.staging_bucket, layout.run_error("chfjpy", run_id), {"error": "boom"})
     else:
         os.environ["BQX_ACTIVE_RUN_MAX_SECONDS"] = "0.2"
-        handlers.settings.cache_clear()
+        serving.settings.cache_clear()
         time.sleep(0.3)
     assert _post(c, pubsub_event(json.dumps({"pair": "chfjpy"}), message_id=uuid.uuid4().hex)) == 200
     assert len(_extracts(run_api, "chfjpy")) == 2

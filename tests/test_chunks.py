@@ -1,4 +1,4 @@
-"""Column-chunk metadata spliced as bytes (bqx.chunks) must equal decoding, editing and encoding it in full."""
+"""Column-chunk metadata spliced as bytes (bqx.parquet.chunks) must equal decoding, editing and encoding it in full."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import chunks, thrift
-from bqx.thrift import BINARY, I64, LIST, STRUCT
+from bqx.parquet import chunks, thrift
+from bqx.parquet.thrift import BINARY, I64, LIST, STRUCT
 
 
 def _footer(table: pa.Table, **options: object) -> bytes:

@@ -561,11 +561,13 @@ def packaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("functions")
     first, second = package_functions.package(base / "a"), package_functions.package(base / "b")
     fn_dir = base / "a" / "trigger"
-    fn = _start_import(fn_dir, ["main", "bqx.handlers", "google.cloud.run_v2", "google.cloud.storage"])
+    fn = _start_import(fn_dir, ["main", "bqx.serving", "bqx.trigger", "bqx.completion.handler", "google.cloud.run_v2",
+                                "google.cloud.storage"])
     # What the job image holds: shared/bqx on PYTHONPATH, plus the modules the jobs import lazily in the cloud.
-    job_modules = ["bqx.jobs.extract", "bqx.jobs.merge", "bqx.source", "bqx.publish", "google.cloud.bigquery",
-                   "google.cloud.storage", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.fs", "polars"]
-    job_modules += [f"bqx.{p.stem}" for p in (ROOT / "shared" / "bqx").glob("methods.py")]  # merge methods, if any
+    job_modules = ["bqx.extract.job", "bqx.merge.job", "bqx.extract.sources", "bqx.merge.publish",
+                   "google.cloud.bigquery", "google.cloud.storage", "pyarrow.parquet", "pyarrow.dataset", "pyarrow.fs",
+                   "polars"]
+    job_modules += [f"bqx.merge.{p.stem}" for p in (ROOT / "shared" / "bqx" / "merge").glob("*.py")]  # every method
     jobs = _start_import(ROOT / "shared", job_modules)
     return {"first": first, "second": second, "fn_dir": fn_dir, "fn": _result(fn), "jobs": _result(jobs)}
 
@@ -578,7 +580,7 @@ def test_packaged_functions_import_their_bundled_bqx(packaged):
             names = set(zf.namelist())
             assert zf.read("main.py") == (ROOT / NAMES["functions"][name]["source"] / "main.py").read_bytes()
             assert zf.read("requirements.txt") == (DEPLOY / "functions-requirements.txt").read_bytes()
-        assert {"bqx/__init__.py", "bqx/handlers.py", "bqx/config.py"} <= names
+        assert {"bqx/__init__.py", "bqx/completion/handler.py", "bqx/config.py"} <= names
         assert not any(n.startswith("bqx/local/") for n in names)
     # The function, run from its unpacked source, imports the bundled bqx and only pinned distributions.
     got = packaged["fn"]

@@ -10,9 +10,11 @@ import uuid
 import pytest
 from test_faults import COLS, PAIR, TABLES, _parquet, _table, _upload
 
-from bqx import handlers, layout, publish, runs, storage
+from bqx import layout, runs, trigger
 from bqx.catalog import Manifest, TableEntry
 from bqx.errors import TerminalError
+from bqx.gcp import storage
+from bqx.merge import publish
 
 from fakes import validate_all
 
@@ -75,12 +77,12 @@ def test_the_request_carries_accept_drift_to_the_run(isolated_output, run_api) -
     from conftest import pubsub_event
 
     s = isolated_output
-    handlers.trigger(s, pubsub_event(json.dumps({"pair": PAIR, "accept_drift": True}), message_id=uuid.uuid4().hex))
+    trigger.handle(s, pubsub_event(json.dumps({"pair": PAIR, "accept_drift": True}), message_id=uuid.uuid4().hex))
     run_id = runs.latest_run(s, PAIR)
     claim = storage.read_json(s, s.staging_bucket, layout.claim(PAIR, run_id, "extract"))  # type: ignore[arg-type]
     assert claim and claim[0]["accept_drift"] is True
     with pytest.raises(TerminalError, match="accept_drift"):
-        handlers.parse_request_body(b'{"pair": "eurusd", "accept_drift": "yes"}')
+        trigger.parse_request_body(b'{"pair": "eurusd", "accept_drift": "yes"}')
 
 
 def test_a_checkpoint_replaced_after_validation_is_not_merged(isolated_output) -> None:  # type: ignore[no-untyped-def]

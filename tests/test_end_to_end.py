@@ -16,9 +16,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import layout, storage
+from bqx import layout
 from bqx.catalog import KEY, TARGET_COLUMNS, belongs_to, targets_table
-from bqx.source import quote_duckdb as q
+from bqx.extract.sources import quote_duckdb as q
+from bqx.gcp import storage
 
 from conftest import LocalStack
 

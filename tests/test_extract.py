@@ -15,10 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import extract, layout, storage
+from bqx import layout
 from bqx.catalog import KEY, Manifest
 from bqx.errors import DuplicateKeys
-from bqx.source import DuckDBSource
+from bqx.extract import run as extract
+from bqx.extract.sources import DuckDBSource
+from bqx.gcp import storage
 
 from conftest import REPO
 

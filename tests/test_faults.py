@@ -26,12 +26,14 @@ import pytest
 from cloudevents.conversion import to_structured
 from functions_framework import create_app
 
-from bqx import handlers, layout, runs, storage, validate
+from bqx import layout, runs, serving
 from bqx.catalog import KEY, Column, Manifest, TableEntry
-from bqx.clients import storage_client
+from bqx.completion import validate
 from bqx.config import Settings
+from bqx.gcp import storage
+from bqx.gcp.clients import storage_client
 from bqx.local.runapi import RunApi
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS, schema_of
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, schema_of
 
 from conftest import REPO, SMALL, storage_event
 
@@ -488,9 +490,9 @@ def extract_peak_rss(s: Settings, tmp_path: Path, rows: int, cols: int) -> tuple
 STREAMING_EXTRACT = """
 import os, resource, sys
 import numpy as np, pyarrow as pa
-from bqx import extract
+from bqx.extract import run as extract
 from bqx.config import Settings
-from bqx.source import SourceTable
+from bqx.extract.sources import SourceTable
 rows, cols = int(sys.argv[1]), int(sys.argv[2])
 class Streaming:  # what BigQuery's Storage Read API does: ordered batches, nothing materialized
     name = "streaming"
@@ -546,13 +548,13 @@ def test_extract_from_the_local_duckdb_warehouse_leaves_no_scratch(isolated, tmp
 def own_stack(tmp: Path) -> tuple[Any, Settings, dict[str, str]]:
     """A whole stack of this test's own (ports, BQX_HOME, warehouse), so restarting it disturbs nobody."""
     from bqx.local.stack import Stack, client_env, use_free_ports
-    from bqx.warehouse import Warehouse
+    from bqx.local.warehouse import Warehouse
 
     os.environ.update({"BQX_LOCAL": "1", "BQX_HOME": str(tmp), "BQX_CLAIM_LEASE_SECONDS": "5",
                        "BQX_STAGING_BUCKET": "bqx-ml-staging", "BQX_OUTPUT_BUCKET": "bqx-ml-output"})
     os.environ.pop("BQX_WAREHOUSE", None)
     use_free_ports()
-    handlers.settings.cache_clear()
+    serving.settings.cache_clear()
     s = Settings.from_env()
     env = {**client_env(s), "BQX_CLAIM_LEASE_SECONDS": "5"}
     os.environ.update(env)

@@ -14,9 +14,10 @@ import pytest
 from cloudevents.conversion import to_structured
 from functions_framework import create_app
 
-from bqx import layout, storage
+from bqx import layout
 from bqx.catalog import Column, Manifest, TableEntry
-from bqx.extract import ExtractReport, save_report
+from bqx.extract.run import ExtractReport, save_report
+from bqx.gcp import storage
 from bqx.local.runapi import RunApi
 
 from conftest import REPO, gcs_notification, pubsub_event, storage_event
@@ -218,7 +219,7 @@ def test_status_says_merging_only_once_a_merge_execution_exists(s, run_api) -> N
     assert post(c, storage_event(s.staging_bucket, report, generation, "r")) == 200
     rs = runs.state(s, "eurusd", run_id)
     assert rs.state == "merging" and rs.merge_execution == launches(run_api, "bqx-ml-merge")[0]["name"]
-    # the merge job's progress, as bqx.publish.Progress writes it
+    # the merge job's progress, as bqx.merge.publish.Progress writes it
     name = layout.merge_progress("eurusd", run_id)
     storage.write_json(s, s.staging_bucket, name, {"phase": "merging", "tables_written": 1, "tables": 2})
     assert runs.state(s, "eurusd", run_id).merge_progress["tables_written"] == 1

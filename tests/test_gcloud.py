@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from bqx import layout, runs
-from bqx.clients import storage_client
-from bqx.warehouse import Warehouse
+from bqx.gcp.clients import storage_client
+from bqx.local.warehouse import Warehouse
 
 from conftest import SMALL, LocalStack
 

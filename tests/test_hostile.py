@@ -27,12 +27,14 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from bqx import extract, layout, storage
+from bqx import layout
 from bqx.catalog import KEY, Column, Manifest, TableEntry
-from bqx.clients import storage_client
+from bqx.extract import run as extract
+from bqx.extract.sources import DuckDBSource
+from bqx.gcp import storage
+from bqx.gcp.clients import storage_client
 from bqx.local.runapi import RunApi
 from bqx.pairs import PAIRS
-from bqx.source import DuckDBSource
 
 from conftest import REPO, gcs_notification, pubsub_event, storage_event
 
@@ -265,8 +267,8 @@ odd_columns = st.lists(
 @given(cols=odd_columns, table=st.sampled_from(["mom_eurusd_select", "vol_eurusd_from_x", "cyc_eurusd_order"]))
 @hsettings(CASES, max_examples=40)
 def test_bigquery_merge_sql_quotes_every_identifier(cols: list[str], table: str) -> None:
-    from bqx.bigquery_plan import build_plan
     from bqx.config import Settings
+    from bqx.merge.bigquery import build_plan
 
     run_id = "h" + uuid.uuid4().hex[:10]
     key = Column(KEY, "timestamp[us, tz=UTC]")

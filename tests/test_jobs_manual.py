@@ -20,13 +20,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import handlers, ids, layout, runs, storage
+from bqx import ids, layout, runs, serving, trigger
 from bqx.catalog import KEY, Column, Manifest, TableEntry
+from bqx.completion import handler as completion_handler
 from bqx.config import Settings
-from bqx.jobs import extract as extract_job
-from bqx.jobs import merge as merge_job
+from bqx.extract import job as extract_job
+from bqx.gcp import storage
 from bqx.local.runapi import RunApi
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS, schema_of
+from bqx.merge import job as merge_job
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, schema_of
 
 from conftest import REPO, storage_event
 
@@ -105,7 +107,7 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def s(isolated_output: Settings, run_api: RunApi, warehouse: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Staging and output buckets of the test's own, the tiny warehouse, a Cloud Run API that counts launches."""
     monkeypatch.setenv("BQX_WAREHOUSE", str(warehouse))
-    handlers.settings.cache_clear()
+    serving.settings.cache_clear()
     return Settings.from_env()
 
 
@@ -151,21 +153,21 @@ def test_extract_by_hand_registers_its_run_and_the_completion_merges_it(s, run_a
     rs = runs.state(s, PAIR)
     assert rs.run_id == run_id and rs.extract_execution == claim["execution"] and rs.present == rs.expected == 3
     assert runs.active_run_id(s, PAIR) == run_id
-    busy = handlers.start_run(s, PAIR, "r" + uuid.uuid4().hex[:12], {"origin": "test"})
+    busy = trigger.start_run(s, PAIR, "r" + uuid.uuid4().hex[:12], {"origin": "test"})
     assert not busy.launched and busy.execution == claim["execution"] and launched(run_api, EXTRACT) == []
     # the completion function merges it by itself, once, on its checkpoints' and its report's events
     manifest = runs.load_manifest(s, PAIR, run_id)
     assert manifest is not None
     for name in [*(e.checkpoint for e in manifest.tables), layout.extract_report(PAIR, run_id, 0, 0)]:
         blob = storage.bucket(s, s.staging_bucket).get_blob(name)
-        handlers.completion(s, storage_event(s.staging_bucket, name, blob.generation))
+        completion_handler.handle(s, storage_event(s.staging_bucket, name, blob.generation))
     assert len(launched(run_api, MERGE, run_id)) == 1
     assert runs.state(s, PAIR).merge_execution == launched(run_api, MERGE, run_id)[0]
 
 
 def test_extract_launched_by_the_trigger_behaves_as_before(s, run_api, monkeypatch) -> None:
     run_id = "r" + uuid.uuid4().hex[:12]
-    started = handlers.start_run(s, PAIR, run_id, {"origin": "test"})
+    started = trigger.start_run(s, PAIR, run_id, {"origin": "test"})
     assert started.launched and started.execution
     before = {n: storage.read_json(s, s.staging_bucket, n)
               for n in (layout.latest(PAIR), layout.claim(PAIR, run_id, "extract"))}
@@ -177,7 +179,7 @@ def test_extract_launched_by_the_trigger_behaves_as_before(s, run_api, monkeypat
 
 def test_extract_by_hand_refuses_while_another_run_is_active_unless_forced(s, run_api, monkeypatch) -> None:
     active = "r" + uuid.uuid4().hex[:12]
-    assert handlers.start_run(s, PAIR, active, {"origin": "test"}).launched
+    assert trigger.start_run(s, PAIR, active, {"origin": "test"}).launched
     execution = execution_id(EXTRACT)
     mine = ids.run_id_for_execution(execution)
     code, lines = run_process("extract", [PAIR], cloud_run_env(EXTRACT, execution))

@@ -20,9 +20,9 @@ import pytest
 from bqx.catalog import KEY
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
 from bqx.layout import prefix_of
-from bqx.merge import local_inputs, merge
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
-from bqx.warehouse import Shape, feature_arrow, table_specs, targets_arrow
+from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
+from bqx.merge.stream import local_inputs, merge
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 
 PAIR = "eurusd"
 SHAPE = Shape(rows=3_000, seed=5, table_scale=0.02, column_scale=0.3)
@@ -197,13 +197,13 @@ ALLOWANCE = 16 << 20
 
 CHILD = textwrap.dedent("""
     import sys
-    from bqx import allocator
+    from bqx.merge import allocator
     allocator.configure(int(sys.argv[3]))  # first, as `bqx merge` and the merge job do: before pyarrow loads
     import json, tempfile
     from dataclasses import replace
     from pathlib import Path
     from bqx.layout import prefix_of
-    from bqx.merge import local_inputs, merge
+    from bqx.merge.stream import local_inputs, merge
 
     def rss():
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -244,7 +244,7 @@ def test_peak_memory_stays_under_budget(tmp_path: Path) -> None:
 
 GOVERNOR_CHILD = textwrap.dedent("""
     import sys
-    from bqx import allocator
+    from bqx.merge import allocator
     assert allocator.configure(1 << 30)  # keeps freed pages (purge delay > 0) - before pyarrow loads
     import json
     import numpy as np
@@ -261,7 +261,7 @@ GOVERNOR_CHILD = textwrap.dedent("""
 
 
 def test_allocator_keeps_pages_only_when_the_budget_has_room_and_the_governor_gives_them_back() -> None:
-    from bqx import allocator
+    from bqx.merge import allocator
 
     assert allocator.settings_for(64 << 20)["MIMALLOC_PURGE_DELAY"] == "0"
     assert int(allocator.settings_for(1 << 30)["MIMALLOC_PURGE_DELAY"]) > 0

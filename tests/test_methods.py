@@ -1,5 +1,5 @@
-"""Merge methods `polars` and `bigquery` through bqx.methods.run (and bqx.publish.merge_run): the same content
-as the local streaming merge; an unknown method is a clear error before any work starts."""
+"""Merge methods `polars` and `bigquery` through bqx.merge.methods.run (and bqx.merge.publish.merge_run): the same
+content as the local streaming merge; an unknown method is a clear error before any work starts."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from collections.abc import Iterator
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import layout, methods, publish, storage
+from bqx import layout
 from bqx.config import Settings
 from bqx.errors import ConfigError
-from bqx.stitch import Stitcher
-from bqx.warehouse import Shape
+from bqx.gcp import storage
+from bqx.local.warehouse import Shape
+from bqx.merge import methods, publish
+from bqx.merge.stitch import Stitcher
 
 from fakes import apply_env, gcs_env, merge_world
 from fakes.bigquery_api import FakeBigQuery, FakeBigQueryServer, StorageGcs
@@ -116,7 +118,7 @@ def test_unknown_method_is_a_clear_error_before_any_work(world: dict) -> None:
     s, manifest = world["settings"], world["manifest"]
     with pytest.raises(ConfigError, match="unknown merge method 'spark'.*stream, polars, bigquery"):
         methods.run("spark", s, manifest, Untouchable(), {})
-    with pytest.raises(ConfigError, match="runs in bqx.publish"):
+    with pytest.raises(ConfigError, match="runs in bqx.merge.publish"):
         methods.run("stream", s, manifest, Untouchable(), {})
     assert methods.check("bigquery") == "bigquery"
 

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import storage
 from bqx.config import Settings
 from bqx.errors import TransientError
-from bqx.merge import MergeInput, merge
-from bqx.objectfile import ObjectFile
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
-from bqx.publish import object_opener
+from bqx.gcp import storage
+from bqx.gcp.objectfile import ObjectFile
+from bqx.merge.publish import object_opener
+from bqx.merge.stream import MergeInput, merge
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 
 
 def _put(settings: Settings, name: str, data: bytes) -> tuple[int, int]:

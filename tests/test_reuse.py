@@ -19,12 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 from test_end_to_end import bqx, reference_join
 
-from bqx import layout, storage, validate
+from bqx import layout
 from bqx.catalog import Manifest
-from bqx.clients import storage_client
+from bqx.completion import validate
 from bqx.errors import TerminalError
-from bqx.source import DuckDBSource
-from bqx.warehouse import VERSIONS_TABLE, Warehouse
+from bqx.extract.sources import DuckDBSource
+from bqx.gcp import storage
+from bqx.gcp.clients import storage_client
+from bqx.local.warehouse import VERSIONS_TABLE, Warehouse
 
 from conftest import SMALL, LocalStack
 

@@ -20,9 +20,10 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import run_v2
 
-from bqx import handlers, launch
+from bqx import serving
 from bqx.config import Settings
 from bqx.errors import TerminalError
+from bqx.gcp import launch
 from bqx.local.runapi import ALLOWED_ENV_OVERRIDES, RunApi, make_handler
 
 V1 = "/apis/run.googleapis.com/v1/namespaces/bqx-ml"
@@ -48,7 +49,7 @@ def _port() -> int:
 
 def _settings() -> Settings:
     os.environ["BQX_LOCAL"] = "1"  # anonymous credentials: the client must never look for real ones
-    handlers.settings.cache_clear()
+    serving.settings.cache_clear()
     return Settings.from_env()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from google.api_core import exceptions as gexc
 
-from bqx import storage
+from bqx.gcp import storage
 
 SMALL, CHUNK = 1 << 20, 1 << 20
 

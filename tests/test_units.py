@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import events, ids, layout, thrift
+from bqx import events, ids, layout
 from bqx.config import Settings, parse_bytes
 from bqx.errors import BadEvent, ConfigError, OutsideLayout, UnknownPair
 from bqx.pairs import PAIRS, validate_pair
+from bqx.parquet import thrift
 
 from conftest import gcs_notification, pubsub_event, storage_event
 
@@ -52,7 +53,7 @@ def test_layout_round_trips_and_rejects() -> None:
 
 def test_a_pair_owns_only_tables_named_family_pair_variant() -> None:
     from bqx.catalog import belongs_to
-    from bqx.warehouse import Shape, table_specs
+    from bqx.local.warehouse import Shape, table_specs
 
     assert belongs_to("eurusd", "targets_eurusd") and belongs_to("eurusd", "cov_eurusd_eurgbp_w45")
     assert not belongs_to("eurusd", "cov_eurgbp_eurusd_w45")  # eurgbp's table that mentions eurusd

@@ -2,9 +2,10 @@
 
 import functions_framework
 
-from bqx import handlers
+from bqx import serving
+from bqx.completion.handler import handle
 
 
 @functions_framework.cloud_event
 def completion(cloud_event):  # type: ignore[no-untyped-def]
-    handlers.serve("completion", handlers.completion, cloud_event)
+    serving.serve("completion", handle, cloud_event)

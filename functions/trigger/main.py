@@ -2,9 +2,10 @@
 
 import functions_framework
 
-from bqx import handlers
+from bqx import serving
+from bqx.trigger import handle
 
 
 @functions_framework.cloud_event
 def trigger(cloud_event):  # type: ignore[no-untyped-def]
-    handlers.serve("trigger", handlers.trigger, cloud_event)
+    serving.serve("trigger", handle, cloud_event)

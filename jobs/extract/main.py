@@ -7,7 +7,7 @@ from pathlib import Path
 # library's folder goes on the path here instead of through PYTHONPATH: /app/shared in the image, shared/ here.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
-from bqx.jobs.extract import main  # noqa: E402
+from bqx.extract.job import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,8 +7,8 @@ from pathlib import Path
 # library's folder goes on the path here instead of through PYTHONPATH: /app/shared in the image, shared/ here.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
-from bqx import allocator  # noqa: E402
 from bqx.config import Settings  # noqa: E402
+from bqx.merge import allocator  # noqa: E402
 
 # Before anything imports pyarrow: Arrow's allocator keeps or returns freed pages by the memory budget.
 try:
@@ -16,7 +16,7 @@ try:
 except Exception:  # noqa: BLE001 - a bad setting is reported by main() below, with its exit code
     allocator.configure(Settings().memory_budget)
 
-from bqx.jobs.merge import main  # noqa: E402
+from bqx.merge.job import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

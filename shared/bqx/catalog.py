@@ -18,6 +18,9 @@ PAIR_FAMILIES: dict[str, int] = {
 CROSS_FAMILIES: dict[str, int] = {"tri": 194, "mkt": 10, "var": 63, "csi": 144}
 FAMILIES: dict[str, int] = {**PAIR_FAMILIES, **CROSS_FAMILIES}
 FEATURE_TABLES = sum(FAMILIES.values())  # 667
+# The synthetic DuckDB warehouse's per-table versions (bqx warehouse touch), in the file's main schema beside
+# _bqx_generated: never one of a dataset's tables. Written by bqx.local.warehouse, read by the DuckDB source.
+VERSIONS_TABLE = "_bqx_versions"
 TARGET_WINDOWS = (45, 90, 180, 360, 720, 1440, 2880)
 TARGET_HORIZONS = (15, 30, 45, 60, 75, 90, 105)
 TARGET_COLUMNS = tuple(f"target_bqx{w}_h{h}" for w in TARGET_WINDOWS for h in TARGET_HORIZONS)  # 49

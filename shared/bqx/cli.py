@@ -202,7 +202,7 @@ def warehouse() -> None:
 def warehouse_generate(pairs: tuple[str, ...], all_pairs: bool, rows: int | None, seed: int,
                        table_scale: float, column_scale: float) -> None:
     """Generate (or regenerate) the tables of PAIRS."""
-    from bqx.warehouse import DEFAULT_ROWS, Shape
+    from bqx.local.warehouse import DEFAULT_ROWS, Shape
 
     s = _local_settings()
     shape = Shape(rows or DEFAULT_ROWS, seed, table_scale, column_scale)
@@ -211,7 +211,7 @@ def warehouse_generate(pairs: tuple[str, ...], all_pairs: bool, rows: int | None
 
 
 def _generate(s, pair: str, shape) -> None:  # type: ignore[no-untyped-def]
-    from bqx.warehouse import Warehouse
+    from bqx.local.warehouse import Warehouse
 
     t0 = time.time()
     n = Warehouse(Path(s.warehouse), s.dataset).generate(pair, shape)
@@ -224,7 +224,7 @@ def _generate(s, pair: str, shape) -> None:  # type: ignore[no-untyped-def]
 def warehouse_touch(pair: str, tables: tuple[str, ...]) -> None:
     """Mark TABLES of PAIR as updated, without changing their rows (a new version, as an update in BigQuery
     changes a table's modification time): the next `bqx run PAIR` extracts them again and reuses the others."""
-    from bqx.warehouse import Warehouse
+    from bqx.local.warehouse import Warehouse
 
     pair = _pairs((pair,), False)[0]
     s = _local_settings()
@@ -235,7 +235,7 @@ def warehouse_touch(pair: str, tables: tuple[str, ...]) -> None:
 @warehouse.command("info")
 def warehouse_info() -> None:
     """List the generated pairs and their shapes."""
-    from bqx.warehouse import Warehouse
+    from bqx.local.warehouse import Warehouse
 
     s = _local_settings()
     found = Warehouse(Path(s.warehouse), s.dataset).pairs()
@@ -285,7 +285,8 @@ def _watch(s, pairs: list[str], interval: float, explicit: bool) -> None:  # typ
 def _calibration(s, pairs: list[str]) -> tuple[float, float, str] | None:  # type: ignore[no-untyped-def]
     """(extract seconds, merge seconds) per byte scanned, measured by the newest published run of one of `pairs`
     (else of any pair), and which run that was; None before any run was published."""
-    from bqx import layout, storage
+    from bqx import layout
+    from bqx.gcp import storage
     from bqx.pairs import PAIRS
 
     for pair in dict.fromkeys([*pairs, *PAIRS]):
@@ -304,7 +305,7 @@ def _dry_run(s, pairs: list[str], as_json: bool) -> None:  # type: ignore[no-unt
     """Estimate bytes scanned and Cloud Run time before anything runs: times scale the newest published run's
     measured seconds per byte scanned (its summary's cost), or rough guesses before there is one."""
     from bqx import pricing
-    from bqx.source import open_source
+    from bqx.extract.sources import open_source
 
     source = open_source(s)
     calibration = _calibration(s, pairs)
@@ -340,7 +341,7 @@ def _prepare_local(s, pairs: list[str], rows: int | None) -> None:  # type: igno
 
 
 def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # type: ignore[no-untyped-def]
-    from bqx.warehouse import DEFAULT_ROWS, Shape, Warehouse
+    from bqx.local.warehouse import DEFAULT_ROWS, Shape, Warehouse
 
     have = Warehouse(Path(s.warehouse), s.dataset).pairs()
     for pair in pairs:
@@ -421,7 +422,7 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
             _echo(f"{pair}: run {active} is already active; following it (--force starts a new run)")
             return runs.follow(s, pair, active, timeout, on_update=show)
         if not force:
-            from bqx.source import open_source
+            from bqx.extract.sources import open_source
 
             current = runs.up_to_date(s, pair, open_source(s))
             if current is not None:
@@ -567,12 +568,12 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
     from bqx.config import parse_bytes
 
     budget = parse_bytes(memory_budget)
-    from bqx import allocator
+    from bqx.merge import allocator
 
     allocator.configure(budget)  # before pyarrow loads
     if src is not None:
-        from bqx.merge import local_inputs
-        from bqx.merge import merge as do_merge
+        from bqx.merge.stream import local_inputs
+        from bqx.merge.stream import merge as do_merge
 
         if dst is None:
             raise click.UsageError("--from needs --to FILE")
@@ -590,9 +591,10 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
         return
     if not pair:
         raise click.UsageError("name a PAIR, or merge local files with --from DIR --to FILE")
-    from bqx import runs, storage
+    from bqx import runs
     from bqx.catalog import Manifest
-    from bqx.publish import merge_run
+    from bqx.gcp import storage
+    from bqx.merge.publish import merge_run
 
     pair = _pairs((pair,), False)[0]
     s = _settings() if cloud else _local_settings()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bqx.errors import OutsideLayout
+from bqx.errors import OutsideLayout, TerminalError
 from bqx.pairs import PAIRS, validate_pair
 
 TABLE_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
@@ -85,6 +85,22 @@ def extract_report(pair: str, run_id: str, task_index: int, attempt: int) -> str
 
 def extract_reports_prefix(pair: str, run_id: str) -> str:
     return f"{run_prefix(pair, run_id)}extract/"
+
+
+_EXTRACT_REPORT = re.compile(r"^runs/([a-z]{6})/([a-z0-9][a-z0-9-]{0,62})/extract/task-(\d{4})-attempt-(\d{2})\.json$")
+
+
+def parse_extract_report(name: str) -> tuple[str, str] | None:
+    """(pair, run_id) when `name` is an extract task's report exactly as extract_report builds it, else None."""
+    m = _EXTRACT_REPORT.match(name)
+    if not m:
+        return None
+    try:
+        if extract_report(m.group(1), m.group(2), int(m.group(3)), int(m.group(4))) != name:
+            return None
+    except TerminalError:  # an unknown pair or a run id outside the layout
+        return None
+    return m.group(1), m.group(2)
 
 
 def checkpoints_prefix(pair: str, run_id: str) -> str:

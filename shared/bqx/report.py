@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bqx import layout, pricing, storage
+from bqx import layout, pricing
 from bqx.catalog import Manifest
 from bqx.config import Settings
 from bqx.errors import TerminalError
+from bqx.gcp import storage
 
 
 @dataclass

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bqx import claims, ids, layout, storage
+from bqx import ids, layout
 from bqx.catalog import Manifest, TableEntry, family_of
-from bqx.clients import storage_client
 from bqx.config import Settings
 from bqx.errors import AlreadyRunning, TerminalError, TransientError
+from bqx.gcp import claims, storage
+from bqx.gcp.clients import storage_client
 
 
 @dataclass
@@ -108,7 +109,7 @@ def register(s: Settings, pair: str, run_id: str, launch: Callable[[], str], ori
             raise TransientError(f"another run of {pair} was started meanwhile; deciding again")
         return launch()
 
-    # the run's options live in its extract claim: written once, read by its merge (bqx.publish)
+    # the run's options live in its extract claim: written once, read by its merge (bqx.merge.publish)
     options = {"accept_drift": True} if accept_drift else {}
     return claims.launch_once(s, layout.claim(pair, run_id, "extract"), start,
                               {"pair": pair, "run_id": run_id, **options})
@@ -157,8 +158,8 @@ _manifests_lock = threading.Lock()
 
 def newest_complete(s: Settings, pair: str) -> Manifest | None:
     """The manifest of the pair's newest run whose every checkpoint is present and validated (the completion
-    function's test, bqx.validate.complete), or None."""
-    from bqx import validate  # pyarrow: only the callers that look at checkpoints pay for it
+    function's test, bqx.completion.validate.complete), or None."""
+    from bqx.completion import validate  # pyarrow: only the callers that look at checkpoints pay for it
 
     for run_id in run_ids(s, pair):
         manifest = load_manifest(s, pair, run_id)
@@ -203,12 +204,12 @@ def unchanged(previous: Manifest, current: Manifest) -> dict[str, TableEntry]:
 def up_to_date(s: Settings, pair: str, source: Any) -> dict[str, Any] | None:
     """The summary of the pair's last published run when a new run would publish the same training file: every
     table the source has now is unchanged since that run (`unchanged`), no table came or went, and the training file
-    is still there. None otherwise. `source`: a bqx.source.Source (one discovery: two queries)."""
+    is still there. None otherwise. `source`: a bqx.extract.sources.Source (one discovery: two queries)."""
     found = published(s, pair)
     if found is None:
         return None
     summary, previous = found
-    from bqx.extract import build_manifest  # pyarrow: the trigger imports this module, and never calls this
+    from bqx.extract.run import build_manifest  # pyarrow: the trigger imports this module, and never calls this
 
     current = build_manifest(pair, previous.run_id, source.discover(pair), source.name, s.row_limit)
     same = unchanged(previous, current)
@@ -237,7 +238,9 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
             setattr(rs, f"{stage}_execution", c[0].get("execution"))
     manifest = load_manifest(s, pair, run_id)  # parsed once per process: `bqx run` asks every half second
     if manifest is not None:
-        from bqx.validate import is_marked  # pyarrow: the CLI has it; the trigger, which imports this module, not
+        from bqx.completion.validate import (
+            is_marked,  # pyarrow: the CLI has it; the trigger, which imports this module, not
+        )
 
         expected, present = manifest.expected_objects(), {}
         for b in storage_client(s).list_blobs(s.staging_bucket, prefix=layout.checkpoints_prefix(pair, run_id)):

@@ -73,7 +73,7 @@ def local_settings(home: Path, gcs_endpoint: str, **overrides: object):  # type:
 def create_buckets(settings, *names: str) -> None:  # type: ignore[no-untyped-def]
     from google.api_core.exceptions import Conflict
 
-    from bqx.clients import storage_client
+    from bqx.gcp.clients import storage_client
 
     for name in names:
         try:
@@ -85,17 +85,18 @@ def create_buckets(settings, *names: str) -> None:  # type: ignore[no-untyped-de
 @contextmanager
 def merge_world(root: Path, shape, pair: str = "eurusd", run_id: str = "rplan", **settings_overrides):  # type: ignore[no-untyped-def]
     """fake-gcs with one extracted run (checkpoints + manifest from a generated DuckDB warehouse) and the
-    reference output of bqx.merge.merge over those checkpoints. Yields a dict."""
+    reference output of bqx.merge.stream.merge over those checkpoints. Yields a dict."""
     import io
 
     import pyarrow.parquet as pq
 
-    from bqx import extract, storage
     from bqx.catalog import Manifest
-    from bqx.merge import merge
-    from bqx.publish import gcs_inputs
-    from bqx.source import DuckDBSource
-    from bqx.warehouse import Warehouse
+    from bqx.extract import run as extract
+    from bqx.extract.sources import DuckDBSource
+    from bqx.gcp import storage
+    from bqx.local.warehouse import Warehouse
+    from bqx.merge.publish import gcs_inputs
+    from bqx.merge.stream import merge
 
     warehouse = root / "warehouse.duckdb"
     with fake_gcs_server(root / "gcs") as endpoint:
@@ -117,7 +118,8 @@ def merge_world(root: Path, shape, pair: str = "eurusd", run_id: str = "rplan", 
 
 def validate_all(settings, manifest) -> None:  # type: ignore[no-untyped-def]
     """What the completion function does for each checkpoint's event (publishing merges only validated ones)."""
-    from bqx import storage, validate
+    from bqx.completion import validate
+    from bqx.gcp import storage
 
     for entry in manifest.tables:
         blob = storage.bucket(settings, settings.staging_bucket).get_blob(entry.checkpoint)

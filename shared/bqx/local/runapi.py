@@ -48,9 +48,10 @@ LOCAL_RUN_HOST = "run.bqx.internal"
 """The made-up host `bqx stack env` gives gcloud as its Run endpoint; only it (and REGION-run.bqx.internal) may be
 named in an absolute-form request target."""
 
-# The env a run may override. The functions set only BQX_RUN_ID (handlers.py, through launch.run_job). Anything
-# else would let whoever reaches this port change what the job's interpreter loads or runs (PYTHONPATH,
-# PYTHONSTARTUP, PYTHONWARNINGS, LD_PRELOAD, BROWSER, ...), so any other name is refused with 400 and starts nothing.
+# The env a run may override. The functions set only BQX_RUN_ID (bqx.trigger and bqx.completion.handler, through
+# gcp.launch.run_job). Anything else would let whoever reaches this port change what the job's interpreter loads or
+# runs (PYTHONPATH, PYTHONSTARTUP, PYTHONWARNINGS, LD_PRELOAD, BROWSER, ...), so any other name is refused with 400
+# and starts nothing.
 ALLOWED_ENV_OVERRIDES = frozenset({"BQX_RUN_ID"})
 
 MAX_TASKS = 100  # Cloud Run allows 10,000; here every task is a local process

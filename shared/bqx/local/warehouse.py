@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bqx.catalog import FAMILIES, KEY, TARGET_COLUMNS, belongs_to, targets_table
+from bqx.catalog import FAMILIES, KEY, TARGET_COLUMNS, VERSIONS_TABLE, belongs_to, targets_table
 from bqx.errors import TerminalError
 from bqx.pairs import PAIRS
 
@@ -28,7 +28,6 @@ TOTAL_FEATURE_COLUMNS = 17_000
 MIN_COLS, MAX_COLS = 4, 232
 START = np.datetime64("2024-01-01T00:00:00", "us")
 DEFAULT_ROWS = 2_000
-VERSIONS_TABLE = "_bqx_versions"  # in the file's main schema, beside _bqx_generated: never one of a dataset's tables
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ interpolated raw; the pair only reaches SQL as a bound parameter.
 
 A table's fingerprint (`fingerprint()`) is its version, its row count and a digest of its schema: BigQuery's last
 modification time and row count from the dataset's `__TABLES__`; the DuckDB warehouse's per-table version, which
-every write of the table bumps (bqx.warehouse). A table with no version has no fingerprint, and is never reused.
+every write of the table bumps (bqx.local.warehouse). A table with no version has no fingerprint, and is never reused.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from bqx.catalog import KEY, belongs_to, family_of, targets_table
+from bqx.catalog import FAMILIES, KEY, VERSIONS_TABLE, belongs_to, family_of, targets_table
 from bqx.config import Settings
 from bqx.errors import TerminalError
 from bqx.layout import TABLE_RE
-from bqx.warehouse import FAMILIES, VERSIONS_TABLE
 
 BATCH_ROWS = 16_384
 
@@ -166,12 +165,12 @@ class BigQuerySource:
         self.name = f"bigquery:{settings.project}.{settings.dataset}"
         self.settings = settings
         if client is None:
-            from bqx.clients import bigquery_client
+            from bqx.gcp.clients import bigquery_client
 
             client = bigquery_client(settings)
         self.client = client
         if bqstorage_client is None and (settings.bigquery_storage_endpoint or not settings.local):
-            from bqx.clients import bigquery_read_client
+            from bqx.gcp.clients import bigquery_read_client
 
             # With the BigQuery client's credentials: nothing asks the metadata server a second time.
             bqstorage_client = bigquery_read_client(settings, client._credentials)

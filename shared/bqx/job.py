@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from bqx import ids, layout, logs, storage
+from bqx import ids, layout, logs
 from bqx.config import Settings
 from bqx.errors import BadRequest, Refused, TerminalError
+from bqx.gcp import storage
 from bqx.logs import Log
 from bqx.pairs import validate_pair
 

@@ -37,18 +37,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx import allocator, layout
+from bqx import layout
 from bqx.catalog import KEY
-from bqx.chunks import Chunk
-from bqx.chunks import row_groups as chunks_of
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
 from bqx.logs import Log
+from bqx.merge import allocator
+from bqx.merge.stitch import FileRange, Stitcher
+from bqx.merge.stitch import column_signature as _column_signature
 from bqx.pairs import PAIRS
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
-from bqx.stitch import FileRange, Stitcher
-from bqx.stitch import column_signature as _column_signature
+from bqx.parquet.chunks import Chunk
+from bqx.parquet.chunks import row_groups as chunks_of
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 
-log = Log("bqx.merge")
+log = Log("bqx.merge.stream")
 
 READ_BUFFER = 262144  # stream column chunks
 MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17

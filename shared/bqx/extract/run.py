@@ -4,7 +4,7 @@ Checkpoints are written straight to GCS through a resumable upload (an object ap
 several tables at once, each with retries. A rerun of the same run id skips checkpoints already present.
 Tasks of one execution shard the tables by index.
 
-An unchanged table is not read again: when the manifest is planned, each table whose fingerprint (bqx.source),
+An unchanged table is not read again: when the manifest is planned, each table whose fingerprint (bqx.extract.sources),
 columns and row limit are those of the pair's last published run, and whose checkpoint of that run still exists, is
 marked `reused_from` that run; its checkpoint is then copied server-side (a rewrite, create-once like an upload, and
 finalized like one: the completion function validates it as usual) instead of being extracted.
@@ -22,17 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
 
-from bqx import layout, runs, storage
+from bqx import layout, runs
 from bqx.catalog import KEY, Column, Manifest, TableEntry
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError, TransientError
+from bqx.extract.sources import Source, SourceTable, open_source
+from bqx.gcp import storage
 from bqx.logs import Log
-from bqx.parquet_io import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS, arrow_type, schema_of, type_name
-from bqx.source import Source, SourceTable, open_source
+from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS, arrow_type, schema_of, type_name
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # multiple of 256 KiB, as resumable uploads require
 COPY_CONCURRENCY = 16  # server-side copies at once, beside the reads: each is one request's latency and no CPU here
-log = Log("bqx.extract")
+log = Log("bqx.extract.run")
 
 
 @dataclass
@@ -217,7 +218,7 @@ def copy_checkpoint(settings: Settings, source: Source, manifest: Manifest, entr
 
 def save_report(settings: Settings, report: ExtractReport, failed: bool = False) -> None:
     """This task attempt's report: per-table timings for `bqx report`, and, when it did not fail, the signal the
-    completion function waits for before it asks whether the run is complete (bqx.handlers.completion). So a
+    completion function waits for before it asks whether the run is complete (bqx.completion.handler). So a
     success report that cannot be written fails the task transiently (retried; the rerun skips what is written);
     a failure report is best effort (the task is failing anyway)."""
     import os

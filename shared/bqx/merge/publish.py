@@ -13,17 +13,18 @@ from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
-from bqx import layout, storage
+from bqx import layout
 from bqx.catalog import KEY, Manifest
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
+from bqx.gcp import storage
+from bqx.gcp.objectfile import ObjectFile
 from bqx.logs import Log
-from bqx.merge import MergeInput, MergeStats, merge
-from bqx.objectfile import ObjectFile
+from bqx.merge.stream import MergeInput, MergeStats, merge
 
 READ_CHUNK = 4 * 1024 * 1024
 WRITE_CHUNK = 128 * 1024 * 1024  # the output's resumable upload pieces, at most 1/8 of the memory budget (below)
-log = Log("bqx.publish")
+log = Log("bqx.merge.publish")
 
 
 def gcs_inputs(settings: Settings, manifest: Manifest,
@@ -53,8 +54,8 @@ def verify_checkpoints(settings: Settings, manifest: Manifest, validated: bool =
     exactly these generations). `validated`: each must also be the generation the completion function validated
     (its marker names the content's crc32c); one that is not (replaced after it was checked, or not checked yet)
     fails the merge transiently, so it is merged only once a validated generation is there."""
-    from bqx.clients import storage_client
-    from bqx.validate import is_marked
+    from bqx.completion.validate import is_marked
+    from bqx.gcp.clients import storage_client
 
     present, unchecked = {}, []
     for b in storage_client(settings).list_blobs(settings.staging_bucket,
@@ -131,7 +132,7 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
             stats = merge(targets, features, sink, memory_budget=settings.memory_budget - chunk, metadata=md,
                           progress=progress)  # the upload's piece is held outside the merge: its budget less it
     else:
-        from bqx import methods
+        from bqx.merge import methods
 
         stats = methods.run(method, settings, manifest, temp, md)
     progress(features_total, features_total, "publishing", force=True)

@@ -7,9 +7,9 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from bqx.clients import TRANSIENT_ERRORS, storage_client
 from bqx.config import Settings
 from bqx.errors import TransientError
+from bqx.gcp.clients import TRANSIENT_ERRORS, storage_client
 
 TRANSIENT = TRANSIENT_ERRORS
 

@@ -1,8 +1,8 @@
 """Merge methods other than the built-in streaming merge: `bigquery` (cloud default) and `polars` (fallback).
 
 `run(method, settings, manifest, temp_blob, metadata)` writes the merged Parquet to the GCS blob `temp_blob`
-and returns its MergeStats; bqx.publish checks and publishes it. Every method produces the same file content
-as bqx.merge.merge: columns key, targets, then each feature table (prefixed) in manifest order; the targets'
+and returns its MergeStats; bqx.merge.publish checks and publishes it. Every method produces the same file content
+as bqx.merge.stream.merge: columns key, targets, then each feature table (prefixed) in manifest order; the targets'
 rows in key order.
 
 The `polars` method joins with lazy scans, bounded in memory: the targets' rows are cut into row groups
@@ -26,14 +26,14 @@ from bqx.catalog import KEY, Manifest, TableEntry
 from bqx.config import MERGE_METHODS, Settings
 from bqx.errors import BadCheckpoint, ConfigError
 from bqx.logs import Log
-from bqx.merge import CountingWriter, MergeStats
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS
-from bqx.stitch import Stitcher
+from bqx.merge.stitch import Stitcher
+from bqx.merge.stream import CountingWriter, MergeStats
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 
-METHODS = ("polars", "bigquery")  # run here; "stream" runs in bqx.publish
+METHODS = ("polars", "bigquery")  # run here; "stream" runs in bqx.merge.publish
 WRITE_CHUNK = 16 * 1024 * 1024
 POLARS_GROUP_COLUMNS = 1_024  # columns joined per collect
-log = Log("bqx.methods")
+log = Log("bqx.merge.methods")
 
 
 def check(method: str) -> str:
@@ -47,11 +47,11 @@ def run(method: str, settings: Settings, manifest: Manifest, temp_blob: Any, met
         bigquery_client: Any = None) -> MergeStats:
     check(method)
     if method not in METHODS:
-        raise ConfigError(f"merge method {method!r} runs in bqx.publish, not bqx.methods")
+        raise ConfigError(f"merge method {method!r} runs in bqx.merge.publish, not bqx.merge.methods")
     with temp_blob.open("wb", chunk_size=WRITE_CHUNK, ignore_flush=True,
                         content_type="application/vnd.apache.parquet") as sink:
         if method == "bigquery":
-            from bqx import bigquery_plan
+            from bqx.merge import bigquery as bigquery_plan
 
             client = bigquery_client or make_bigquery_client(settings)
             location = getattr(settings, "bigquery_location", "") or None  # None: BigQuery infers it
@@ -60,10 +60,10 @@ def run(method: str, settings: Settings, manifest: Manifest, temp_blob: Any, met
 
 
 def make_bigquery_client(settings: Settings) -> Any:
-    """The BigQuery client: bqx.clients' unless an API endpoint override is configured (local stand-in)."""
+    """The BigQuery client: bqx.gcp.clients' unless an API endpoint override is configured (local stand-in)."""
     endpoint = getattr(settings, "bigquery_api_endpoint", "")
     if not endpoint:
-        from bqx.clients import bigquery_client
+        from bqx.gcp.clients import bigquery_client
 
         return bigquery_client(settings)
     from google.cloud import bigquery
@@ -107,7 +107,7 @@ def polars_merge(settings: Settings, manifest: Manifest, sink: BinaryIO, metadat
     import polars as pl
     import pyarrow.dataset as ds
 
-    from bqx.bigquery_plan import output_schema, rows_per_group
+    from bqx.merge.bigquery import output_schema, rows_per_group
 
     started = time.time()
     fs = filesystem or gcs_filesystem(settings)

@@ -9,7 +9,7 @@ are decoded. The wide merge handles ~17,000 column chunks per row group, so this
 
 from __future__ import annotations
 
-from bqx.thrift import (
+from bqx.parquet.thrift import (
     BINARY,
     BYTE,
     DOUBLE,

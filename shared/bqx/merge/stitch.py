@@ -21,10 +21,10 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx import thrift
-from bqx.chunks import Chunk, Moved, encode_fields, fields, row_groups
 from bqx.errors import BadCheckpoint
-from bqx.thrift import I16, I64, LIST, STRUCT, Raw
+from bqx.parquet import thrift
+from bqx.parquet.chunks import Chunk, Moved, encode_fields, fields, row_groups
+from bqx.parquet.thrift import I16, I64, LIST, STRUCT, Raw
 
 MAGIC = b"PAR1"
 DETACHED_RANGE_COST = 256 << 10  # a copied range waiting for its turn holds a descriptor, not its bytes

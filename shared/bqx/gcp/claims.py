@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bqx import storage
 from bqx.config import Settings
 from bqx.errors import ClaimHeld
+from bqx.gcp import storage
 from bqx.logs import Log
 
-log = Log("bqx.claims")
+log = Log("bqx.gcp.claims")
 FAILPOINT_ENV = "BQX_FAILPOINT_AFTER_CLAIM"
 
 

@@ -12,7 +12,7 @@ export over 1 GB needs a wildcard URI). So no single join or export can do it. T
    sequentially across the files, so reading them in name order yields the rows in key order. A dry run of
    each stage's SELECT gives the bytes it will bill before anything runs.
 3. **Stitch**: the stage exports are read in order, one row group at a time, cut into the output's row groups
-   and appended as column chunks (bqx.stitch), so the merge job holds one stage's row group, never the file.
+   and appended as column chunks (bqx.merge.stitch), so the merge job holds one stage's row group, never the file.
    Every stage's keys must equal the targets' keys, row for row.
 4. **Clean up**: temp tables are deleted in a `finally`, success or failure. Exports are deleted after a
    successful stitch and kept after a failure, so a retry resumes.
@@ -36,17 +36,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx import layout, storage
+from bqx import layout
 from bqx.catalog import KEY, Manifest, TableEntry
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
+from bqx.extract.sources import quote_bigquery
+from bqx.gcp import storage
 from bqx.ids import digest
 from bqx.logs import Log
-from bqx.merge import CountingWriter, MergeStats
-from bqx.parquet_io import KEY_TYPE, WRITER_OPTIONS, from_type_name
+from bqx.merge.stitch import Stitcher
+from bqx.merge.stream import CountingWriter, MergeStats
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, from_type_name
 from bqx.pricing import BIGQUERY_PER_TIB_SCANNED, TIB
-from bqx.source import quote_bigquery
-from bqx.stitch import Stitcher
 
 log = Log("bqx.bigquery")
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from bqx import storage
 from bqx.errors import ObjectGone, TransientError
+from bqx.gcp import storage
 
 TAIL = 64 << 10  # a Parquet footer of ~1,000 columns; pyarrow asks for the last 64 KiB first
 WHOLE_BELOW = 8 << 20  # objects up to this size are fetched in one request (held while their table is merged)

@@ -1,4 +1,4 @@
-"""Job 2 entrypoint: merge one run's checkpoints into training_<pair>.parquet (see bqx.publish).
+"""Job 2 entrypoint: merge one run's checkpoints into training_<pair>.parquet (see bqx.merge.publish).
 
 Launched by the completion function (BQX_RUN_ID set, the run's merge claim recording this execution) it merges that
 run; a duplicate launch (the claim records another execution) exits 0 having done nothing.
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from bqx import claims, layout, runs, storage
+from bqx import layout, runs
 from bqx.catalog import Manifest
 from bqx.errors import BadCheckpoint, BadRequest, Refused
-from bqx.jobs.common import JobContext, run_main
-from bqx.publish import merge_run
+from bqx.gcp import claims, storage
+from bqx.job import JobContext, run_main
+from bqx.merge.publish import merge_run
 
 
 def resolve(ctx: JobContext) -> str:
@@ -40,7 +41,7 @@ def resolve(ctx: JobContext) -> str:
 
 def claim_by_hand(ctx: JobContext) -> Manifest:
     """The run's manifest once this execution holds its merge claim; Refused when the rules say no."""
-    from bqx import validate  # pyarrow: the merge imports it anyway
+    from bqx.completion import validate  # pyarrow: the merge imports it anyway
 
     s, pair, run_id = ctx.settings, ctx.pair, ctx.run_id
     manifest = runs.load_manifest(s, pair, run_id)

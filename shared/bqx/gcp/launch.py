@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from google.api_core import exceptions as gexc
 
-from bqx.clients import TRANSIENT_ERRORS, jobs_client
 from bqx.config import Settings
 from bqx.errors import LaunchFailed, LaunchRefused
+from bqx.gcp.clients import TRANSIENT_ERRORS, jobs_client
 
 
 def job_path(settings: Settings, job: str) -> str:

@@ -1,4 +1,4 @@
-"""Job 1 entrypoint: extract one pair's tables to checkpoints (see bqx.extract).
+"""Job 1 entrypoint: extract one pair's tables to checkpoints (see bqx.extract.run).
 
 Launched by the trigger (BQX_RUN_ID set, the run's extract claim recording this execution) it just extracts.
 Started by hand (`gcloud run jobs execute bqx-ml-extract --args=eurusd[,--force]`) its run id comes from the
@@ -13,9 +13,11 @@ from __future__ import annotations
 import sys
 import time
 
-from bqx import extract, layout, runs, storage
+from bqx import layout, runs
 from bqx.errors import AlreadyRunning, Refused, TransientError
-from bqx.jobs.common import JobContext, run_main
+from bqx.extract import run as extract
+from bqx.gcp import storage
+from bqx.job import JobContext, run_main
 
 POLL_SECONDS = 0.5
 

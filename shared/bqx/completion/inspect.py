@@ -1,0 +1,143 @@
+"""Checkpoint inspection: is one object generation a whole, well-formed checkpoint of its manifest entry?
+
+Reads the Parquet footer with one small ranged read of the tail (a small checkpoint whole, in that read), then:
+  - the file is whole: footer magic and length, every column chunk inside the data area, row counts add up;
+  - the schema: the manifest's column names in order, their types, `interval_time` as timestamp[us, tz=UTC];
+  - the keys: non-null, strictly increasing (sorted and unique). Only the key column is read (8 bytes a row,
+    a few ranged reads); past KEY_READ_LIMIT compressed bytes the row groups' statistics are used instead.
+Pure inspection: what to do with a bad checkpoint (quarantine, error.json) is bqx.completion.validate's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bqx.catalog import KEY, TableEntry
+from bqx.errors import DuplicateKeys, TransientError
+from bqx.gcp.objectfile import TAIL, ObjectFile, download
+from bqx.parquet.conventions import KEY_TYPE, type_name
+
+WHOLE_BELOW = 1 << 20  # a checkpoint up to this size is read whole, in the request that reads its footer
+KEY_READ_LIMIT = 32 * 1024 * 1024  # compressed key-column bytes read to check every key; above: statistics only
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str = ""
+    error_type: str = ""
+    reads: int = 0  # ranged reads it took (cost: one for the footer, one or a few for the keys)
+
+
+def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
+    """Validate one checkpoint object generation against its manifest entry. Never raises for bad content."""
+    if size < 12:
+        return Verdict(False, f"truncated: {size} bytes is not a Parquet file", "BadCheckpoint")
+    # The footer, in one read up to ~1,000 columns; a small checkpoint (most, at 2,000 rows) whole in that read.
+    tail = download(blob, 0 if size <= WHOLE_BELOW else max(0, size - TAIL), size)
+    reads = 1
+    if tail[-4:] != b"PAR1":
+        return Verdict(False, f"truncated or not Parquet: no footer magic in the last bytes ({size} bytes)",
+                       "BadCheckpoint", reads)
+    footer = int.from_bytes(tail[-8:-4], "little")
+    if footer + 12 > size:
+        return Verdict(False, f"truncated: footer of {footer} bytes does not fit in {size} bytes", "BadCheckpoint",
+                       reads)
+    if footer + 8 > len(tail):
+        tail = download(blob, size - footer - 8, size)
+        reads += 1
+    # Only the key column is read past the footer: exactly the ranges asked for, no read-ahead, never whole.
+    f = ObjectFile(blob, size, whole_below=0, chunk=0, tail_data=tail)
+    try:
+        pf = pq.ParquetFile(f)
+        meta, schema = pf.metadata, pf.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        return Verdict(False, f"unreadable Parquet footer: {exc}", "BadCheckpoint", reads)
+    reason = _check_layout(meta, size - footer - 8) or _check_schema(schema, entry)
+    if reason:
+        return Verdict(False, reason, "BadCheckpoint", reads)
+    try:
+        bad = _check_keys(pf, meta, entry.name)
+    except TransientError:  # ObjectGone among them
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        return Verdict(False, f"unreadable row group: {exc}", "BadCheckpoint", reads + f.fetches)
+    if bad:
+        return Verdict(False, bad[1], bad[0], reads + f.fetches)
+    return Verdict(True, reads=reads + f.fetches)
+
+
+def _check_layout(meta: pq.FileMetaData, data_end: int) -> str:
+    rows = 0
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        rows += rg.num_rows
+        if rg.num_rows == 0:
+            continue  # a table without rows is written as one empty row group whose chunks point nowhere
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+            if start is None or start < 4 or start + col.total_compressed_size > data_end:
+                return (f"truncated: row group {i} column {col.path_in_schema!r} lies outside the data "
+                        f"({start}+{col.total_compressed_size} > {data_end})")
+    if rows != meta.num_rows:
+        return f"row groups hold {rows} rows but the footer says {meta.num_rows}"
+    return ""
+
+
+def _check_schema(schema: pa.Schema, entry: TableEntry) -> str:
+    want = [c.name for c in entry.columns]
+    got = list(schema.names)
+    if got != want:
+        missing = [n for n in want if n not in got]
+        extra = [n for n in got if n not in want]
+        if missing or extra:
+            return (f"schema differs from the manifest: missing columns {missing[:5]}, unexpected columns "
+                    f"{extra[:5]}")
+        return f"schema differs from the manifest: column order {got[:5]}... instead of {want[:5]}..."
+    if KEY not in got:
+        return f"no {KEY} column"
+    key_type = schema.field(KEY).type
+    if key_type != KEY_TYPE:
+        return (f"{KEY} is {key_type}; checkpoints must hold timestamp[us, tz=UTC] "
+                f"(microseconds, UTC — never milliseconds or naive times)")
+    for c in entry.columns:
+        t = type_name(schema.field(c.name).type)
+        if t != c.type:
+            return f"column {c.name!r} is {t}; the manifest says {c.type}"
+    return ""
+
+
+def _check_keys(pf: pq.ParquetFile, meta: pq.FileMetaData, table: str) -> tuple[str, str] | None:
+    """(error_type, reason) when keys are null, unsorted or duplicated; None when fine."""
+    idx = pf.schema_arrow.get_field_index(KEY)
+    key_bytes = sum(meta.row_group(i).column(idx).total_compressed_size for i in range(meta.num_row_groups))
+    if key_bytes > KEY_READ_LIMIT:  # too big to read on every arrival: row group statistics must be ordered
+        last = None
+        for i in range(meta.num_row_groups):
+            st = meta.row_group(i).column(idx).statistics
+            if st is None or not st.has_min_max:
+                continue
+            if st.null_count:
+                return "BadCheckpoint", f"table {table!r} has null {KEY} values"
+            lo, hi = st.min, st.max
+            if last is not None and lo <= last:
+                return "BadCheckpoint", f"table {table!r}: row group {i} keys overlap the previous row group's"
+            last = hi
+        return None
+    keys = pf.read(columns=[KEY]).column(KEY)
+    if keys.null_count:
+        return "BadCheckpoint", f"table {table!r} has null {KEY} values"
+    k = keys.cast(pa.int64()).to_numpy()
+    d = np.diff(k)
+    if d.size and (d <= 0).any():
+        i = int(np.flatnonzero(d <= 0)[0])
+        if d[i] == 0:
+            return "DuplicateKeys", str(DuplicateKeys(table, np.datetime64(int(k[i + 1]), "us")))
+        return "BadCheckpoint", f"table {table!r} is not sorted by {KEY} (row {i + 1})"
+    return None
