@@ -63,6 +63,32 @@ class TableEntry:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The targets' rows every checkpoint of an aligned run is cut to (issue 19): `rows` rows in row groups of
+    `row_groups` rows, whose keys (interval_time as int64 microseconds, little-endian, in order) hash to
+    `keys_sha256` (hex). Each aligned checkpoint carries that digest (object metadata GRID_OBJECT_KEY, Parquet
+    key-value metadata GRID_FILE_KEY)."""
+
+    rows: int
+    row_groups: tuple[int, ...]
+    keys_sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"rows": self.rows, "row_groups": list(self.row_groups), "keys_sha256": self.keys_sha256}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Grid:
+        g = cls(int(d["rows"]), tuple(int(n) for n in d["row_groups"]), str(d["keys_sha256"]))
+        if sum(g.row_groups) != g.rows or not re.fullmatch(r"[0-9a-f]{64}", g.keys_sha256):
+            raise ValueError(f"inconsistent grid: {d}")
+        return g
+
+
+GRID_OBJECT_KEY = "bqx_grid"  # custom object metadata of an aligned checkpoint: its grid's keys_sha256
+GRID_FILE_KEY = "bqx.grid"  # the same digest in the checkpoint's Parquet key-value metadata
+
+
+@dataclass(frozen=True)
 class Manifest:
     pair: str
     run_id: str
@@ -71,6 +97,7 @@ class Manifest:
     row_limit: int = 0
     created_at: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    grid: Grid | None = None  # None: an unaligned run (older runs, local files): the stream merge
 
     @property
     def targets(self) -> TableEntry:
@@ -90,6 +117,10 @@ class Manifest:
              "reused_from": t.reused_from, "columns": [[c.name, c.type] for c in t.columns]}
             for t in self.tables
         ]
+        if self.grid is None:
+            del d["grid"]
+        else:
+            d["grid"] = self.grid.to_json()
         return d
 
     @classmethod
@@ -101,7 +132,8 @@ class Manifest:
                 for t in d["tables"]  # manifests written before fingerprints have none: nothing of them is reused
             )
             m = cls(d["pair"], d["run_id"], tables, d.get("source", ""), int(d.get("row_limit", 0)),
-                    float(d.get("created_at", 0.0)), dict(d.get("extra") or {}))
+                    float(d.get("created_at", 0.0)), dict(d.get("extra") or {}),
+                    Grid.from_json(d["grid"]) if d.get("grid") else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise BadCheckpoint(f"malformed manifest: {exc}") from exc
         if sum(t.role == "targets" for t in tables) != 1:
