@@ -38,7 +38,7 @@ resource "google_cloudfunctions2_function" "trigger" {
   }
 
   service_config {
-    service_account_email          = google_service_account.functions.email
+    service_account_email          = google_service_account.trigger.email
     available_memory               = local.names.functions.trigger.memory
     timeout_seconds                = local.names.functions.trigger.timeout_seconds
     max_instance_count             = local.names.functions.trigger.max_instances
@@ -119,7 +119,7 @@ resource "google_cloudfunctions2_function" "completion" {
   }
 
   service_config {
-    service_account_email          = google_service_account.functions.email
+    service_account_email          = google_service_account.completion.email
     available_memory               = local.names.functions.completion.memory
     timeout_seconds                = local.names.functions.completion.timeout_seconds
     max_instance_count             = local.names.functions.completion.max_instances

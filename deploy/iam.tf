@@ -1,18 +1,35 @@
 # Service accounts and every role they hold. No primitive role (owner/editor/viewer) and nothing project-wide
-# beyond bigquery.jobUser (jobs), eventarc.eventReceiver (Eventarc), logging.logWriter (builds) and the
-# Google-managed Cloud Storage agent's pubsub.publisher, which Eventarc's storage triggers require.
-# tests/test_deploy.py holds the allow-list each binding here is checked against.
+# beyond bigquery.jobUser and bigquery.readSessionUser (the jobs), eventarc.eventReceiver (Eventarc),
+# logging.logWriter (builds) and the Google-managed Cloud Storage agent's pubsub.publisher, which Eventarc's storage
+# triggers require. tests/test_deploy.py holds the allow-list each binding here is checked against.
+#
+# One account per component, so a bug or a compromise in one cannot do another's writes: only the merge writes the
+# output bucket, only the extract writes checkpoints and manifests, the functions write only their own run-state
+# objects. Where a role must cover part of a bucket, an IAM condition on the object name limits it. Reads of the
+# staging bucket are not split: listing is checked on the bucket itself, which a name prefix cannot express.
 
-resource "google_service_account" "jobs" {
+resource "google_service_account" "trigger" {
   project      = var.project
-  account_id   = local.names.service_accounts.jobs
-  display_name = "bqx extract and merge jobs"
+  account_id   = local.names.service_accounts.trigger
+  display_name = "bqx trigger function (requests -> extract job)"
 }
 
-resource "google_service_account" "functions" {
+resource "google_service_account" "completion" {
   project      = var.project
-  account_id   = local.names.service_accounts.functions
-  display_name = "bqx trigger and completion functions"
+  account_id   = local.names.service_accounts.completion
+  display_name = "bqx completion function (checkpoints -> merge job)"
+}
+
+resource "google_service_account" "extract" {
+  project      = var.project
+  account_id   = local.names.service_accounts.extract
+  display_name = "bqx extract job"
+}
+
+resource "google_service_account" "merge" {
+  project      = var.project
+  account_id   = local.names.service_accounts.merge
+  display_name = "bqx merge job"
 }
 
 resource "google_service_account" "events" {
@@ -27,68 +44,62 @@ resource "google_service_account" "build" {
   display_name = "bqx function builds"
 }
 
-# ---------------------------------------------------------------- jobs: read the warehouse, run queries,
-# write checkpoints and run state to staging, publish to output, own the temp dataset's tables.
-
-resource "google_bigquery_dataset_iam_member" "jobs_warehouse_reader" {
-  project    = var.project
-  dataset_id = data.google_bigquery_dataset.warehouse.dataset_id
-  role       = "roles/bigquery.dataViewer"
-  member     = google_service_account.jobs.member
+# Object-name prefixes the conditions below test (IAM names objects projects/_/buckets/<bucket>/objects/<name>).
+locals {
+  staging_objects = "projects/_/buckets/${google_storage_bucket.staging.name}/objects/"
+  output_objects  = "projects/_/buckets/${google_storage_bucket.output.name}/objects/"
 }
 
-resource "google_project_iam_member" "jobs_bigquery_jobs" {
-  project = var.project
-  role    = "roles/bigquery.jobUser"
-  member  = google_service_account.jobs.member
-}
-
-resource "google_bigquery_dataset_iam_member" "jobs_temp_editor" {
-  project    = var.project
-  dataset_id = google_bigquery_dataset.temp.dataset_id
-  role       = "roles/bigquery.dataEditor"
-  member     = google_service_account.jobs.member
-}
-
-resource "google_storage_bucket_iam_member" "jobs_staging" {
+# Every pipeline component but the trigger reads run state in staging (manifests, claims, listings of checkpoints
+# and reports); the trigger reads only what its own grants below name.
+resource "google_storage_bucket_iam_member" "completion_staging_reader" {
   bucket = google_storage_bucket.staging.name
-  role   = "roles/storage.objectUser"
-  member = google_service_account.jobs.member
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.completion.member
 }
 
-resource "google_storage_bucket_iam_member" "jobs_output" {
-  bucket = google_storage_bucket.output.name
-  role   = "roles/storage.objectUser"
-  member = google_service_account.jobs.member
-}
-
-# ---------------------------------------------------------------- functions: read/write staging objects (requests,
-# manifests, claims, latest.json; list checkpoints) and start exactly these two jobs with overrides.
-
-resource "google_storage_bucket_iam_member" "functions_staging" {
+resource "google_storage_bucket_iam_member" "extract_staging_reader" {
   bucket = google_storage_bucket.staging.name
-  role   = "roles/storage.objectUser"
-  member = google_service_account.functions.member
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.extract.member
+}
+
+resource "google_storage_bucket_iam_member" "merge_staging_reader" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.merge.member
 }
 
 # The trigger reads a pair's training_<pair>.summary.json to tell a finished run from an active one ("already
-# running"); it may read those summaries and nothing else in the output bucket.
-resource "google_storage_bucket_iam_member" "functions_output_summaries" {
+# running"), and the extract reads it to find the published run whose checkpoints it may reuse: summaries only.
+resource "google_storage_bucket_iam_member" "trigger_output_summaries" {
   bucket = google_storage_bucket.output.name
   role   = "roles/storage.objectViewer"
-  member = google_service_account.functions.member
+  member = google_service_account.trigger.member
 
   condition {
     title       = "run summaries only"
     description = "training_<pair>.summary.json in the output bucket, not the training files."
-    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.output.name}/objects/training_\") && resource.name.endsWith(\".summary.json\")"
+    expression  = "resource.name.startsWith(\"${local.output_objects}training_\") && resource.name.endsWith(\".summary.json\")"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "extract_output_summaries" {
+  bucket = google_storage_bucket.output.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.extract.member
+
+  condition {
+    title       = "run summaries only"
+    description = "training_<pair>.summary.json in the output bucket, not the training files."
+    expression  = "resource.name.startsWith(\"${local.output_objects}training_\") && resource.name.endsWith(\".summary.json\")"
   }
 }
 
 # run.jobs.runWithOverrides stays: an execution needs its pair (container args) and run id (BQX_RUN_ID), which only
 # overrides carry. What an override could do beyond that is closed elsewhere: the functions pass only the pair, the run
 # id and a task count (bqx.launch); the jobs run `python -I` (jobs/Dockerfile), so PYTHON* variables load nothing; and
-# the job launcher is bound per job, to this account only.
+# the job launcher is bound per job, to the one function that starts it.
 resource "google_project_iam_custom_role" "job_launcher" {
   project     = var.project
   role_id     = "bqxJobLauncher"
@@ -97,27 +108,196 @@ resource "google_project_iam_custom_role" "job_launcher" {
   permissions = ["run.jobs.run", "run.jobs.runWithOverrides"]
 }
 
-resource "google_cloud_run_v2_job_iam_member" "functions_launch_extract" {
+# The completion function marks a checkpoint validated (a metadata patch) or sets a bad one aside (copy, then delete
+# that generation); it never creates one, so a checkpoint's content is only ever the extract's.
+resource "google_project_iam_custom_role" "checkpoint_validator" {
+  project     = var.project
+  role_id     = "bqxCheckpointValidator"
+  title       = "bqx checkpoint validator"
+  description = "Read, mark (metadata) and delete checkpoints; no create. Bound on the staging bucket's checkpoints/."
+  permissions = ["storage.objects.get", "storage.objects.update", "storage.objects.delete"]
+}
+
+# ---------------------------------------------------------------- trigger: read requests, register the run
+# (runs/<pair>/latest.json swapped, runs/<pair>/<run>/extract.claim created once, error.json if Cloud Run refuses the
+# launch), start the extract job. objectUser, not objectCreator, on these names: the claim and latest.json are
+# replaced under generation preconditions (an overwrite needs delete) and a lost create-once race must be GCS's 412.
+
+resource "google_storage_bucket_iam_member" "trigger_requests" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.trigger.member
+
+  condition {
+    title       = "requests only"
+    description = "Read requests/<pair>.json."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}requests/\")"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "trigger_run_state" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.trigger.member
+
+  condition {
+    title       = "latest pointer, extract claim, run error"
+    description = "runs/<pair>/latest.json, runs/<pair>/<run>/extract.claim and error.json; no checkpoint or manifest."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/latest.json\") || resource.name.endsWith(\"/extract.claim\") || resource.name.endsWith(\"/error.json\"))"
+  }
+}
+
+resource "google_cloud_run_v2_job_iam_member" "trigger_launch_extract" {
   project  = var.project
   location = local.region
   name     = google_cloud_run_v2_job.extract.name
   role     = google_project_iam_custom_role.job_launcher.id
-  member   = google_service_account.functions.member
+  member   = google_service_account.trigger.member
 }
 
-resource "google_cloud_run_v2_job_iam_member" "functions_launch_merge" {
+# Cloud Run checks iam.serviceAccounts.actAs on a job's service account when an execution is started with overrides
+# (besides run.jobs.runWithOverrides on the job): each function may act as the one job account it launches.
+resource "google_service_account_iam_member" "trigger_act_as_extract" {
+  service_account_id = google_service_account.extract.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = google_service_account.trigger.member
+}
+
+# ---------------------------------------------------------------- completion: validate checkpoints (mark, or set
+# aside in quarantine/), create runs/<pair>/<run>/merge.claim once, record error.json, start the merge job.
+
+resource "google_storage_bucket_iam_member" "completion_checkpoints" {
+  bucket = google_storage_bucket.staging.name
+  role   = google_project_iam_custom_role.checkpoint_validator.id
+  member = google_service_account.completion.member
+
+  condition {
+    title       = "checkpoints only"
+    description = "Mark or delete checkpoints/<pair>/<run>/<table>.parquet; never create one."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}checkpoints/\")"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "completion_quarantine" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.completion.member
+
+  condition {
+    title       = "quarantine only"
+    description = "Copy a bad checkpoint to quarantine/<pair>/<run>/<table>.parquet."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}quarantine/\")"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "completion_run_state" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.completion.member
+
+  condition {
+    title       = "merge claim and run error"
+    description = "runs/<pair>/<run>/merge.claim and error.json; no manifest, latest pointer or extract claim."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/error.json\"))"
+  }
+}
+
+resource "google_cloud_run_v2_job_iam_member" "completion_launch_merge" {
   project  = var.project
   location = local.region
   name     = google_cloud_run_v2_job.merge.name
   role     = google_project_iam_custom_role.job_launcher.id
-  member   = google_service_account.functions.member
+  member   = google_service_account.completion.member
 }
 
-# Starting a job that runs as the jobs' account means acting as it (iam.serviceAccounts.actAs), on that account only.
-resource "google_service_account_iam_member" "functions_act_as_jobs" {
-  service_account_id = google_service_account.jobs.name
+resource "google_service_account_iam_member" "completion_act_as_merge" {
+  service_account_id = google_service_account.merge.name
   role               = "roles/iam.serviceAccountUser"
-  member             = google_service_account.functions.member
+  member             = google_service_account.completion.member
+}
+
+# ---------------------------------------------------------------- extract: read the warehouse, write checkpoints
+# and its run state (latest pointer and extract claim when started by hand, manifest, task reports, error.json).
+
+resource "google_bigquery_dataset_iam_member" "extract_warehouse_reader" {
+  project    = var.project
+  dataset_id = data.google_bigquery_dataset.warehouse.dataset_id
+  role       = "roles/bigquery.dataViewer"
+  member     = google_service_account.extract.member
+}
+
+resource "google_project_iam_member" "extract_bigquery_jobs" {
+  project = var.project
+  role    = "roles/bigquery.jobUser"
+  member  = google_service_account.extract.member
+}
+
+# Tables are read through the BigQuery Storage Read API (bqx.source), whose read sessions are project resources.
+resource "google_project_iam_member" "extract_read_sessions" {
+  project = var.project
+  role    = "roles/bigquery.readSessionUser"
+  member  = google_service_account.extract.member
+}
+
+resource "google_storage_bucket_iam_member" "extract_checkpoints" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.extract.member
+
+  condition {
+    title       = "checkpoints only"
+    description = "Write checkpoints/<pair>/<run>/<table>.parquet (streamed, or copied from the published run)."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}checkpoints/\")"
+  }
+}
+
+# Task reports (runs/<pair>/<run>/extract/task-<i>-attempt-<a>.json) have no fixed suffix a condition can name, so
+# this one lists what the extract may not touch under runs/: the merge's claim, progress and BigQuery exports.
+resource "google_storage_bucket_iam_member" "extract_run_state" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.extract.member
+
+  condition {
+    title       = "run state, not the merge's"
+    description = "runs/ objects except merge.claim, merge-progress.json and the merge's BigQuery exports (*.parquet)."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && !resource.name.endsWith(\"/merge.claim\") && !resource.name.endsWith(\"/merge-progress.json\") && !resource.name.endsWith(\".parquet\")"
+  }
+}
+
+# ---------------------------------------------------------------- merge: read checkpoints, keep its own run state
+# (merge.claim, merge-progress.json, error.json, BigQuery exports under runs/<pair>/<run>/bigquery/), own the temp
+# dataset's tables, and write the output bucket: the only account that may.
+
+resource "google_project_iam_member" "merge_bigquery_jobs" {
+  project = var.project
+  role    = "roles/bigquery.jobUser"
+  member  = google_service_account.merge.member
+}
+
+resource "google_bigquery_dataset_iam_member" "merge_temp_editor" {
+  project    = var.project
+  dataset_id = google_bigquery_dataset.temp.dataset_id
+  role       = "roles/bigquery.dataEditor"
+  member     = google_service_account.merge.member
+}
+
+resource "google_storage_bucket_iam_member" "merge_run_state" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.merge.member
+
+  condition {
+    title       = "merge claim, progress, run error, BigQuery exports"
+    description = "runs/<pair>/<run>/merge.claim, merge-progress.json, error.json and bigquery/**.parquet."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/merge-progress.json\") || resource.name.endsWith(\"/error.json\") || resource.name.endsWith(\".parquet\"))"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "merge_output" {
+  bucket = google_storage_bucket.output.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.merge.member
 }
 
 # ---------------------------------------------------------------- Eventarc: receive events, invoke the functions.

@@ -13,7 +13,7 @@ resource "google_cloud_run_v2_job" "extract" {
     parallelism = local.extract_task_count
 
     template {
-      service_account = google_service_account.jobs.email
+      service_account = google_service_account.extract.email
       timeout         = "${local.names.jobs.extract.timeout_seconds}s"
       max_retries     = local.extract_max_retries
 
@@ -53,7 +53,7 @@ resource "google_cloud_run_v2_job" "merge" {
     parallelism = 1
 
     template {
-      service_account = google_service_account.jobs.email
+      service_account = google_service_account.merge.email
       timeout         = "${local.names.jobs.merge.timeout_seconds}s"
       max_retries     = local.merge_max_retries
 

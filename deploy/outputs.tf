@@ -32,8 +32,14 @@ output "images" {
   value       = { extract = local.extract_image, merge = local.merge_image }
 }
 
-output "jobs_service_account" {
-  value = google_service_account.jobs.email
+output "service_accounts" {
+  description = "The account each component runs as."
+  value = {
+    trigger    = google_service_account.trigger.email
+    completion = google_service_account.completion.email
+    extract    = google_service_account.extract.email
+    merge      = google_service_account.merge.email
+  }
 }
 
 output "request_commands" {

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ def test_jobs_match_names_json(tf, ev):
         assert ev.value(inner["timeout"]) == f"{spec['timeout_seconds']}s", f"{job} timeout"
         assert ev.value(inner["max_retries"]) == NAMES["settings"]["task_max_retries"]
         assert ev.value(outer["task_count"]) == spec["task_count"]
-        assert ev.value(inner["service_account"]) == "google_service_account.jobs.email"
+        assert ev.value(inner["service_account"]) == f"google_service_account.{job}.email"  # one account per job
         image = ev.value(container["image"])
         assert f"/{NAMES['images'][job]}:" in image, image
         assert "args" not in container and "command" not in container, "the image's entrypoint and per-run args rule"
@@ -248,13 +249,19 @@ def test_names_of_buckets_topics_datasets(tf, ev):
 
 PRIMITIVE = re.compile(r"roles/(owner|editor|viewer)\b")
 CUSTOM_LAUNCHER = "google_project_iam_custom_role.job_launcher.id"
-LAUNCH_PERMISSIONS = {"run.jobs.run", "run.jobs.runWithOverrides", "run.executions.get"}
+CUSTOM_VALIDATOR = "google_project_iam_custom_role.checkpoint_validator.id"
+# The permissions each custom role may hold at most.
+CUSTOM_PERMISSIONS = {
+    "job_launcher": {"run.jobs.run", "run.jobs.runWithOverrides", "run.executions.get"},
+    "checkpoint_validator": {"storage.objects.get", "storage.objects.update", "storage.objects.delete"},
+}
 
 # Where each role may be granted. A role missing here, or an IAM resource type missing here, fails the test.
 ALLOWED = {
-    "google_project_iam_member": {"roles/bigquery.jobUser", "roles/eventarc.eventReceiver", "roles/logging.logWriter",
+    "google_project_iam_member": {"roles/bigquery.jobUser", "roles/bigquery.readSessionUser",
+                                  "roles/eventarc.eventReceiver", "roles/logging.logWriter",
                                   "roles/pubsub.publisher", "roles/storage.objectViewer"},
-    "google_storage_bucket_iam_member": {"roles/storage.objectUser", "roles/storage.objectViewer"},
+    "google_storage_bucket_iam_member": {"roles/storage.objectUser", "roles/storage.objectViewer", CUSTOM_VALIDATOR},
     "google_bigquery_dataset_iam_member": {"roles/bigquery.dataViewer", "roles/bigquery.dataEditor"},
     "google_cloud_run_v2_job_iam_member": {CUSTOM_LAUNCHER},
     "google_cloud_run_v2_service_iam_member": {"roles/run.invoker"},
@@ -295,8 +302,8 @@ def check_iam(tf: dict[str, Any], ev: Evaluator, texts: dict[str, str]) -> None:
         if rtype == "google_project_iam_member" and role in PROJECT_CONDITIONAL:
             assert body.get("condition"), f"{rtype}.{rname}: project-wide {role} needs an IAM condition"
     for rname, body in resources(tf, "google_project_iam_custom_role").items():
-        perms = set(ev.value(body["permissions"]))
-        assert perms <= LAUNCH_PERMISSIONS, f"custom role {rname} has {perms - LAUNCH_PERMISSIONS}"
+        perms, allowed = set(ev.value(body["permissions"])), CUSTOM_PERMISSIONS.get(rname, set())
+        assert perms <= allowed, f"custom role {rname} has {perms - allowed}"
 
 
 def test_iam_roles_are_narrow(tf, ev):
@@ -321,48 +328,91 @@ def test_iam_check_rejects_broad_grants(bad):
         check_iam(tf, Evaluator(tf, {"project": "p"}), texts)
 
 
-def _grants_of(tf: dict[str, Any], ev: Evaluator, account: str) -> set[tuple[str, str, str]]:
+def _grants_of(tf: dict[str, Any], ev: Evaluator, account: str) -> Counter[tuple[str, str, str, bool]]:
+    """(resource type, role, target, conditional?) of each grant to `account`, counted."""
     member = f"google_service_account.{account}.member"
-    out = set()
+    out: Counter[tuple[str, str, str, bool]] = Counter()
     for rtype, _rname, role, m, body in iam_bindings(tf, ev):
         if m != member:
             continue
         target = next((ev.value(body[k]) for k in ("bucket", "dataset_id", "name", "service_account_id",
                                                    "repository", "topic", "subscription") if k in body), "project")
-        out.add((rtype, str(role), str(target)))
+        out[(rtype, str(role), str(target), bool(body.get("condition")))] += 1
     return out
 
 
-def test_functions_may_only_launch_the_two_jobs_and_use_staging(tf, ev):
-    assert _grants_of(tf, ev, "functions") == {
-        ("google_storage_bucket_iam_member", "roles/storage.objectUser", "google_storage_bucket.staging.name"),
-        ("google_storage_bucket_iam_member", "roles/storage.objectViewer", "google_storage_bucket.output.name"),
-        ("google_cloud_run_v2_job_iam_member", CUSTOM_LAUNCHER, "google_cloud_run_v2_job.extract.name"),
-        ("google_cloud_run_v2_job_iam_member", CUSTOM_LAUNCHER, "google_cloud_run_v2_job.merge.name"),
-        ("google_service_account_iam_member", "roles/iam.serviceAccountUser", "google_service_account.jobs.name"),
-    }
+BUCKET, JOB, SA = "google_storage_bucket_iam_member", "google_cloud_run_v2_job_iam_member", \
+    "google_service_account_iam_member"
+STAGING, OUTPUT = "google_storage_bucket.staging.name", "google_storage_bucket.output.name"
+VIEWER, USER = "roles/storage.objectViewer", "roles/storage.objectUser"
+
+
+def test_trigger_reads_requests_registers_runs_and_starts_only_the_extract(tf, ev):
+    assert _grants_of(tf, ev, "trigger") == Counter({
+        (BUCKET, VIEWER, STAGING, True): 1,  # requests/ only
+        (BUCKET, USER, STAGING, True): 1,  # latest.json, extract.claim, error.json only
+        (BUCKET, VIEWER, OUTPUT, True): 1,  # summaries only
+        (JOB, CUSTOM_LAUNCHER, "google_cloud_run_v2_job.extract.name", False): 1,
+        (SA, "roles/iam.serviceAccountUser", "google_service_account.extract.name", False): 1,
+    })
     perms = set(ev.value(resources(tf, "google_project_iam_custom_role")["job_launcher"]["permissions"]))
     assert {"run.jobs.run", "run.jobs.runWithOverrides"} <= perms
 
 
-def test_jobs_grants(tf, ev):
-    assert _grants_of(tf, ev, "jobs") == {
+def test_completion_validates_checkpoints_and_starts_only_the_merge(tf, ev):
+    assert _grants_of(tf, ev, "completion") == Counter({
+        (BUCKET, VIEWER, STAGING, False): 1,
+        (BUCKET, CUSTOM_VALIDATOR, STAGING, True): 1,  # checkpoints/: mark or delete, never create
+        (BUCKET, USER, STAGING, True): 2,  # quarantine/; merge.claim and error.json
+        (JOB, CUSTOM_LAUNCHER, "google_cloud_run_v2_job.merge.name", False): 1,
+        (SA, "roles/iam.serviceAccountUser", "google_service_account.merge.name", False): 1,
+    })
+    perms = set(ev.value(resources(tf, "google_project_iam_custom_role")["checkpoint_validator"]["permissions"]))
+    assert "storage.objects.update" in perms and "storage.objects.create" not in perms
+
+
+def test_extract_grants(tf, ev):
+    assert _grants_of(tf, ev, "extract") == Counter({
         ("google_bigquery_dataset_iam_member", "roles/bigquery.dataViewer",
-         "data.google_bigquery_dataset.warehouse.dataset_id"),
-        ("google_project_iam_member", "roles/bigquery.jobUser", "project"),
-        ("google_bigquery_dataset_iam_member", "roles/bigquery.dataEditor", "google_bigquery_dataset.temp.dataset_id"),
-        ("google_storage_bucket_iam_member", "roles/storage.objectUser", "google_storage_bucket.staging.name"),
-        ("google_storage_bucket_iam_member", "roles/storage.objectUser", "google_storage_bucket.output.name"),
-    }
+         "data.google_bigquery_dataset.warehouse.dataset_id", False): 1,
+        ("google_project_iam_member", "roles/bigquery.jobUser", "project", False): 1,
+        ("google_project_iam_member", "roles/bigquery.readSessionUser", "project", False): 1,
+        (BUCKET, VIEWER, STAGING, False): 1,
+        (BUCKET, USER, STAGING, True): 2,  # checkpoints/; runs/ but the merge's objects
+        (BUCKET, VIEWER, OUTPUT, True): 1,  # summaries only
+    })
+
+
+def test_merge_grants(tf, ev):
+    assert _grants_of(tf, ev, "merge") == Counter({
+        ("google_project_iam_member", "roles/bigquery.jobUser", "project", False): 1,
+        ("google_bigquery_dataset_iam_member", "roles/bigquery.dataEditor",
+         "google_bigquery_dataset.temp.dataset_id", False): 1,
+        (BUCKET, VIEWER, STAGING, False): 1,
+        (BUCKET, USER, STAGING, True): 1,  # its claim, progress, error.json and BigQuery exports
+        (BUCKET, USER, OUTPUT, False): 1,
+    })
+
+
+def test_only_the_merge_writes_output_and_staging_writes_are_conditional(tf, ev):
+    for rtype, rname, role, member, body in iam_bindings(tf, ev):
+        if rtype != BUCKET or role == VIEWER:
+            continue
+        target = ev.value(body["bucket"])
+        if target == OUTPUT:
+            assert member == "google_service_account.merge.member", f"{rname}: only the merge writes the output"
+        if target == STAGING:
+            assert body.get("condition"), f"{rname}: a write grant on staging must name its objects"
 
 
 def test_events_account_only_receives_and_invokes(tf, ev):
-    assert _grants_of(tf, ev, "events") == {
-        ("google_project_iam_member", "roles/eventarc.eventReceiver", "project"),
-        ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "google_cloudfunctions2_function.trigger.name"),
+    assert _grants_of(tf, ev, "events") == Counter({
+        ("google_project_iam_member", "roles/eventarc.eventReceiver", "project", False): 1,
+        ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "google_cloudfunctions2_function.trigger.name",
+         False): 1,
         ("google_cloud_run_v2_service_iam_member", "roles/run.invoker",
-         "google_cloudfunctions2_function.completion.name"),
-    }
+         "google_cloudfunctions2_function.completion.name", False): 1,
+    })
 
 
 # ---------------------------------------------------------------------------------------------- buckets
@@ -413,7 +463,7 @@ def test_functions_and_their_storage_triggers(tf, ev):
         source = one(one(build["source"])["storage_source"])
         assert ev.value(source["object"]) == f"google_storage_bucket_object.function_source.{name}.name"
         service = one(body["service_config"])
-        assert ev.value(service["service_account_email"]) == "google_service_account.functions.email"
+        assert ev.value(service["service_account_email"]) == f"google_service_account.{name}.email"
         assert ev.value(service["ingress_settings"]) == "ALLOW_INTERNAL_ONLY"
         trigger = one(body["event_trigger"])
         assert ev.value(trigger["event_type"]) == events.FINALIZED

@@ -23,15 +23,18 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from bqx.local import artifacts
-from bqx.local.iam import Policy, Resource, condition_holds, service_accounts
+from bqx.local.gate import Gate
+from bqx.local.iam import Policy, Resource, condition_holds, job_accounts, service_accounts
 from bqx.local.stack import deploy_dir, gate_ports, use_free_ports
 from bqx.local.terraform import Unsupported
 
 from conftest import REPO, LocalStack, storage_event
 
 PROJECT = "bqx-ml"
-FUNCTIONS = "serviceAccount:bqx-ml-functions@bqx-ml.iam.gserviceaccount.com"
-JOBS = "serviceAccount:bqx-ml-pipeline@bqx-ml.iam.gserviceaccount.com"
+TRIGGER = "serviceAccount:bqx-ml-trigger@bqx-ml.iam.gserviceaccount.com"
+COMPLETION = "serviceAccount:bqx-ml-completion@bqx-ml.iam.gserviceaccount.com"
+EXTRACT = "serviceAccount:bqx-ml-extract@bqx-ml.iam.gserviceaccount.com"
+MERGE = "serviceAccount:bqx-ml-merge@bqx-ml.iam.gserviceaccount.com"
 
 
 @pytest.fixture(scope="module")
@@ -48,30 +51,39 @@ def obj(bucket: str, name: str) -> Resource:
 
 def test_components_run_as_the_accounts_deploy_gives_them() -> None:
     assert service_accounts({"project": PROJECT}) == {
-        "trigger": "bqx-ml-functions@bqx-ml.iam.gserviceaccount.com",
-        "completion": "bqx-ml-functions@bqx-ml.iam.gserviceaccount.com",
-        "extract": "bqx-ml-pipeline@bqx-ml.iam.gserviceaccount.com",
-        "merge": "bqx-ml-pipeline@bqx-ml.iam.gserviceaccount.com",
+        "trigger": "bqx-ml-trigger@bqx-ml.iam.gserviceaccount.com",
+        "completion": "bqx-ml-completion@bqx-ml.iam.gserviceaccount.com",
+        "extract": "bqx-ml-extract@bqx-ml.iam.gserviceaccount.com",
+        "merge": "bqx-ml-merge@bqx-ml.iam.gserviceaccount.com",
     }
 
 
 def test_policy_grants_what_the_pipeline_needs(policy: Policy) -> None:
-    assert policy.allows(FUNCTIONS, "storage.objects.create", obj("bqx-ml-staging", "runs/eurusd/latest.json"))
-    assert policy.allows(FUNCTIONS, "storage.objects.get", obj("bqx-ml-output", "training_eurusd.summary.json"))
-    for job in ("bqx-ml-extract", "bqx-ml-merge"):
-        assert policy.allows(FUNCTIONS, "run.jobs.runWithOverrides", Resource.job(PROJECT, "us-central1", job))
-    assert policy.allows(JOBS, "storage.objects.create", obj("bqx-ml-output", "training_eurusd.parquet"))
-    assert policy.allows(JOBS, "storage.objects.list", Resource.bucket(PROJECT, "bqx-ml-staging"))
+    staging, output = "bqx-ml-staging", "bqx-ml-output"
+    assert policy.allows(TRIGGER, "storage.objects.create", obj(staging, "runs/eurusd/latest.json"))
+    assert policy.allows(TRIGGER, "storage.objects.get", obj(output, "training_eurusd.summary.json"))
+    assert policy.allows(TRIGGER, "run.jobs.runWithOverrides", Resource.job(PROJECT, "us-central1", "bqx-ml-extract"))
+    assert policy.allows(COMPLETION, "run.jobs.runWithOverrides", Resource.job(PROJECT, "us-central1", "bqx-ml-merge"))
+    assert policy.allows(COMPLETION, "storage.objects.update", obj(staging, "checkpoints/eurusd/r1/t.parquet"))
+    report = "runs/eurusd/r1/extract/task-0000-attempt-01.json"
+    assert policy.allows(EXTRACT, "storage.objects.create", obj(staging, report))
+    assert policy.allows(EXTRACT, "storage.objects.create", obj(staging, "checkpoints/eurusd/r1/t.parquet"))
+    assert policy.allows(MERGE, "storage.objects.create", obj(output, "training_eurusd.parquet"))
+    export = "runs/eurusd/r1/bigquery/stage-000-a/part-0.parquet"  # the bigquery method's exports
+    assert policy.allows(MERGE, "storage.objects.delete", obj(staging, export))
+    assert not policy.allows(EXTRACT, "storage.objects.create", obj(staging, export))
+    for member in (COMPLETION, EXTRACT, MERGE):
+        assert policy.allows(member, "storage.objects.list", Resource.bucket(PROJECT, staging))
 
 
 def test_policy_refuses_what_deploy_does_not_grant(policy: Policy) -> None:
     # the functions may read run summaries in the output bucket, not the training files, and write nothing there
-    assert not policy.allows(FUNCTIONS, "storage.objects.get", obj("bqx-ml-output", "training_eurusd.parquet"))
-    assert not policy.allows(FUNCTIONS, "storage.objects.create", obj("bqx-ml-output", "training_eurusd.summary.json"))
-    assert not policy.allows(FUNCTIONS, "run.jobs.run", Resource.job(PROJECT, "us-central1", "another-job"))
-    assert not policy.allows(JOBS, "run.jobs.run", Resource.job(PROJECT, "us-central1", "bqx-ml-merge"))
-    assert not policy.allows(JOBS, "storage.buckets.get", Resource.bucket(PROJECT, "bqx-ml-staging"))
-    assert not policy.allows(FUNCTIONS, "storage.objects.get", obj("another-bucket", "x"))
+    assert not policy.allows(TRIGGER, "storage.objects.get", obj("bqx-ml-output", "training_eurusd.parquet"))
+    assert not policy.allows(TRIGGER, "storage.objects.create", obj("bqx-ml-output", "training_eurusd.summary.json"))
+    assert not policy.allows(TRIGGER, "run.jobs.run", Resource.job(PROJECT, "us-central1", "another-job"))
+    assert not policy.allows(MERGE, "run.jobs.run", Resource.job(PROJECT, "us-central1", "bqx-ml-merge"))
+    assert not policy.allows(MERGE, "storage.buckets.get", Resource.bucket(PROJECT, "bqx-ml-staging"))
+    assert not policy.allows(TRIGGER, "storage.objects.get", obj("another-bucket", "x"))
 
 
 def test_iam_conditions_are_read_or_refused() -> None:
@@ -103,11 +115,11 @@ def test_gate_answers_as_gcs_would(stack_env: LocalStack) -> None:
     # ... and nothing else in the output bucket, with GCS's own 403
     with pytest.raises(gexc.Forbidden) as denied:
         trigger.bucket(s.output_bucket).blob("training_gatecheck.parquet").download_as_bytes()
-    assert "bqx-ml-functions@" in str(denied.value) and "storage.objects.get" in str(denied.value)
+    assert "bqx-ml-trigger@" in str(denied.value) and "storage.objects.get" in str(denied.value)
     with pytest.raises(gexc.Forbidden):
         trigger.bucket(s.output_bucket).blob("training_gatecheck.summary.json").upload_from_string(b"{}")
-    # overwriting needs storage.objects.delete besides create: the jobs have both on staging
-    blob = merge.bucket(s.staging_bucket).blob("runs/gatecheck/x.json")
+    # overwriting needs storage.objects.delete besides create: the merge has both on its own run state
+    blob = merge.bucket(s.staging_bucket).blob("runs/gatecheck/r1/merge-progress.json")
     blob.upload_from_string(b"1")
     blob.upload_from_string(b"2")
     assert blob.download_as_bytes() == b"2"
@@ -130,13 +142,110 @@ def test_gate_refuses_a_job_deploy_does_not_let_the_functions_start(stack_env: L
     assert refused.status_code == 403
 
 
+# ---------------------------------------------------------------- issue 17, item 12: one account per component
+
+
+def _forbidden(client: storage.Client, bucket: str, name: str, data: bytes = b"x") -> str:
+    """The 403 GCS answers `client` for writing `name`; fails if the write goes through."""
+    with pytest.raises(gexc.Forbidden) as denied:
+        client.bucket(bucket).blob(name).upload_from_string(data)
+    return str(denied.value)
+
+
+def test_item12_trigger_cannot_overwrite_checkpoints(stack_env: LocalStack) -> None:
+    s, ports = stack_env.settings, gate_ports(stack_env.settings)
+    extract, trigger = _client(ports["extract"]), _client(ports["trigger"])
+    # under a pair no test runs, so the session stack's own runs never see these objects
+    run = f"runs/item12/r{time.time_ns()}/"
+    checkpoint = f"checkpoints/item12/r{time.time_ns()}/agg_eurusd_w45.parquet"
+    for name in (checkpoint, run + "manifest.json"):
+        extract.bucket(s.staging_bucket).blob(name).upload_from_string(b"extract's")
+        message = _forbidden(trigger, s.staging_bucket, name)
+        assert "bqx-ml-trigger@" in message and "storage.objects." in message
+        assert extract.bucket(s.staging_bucket).blob(name).download_as_bytes() == b"extract's"
+    _forbidden(trigger, s.staging_bucket, checkpoint.replace("agg_", "new_"))  # nor create one
+    # what it does write is still its own: the pair's pointer (swapped) and the run's extract claim
+    for name in ("runs/item12/latest.json", run + "extract.claim"):
+        blob = trigger.bucket(s.staging_bucket).blob(name)
+        blob.upload_from_string(b"1")
+        blob.upload_from_string(b"2")
+        assert blob.download_as_bytes() == b"2"
+
+
+def test_item12_merge_only_account_writes_output(stack_env: LocalStack) -> None:
+    s, ports = stack_env.settings, gate_ports(stack_env.settings)
+    name = f"training_item12{time.time_ns()}.parquet"
+    for component in ("trigger", "completion", "extract"):
+        message = _forbidden(_client(ports[component]), s.output_bucket, name)
+        assert f"bqx-ml-{component}@" in message and "storage.objects.create" in message
+    merge = _client(ports["merge"]).bucket(s.output_bucket).blob(name)
+    merge.upload_from_string(b"merged")
+    assert merge.download_as_bytes() == b"merged"
+
+
+def test_item12_extract_cannot_write_output(stack_env: LocalStack) -> None:
+    s, ports = stack_env.settings, gate_ports(stack_env.settings)
+    merge, extract = _client(ports["merge"]), _client(ports["extract"])
+    summary = "training_item12x.summary.json"
+    merge.bucket(s.output_bucket).blob(summary).upload_from_string(b"{}")
+    for name in ("training_item12x.parquet", summary, "tmp/item12/training_item12x.parquet"):
+        assert "bqx-ml-extract@" in _forbidden(extract, s.output_bucket, name)
+    # it reads the published summary (to reuse checkpoints), and nothing else there
+    assert extract.bucket(s.output_bucket).blob(summary).download_as_bytes() == b"{}"
+    merge.bucket(s.output_bucket).blob("training_item12x.parquet").upload_from_string(b"x")
+    with pytest.raises(gexc.Forbidden):
+        extract.bucket(s.output_bucket).blob("training_item12x.parquet").download_as_bytes()
+    # nor the merge's state in staging: its claim (which decides who merges)
+    _forbidden(extract, s.staging_bucket, f"runs/item12/r{time.time_ns()}/merge.claim")
+
+
+def test_item12_completion_marks_checkpoints_but_cannot_write_one(stack_env: LocalStack) -> None:
+    s, ports = stack_env.settings, gate_ports(stack_env.settings)
+    extract, completion = _client(ports["extract"]), _client(ports["completion"])
+    name = f"checkpoints/item12/r{time.time_ns()}/agg_eurusd_w45.parquet"
+    extract.bucket(s.staging_bucket).blob(name).upload_from_string(b"extract's")
+    assert "bqx-ml-completion@" in _forbidden(completion, s.staging_bucket, name)  # no overwrite
+    _forbidden(completion, s.staging_bucket, name.replace("agg_", "new_"))  # no create
+    blob = completion.bucket(s.staging_bucket).get_blob(name)
+    blob.metadata = {"bqx_validated": "1"}
+    blob.patch()  # the validation mark: a metadata update
+    assert completion.bucket(s.staging_bucket).get_blob(name).metadata == {"bqx_validated": "1"}
+    _forbidden(completion, s.staging_bucket, name.replace("checkpoints/", "runs/").replace(
+        "agg_eurusd_w45.parquet", "manifest.json"))
+
+
+def test_item12_each_function_starts_only_its_own_job(stack_env: LocalStack) -> None:
+    ports = gate_ports(stack_env.settings)
+    body = {"overrides": {"containerOverrides": [{"args": ["eurusd"]}]}}
+    for component, job in (("trigger", "bqx-ml-merge"), ("completion", "bqx-ml-extract")):
+        refused = requests.post(f"http://127.0.0.1:{ports[component]}/v2/projects/{PROJECT}/locations/us-central1/"
+                                f"jobs/{job}:run", json=body, timeout=10)
+        assert refused.status_code == 403, (component, job)
+        assert "run.jobs.run" in refused.json()["error"]["message"]
+
+
+def test_item12_starting_a_job_acts_as_that_jobs_account_only(policy: Policy) -> None:
+    gate = Gate(policy, {}, 0, 0, PROJECT, "us-central1", job_accounts=job_accounts({"project": PROJECT}))
+    body = json.dumps({"overrides": {"containerOverrides": [{"args": ["eurusd"]}]}}).encode()
+    _, needs = gate.needs("POST", f"/v2/projects/{PROJECT}/locations/us-central1/jobs/bqx-ml-merge:run", {}, body,
+                          lambda *_: False)
+    act_as = [n for n in needs if n.permission == "iam.serviceAccounts.actAs"]
+    assert [n.resource.name for n in act_as] == [
+        f"projects/{PROJECT}/serviceAccounts/bqx-ml-merge@bqx-ml.iam.gserviceaccount.com"]
+    assert policy.allows(COMPLETION, "iam.serviceAccounts.actAs", act_as[0].resource)
+    assert not policy.allows(TRIGGER, "iam.serviceAccounts.actAs", act_as[0].resource)
+    extract_account = Resource.service_account(PROJECT, "bqx-ml-extract@bqx-ml.iam.gserviceaccount.com")
+    assert policy.allows(TRIGGER, "iam.serviceAccounts.actAs", extract_account)
+    assert not policy.allows(COMPLETION, "iam.serviceAccounts.actAs", extract_account)
+
+
 def test_stack_up_says_who_each_service_runs_as(local_stack: LocalStack) -> None:
     lines: list[str] = []
     local_stack.stack.up(progress=lines.append)  # already up: only reports
     text = "\n".join(lines)
-    assert "trigger    up on" in text and "as bqx-ml-functions@bqx-ml.iam.gserviceaccount.com" in text
+    assert "trigger    up on" in text and "as bqx-ml-trigger@bqx-ml.iam.gserviceaccount.com" in text
     assert "merge reaches GCS and the Run API through the IAM gate" in text
-    assert "as bqx-ml-pipeline@bqx-ml.iam.gserviceaccount.com" in text
+    assert "as bqx-ml-merge@bqx-ml.iam.gserviceaccount.com" in text
 
 
 # ---------------------------------------------------------------- a missing grant fails a whole run
@@ -152,13 +261,15 @@ def _without(deploy: Path, resource: str) -> None:
 
 
 REMOVED = {
-    # the jobs' account loses the output bucket: the first job to touch it (the extract reads the published summary
-    # to reuse checkpoints; the merge writes the file) fails the run with GCS's 403
-    "jobs_output": ('resource "google_storage_bucket_iam_member" "jobs_output"', ("extract", "merge"),
-                    "storage.objects.", "/buckets/bqx-ml-output/"),
-    # the functions may no longer start the merge: Cloud Run's 403, recorded as the run's failure (not "merging")
-    "functions_launch_merge": ('resource "google_cloud_run_v2_job_iam_member" "functions_launch_merge"',
-                               ("completion",), "run.jobs.run", "/jobs/bqx-ml-merge"),
+    # the merge's account loses the output bucket: writing the training file fails the run with GCS's 403
+    "merge_output": ('resource "google_storage_bucket_iam_member" "merge_output"', ("merge",),
+                     "storage.objects.", "/buckets/bqx-ml-output/"),
+    # the completion function may no longer start the merge: Cloud Run's 403, recorded as the run's failure
+    "completion_launch_merge": ('resource "google_cloud_run_v2_job_iam_member" "completion_launch_merge"',
+                                ("completion",), "run.jobs.run", "/jobs/bqx-ml-merge"),
+    # ... nor act as the merge's account, which Cloud Run checks when an execution starts
+    "completion_act_as_merge": ('resource "google_service_account_iam_member" "completion_act_as_merge"',
+                                ("completion",), "iam.serviceAccounts.actAs", "/serviceAccounts/bqx-ml-merge@"),
 }
 
 

@@ -68,8 +68,10 @@ class Denied(Exception):
 
 class Gate:
     def __init__(self, policy: Policy, identities: dict[int, Identity], gcs_port: int, run_port: int,
-                 project: str, region: str, log: TextIO | None = None) -> None:
+                 project: str, region: str, log: TextIO | None = None,
+                 job_accounts: dict[str, str] | None = None) -> None:
         self.policy = policy
+        self.job_accounts = job_accounts or {}  # job name -> its tasks' account, which starting it acts as
         self.out = log or sys.stdout  # where refusals are logged (the stack: the gate's own log file)
         self.identities = identities
         self.upstream = {"gcs": gcs_port, "run": run_port}
@@ -151,6 +153,9 @@ class Gate:
             needs = [Need("run.jobs.run", resource)]
             if _has_overrides(body or b"{}"):
                 needs.append(Need("run.jobs.runWithOverrides", resource))
+            if job in self.job_accounts:  # Cloud Run also checks actAs on the account the execution will run as
+                needs.append(Need("iam.serviceAccounts.actAs",
+                                  Resource.service_account(project, self.job_accounts[job])))
             return needs
         if rest.startswith("/executions"):
             return [Need("run.executions.get" if rest.count("/") == 2 else "run.executions.list", resource)]
@@ -370,14 +375,14 @@ def for_components(s: Settings, ports: dict[int, str], gcs_port: int | None = No
                    run_port: int | None = None, log: TextIO | None = None) -> Gate:
     """A gate for `ports` ({port: component}), each component as the account deploy/ gives it, in front of the
     given fake-gcs-server and Run API (default: the settings' own)."""
-    from bqx.local.iam import service_accounts
+    from bqx.local.iam import job_accounts, service_accounts
     from bqx.local.stack import deploy_dir, gate_variables
 
     variables, deploy = gate_variables(s), deploy_dir(s)
     accounts = service_accounts(variables, deploy)
     identities = {port: Identity(component, accounts[component]) for port, component in ports.items()}
     return Gate(Policy.from_terraform(variables, deploy), identities, gcs_port or s.ports.gcs,
-                run_port or s.ports.run_api, s.project, s.region, log)
+                run_port or s.ports.run_api, s.project, s.region, log, job_accounts(variables, deploy))
 
 
 def main() -> None:

@@ -90,6 +90,11 @@ class Resource:
     def job(cls, project: str, region: str, job: str) -> Resource:
         return cls(f"projects/{project}/locations/{region}/jobs/{job}", (f"jobs/{job}", f"projects/{project}"))
 
+    @classmethod
+    def service_account(cls, project: str, email: str) -> Resource:
+        name = f"projects/{project}/serviceAccounts/{email}"
+        return cls(name, (name, f"projects/{project}"))
+
 
 class Policy:
     def __init__(self, bindings: list[Binding], custom_roles: dict[str, frozenset[str]]) -> None:
@@ -212,6 +217,14 @@ def _cel_tokens(expression: str) -> list[str]:
         out.append(m.group(m.lastgroup or "").strip())
         pos = m.end()
     return out
+
+
+def job_accounts(variables: dict[str, Any], deploy: Path = DEPLOY) -> dict[str, str]:
+    """{Cloud Run job name: the email of the account its tasks run as}, from deploy/ (what starting it acts as)."""
+    tf = load_tf(deploy_texts(deploy))
+    ev = Deployed(tf, variables, deploy)
+    return {ev.value(body["name"]): ev.value(body["template"][0]["template"][0]["service_account"])
+            for body in tf["resource"].get("google_cloud_run_v2_job", {}).values()}
 
 
 def service_accounts(variables: dict[str, Any], deploy: Path = DEPLOY) -> dict[str, str]:
