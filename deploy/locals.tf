@@ -12,8 +12,10 @@ locals {
   merge_job         = local.names.settings.merge_job
   request_topic     = local.names.settings.request_topic
   dead_letter_topic = local.names.settings.dead_letter_topic
+  run_events_topic  = local.names.settings.run_events_topic
   merge_method      = coalesce(var.merge_method, local.names.settings.merge_method)
   pairs             = coalesce(var.pairs, local.names.pairs)
+  schedule_pairs    = coalesce(var.schedule_pairs, local.names.pairs)
 
   extract_task_count  = coalesce(var.extract_task_count, local.names.jobs.extract.task_count)
   extract_max_retries = coalesce(var.extract_max_retries, local.names.settings.task_max_retries)
@@ -35,6 +37,8 @@ locals {
     BQX_MERGE_JOB           = local.merge_job
     BQX_REQUEST_TOPIC       = local.request_topic
     BQX_DEAD_LETTER_TOPIC   = local.dead_letter_topic
+    BQX_RUN_EVENTS_TOPIC    = local.run_events_topic
+    BQX_MAX_ACTIVE_EXTRACTS = tostring(local.names.settings.max_active_extracts)
     BQX_CLAIM_LEASE_SECONDS = tostring(local.names.settings.claim_lease_seconds)
   }
 

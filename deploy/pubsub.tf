@@ -47,3 +47,42 @@ resource "google_pubsub_subscription_iam_member" "requests_dead_letter_subscribe
   role         = "roles/pubsub.subscriber"
   member       = local.pubsub_service_agent
 }
+
+# A run's end is announced here: the merge job on success; on failure whichever component ends the run (the
+# trigger when Cloud Run refuses the extract, the completion function, either job). Each may publish here only.
+resource "google_pubsub_topic" "run_events" {
+  name                       = local.run_events_topic
+  project                    = var.project
+  kms_key_name               = var.kms_key
+  message_retention_duration = "604800s"
+
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_pubsub_topic_iam_member" "trigger_run_events" {
+  project = var.project
+  topic   = google_pubsub_topic.run_events.name
+  role    = "roles/pubsub.publisher"
+  member  = google_service_account.trigger.member
+}
+
+resource "google_pubsub_topic_iam_member" "completion_run_events" {
+  project = var.project
+  topic   = google_pubsub_topic.run_events.name
+  role    = "roles/pubsub.publisher"
+  member  = google_service_account.completion.member
+}
+
+resource "google_pubsub_topic_iam_member" "extract_run_events" {
+  project = var.project
+  topic   = google_pubsub_topic.run_events.name
+  role    = "roles/pubsub.publisher"
+  member  = google_service_account.extract.member
+}
+
+resource "google_pubsub_topic_iam_member" "merge_run_events" {
+  project = var.project
+  topic   = google_pubsub_topic.run_events.name
+  role    = "roles/pubsub.publisher"
+  member  = google_service_account.merge.member
+}

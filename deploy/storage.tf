@@ -65,11 +65,12 @@ resource "google_storage_bucket" "output" {
     }
   }
 
-  # Keep superseded training files for a while, not forever.
+  # Keep the keep_versions newest superseded versions of each training file (one a day with daily runs), not
+  # forever. No age rule beside it: lifecycle rules are OR'ed, so one would cut the kept versions short.
   lifecycle_rule {
     condition {
-      days_since_noncurrent_time = local.names.checkpoint_retention_days
-      with_state                 = "ARCHIVED"
+      num_newer_versions = var.keep_versions
+      with_state         = "ARCHIVED"
     }
     action {
       type = "Delete"

@@ -116,3 +116,46 @@ variable "kms_key" {
   type        = string
   default     = null
 }
+
+# ---------------------------------------------------------------- daily runs and their alerting (issue 20)
+
+variable "schedule_enabled" {
+  description = "Run the scheduled pairs on schedule_cron (the Cloud Scheduler job exists either way, paused when false)."
+  type        = bool
+  default     = false
+}
+
+variable "schedule_cron" {
+  description = "When the scheduled run is requested (unix-cron)."
+  type        = string
+  default     = "0 2 * * *"
+}
+
+variable "schedule_time_zone" {
+  description = "Time zone of schedule_cron (tz database name)."
+  type        = string
+  default     = "Etc/UTC"
+}
+
+variable "schedule_pairs" {
+  description = "Pairs the scheduled run requests (default: all pairs in names.json)."
+  type        = list(string)
+  default     = null
+}
+
+variable "alert_notification_channels" {
+  description = "Monitoring notification channel ids (projects/<p>/notificationChannels/<id>) told when a run fails."
+  type        = list(string)
+  default     = []
+}
+
+variable "keep_versions" {
+  description = "Superseded versions of each training file (and its summary) kept in the output bucket."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.keep_versions >= 1
+    error_message = "keep_versions must be at least 1."
+  }
+}

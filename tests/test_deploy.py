@@ -68,7 +68,7 @@ def dynamic_env(ev: Evaluator, container: dict[str, Any]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- names.json <-> code
 
 NAME_SETTINGS = {"project", "region", "staging_bucket", "output_bucket", "dataset", "temp_dataset", "extract_job",
-                 "merge_job", "request_topic", "dead_letter_topic"}
+                 "merge_job", "request_topic", "dead_letter_topic", "run_events_topic", "max_active_extracts"}
 
 
 def test_names_json_equals_settings_defaults():
@@ -237,6 +237,7 @@ def test_names_of_buckets_topics_datasets(tf, ev):
     topics = resources(tf, "google_pubsub_topic")
     assert ev.value(topics["requests"]["name"]) == NAMES["settings"]["request_topic"]
     assert ev.value(topics["dead_letter"]["name"]) == NAMES["settings"]["dead_letter_topic"]
+    assert ev.value(topics["run_events"]["name"]) == NAMES["settings"]["run_events_topic"]
     temp = resources(tf, "google_bigquery_dataset")["temp"]
     assert ev.value(temp["dataset_id"]) == NAMES["settings"]["temp_dataset"]
     assert ev.value(temp["default_table_expiration_ms"]) == NAMES["temp_table_expiration_days"] * 86_400_000 > 0
@@ -344,6 +345,7 @@ def _grants_of(tf: dict[str, Any], ev: Evaluator, account: str) -> Counter[tuple
 BUCKET, JOB, SA = "google_storage_bucket_iam_member", "google_cloud_run_v2_job_iam_member", \
     "google_service_account_iam_member"
 STAGING, OUTPUT = "google_storage_bucket.staging.name", "google_storage_bucket.output.name"
+RUN_EVENTS = ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", "google_pubsub_topic.run_events.name", False)
 VIEWER, USER = "roles/storage.objectViewer", "roles/storage.objectUser"
 
 
@@ -354,6 +356,7 @@ def test_trigger_reads_requests_registers_runs_and_starts_only_the_extract(tf, e
         (BUCKET, VIEWER, OUTPUT, True): 1,  # summaries only
         (JOB, CUSTOM_LAUNCHER, "google_cloud_run_v2_job.extract.name", False): 1,
         (SA, "roles/iam.serviceAccountUser", "google_service_account.extract.name", False): 1,
+        RUN_EVENTS: 1,  # the end of a run, on that topic only
     })
     perms = set(ev.value(resources(tf, "google_project_iam_custom_role")["job_launcher"]["permissions"]))
     assert {"run.jobs.run", "run.jobs.runWithOverrides"} <= perms
@@ -366,6 +369,7 @@ def test_completion_validates_checkpoints_and_starts_only_the_merge(tf, ev):
         (BUCKET, USER, STAGING, True): 2,  # quarantine/; merge.claim and error.json
         (JOB, CUSTOM_LAUNCHER, "google_cloud_run_v2_job.merge.name", False): 1,
         (SA, "roles/iam.serviceAccountUser", "google_service_account.merge.name", False): 1,
+        RUN_EVENTS: 1,  # the end of a run, on that topic only
     })
     perms = set(ev.value(resources(tf, "google_project_iam_custom_role")["checkpoint_validator"]["permissions"]))
     assert "storage.objects.update" in perms and "storage.objects.create" not in perms
@@ -380,6 +384,7 @@ def test_extract_grants(tf, ev):
         (BUCKET, VIEWER, STAGING, False): 1,
         (BUCKET, USER, STAGING, True): 2,  # checkpoints/; runs/ but the merge's objects
         (BUCKET, VIEWER, OUTPUT, True): 1,  # summaries only
+        RUN_EVENTS: 1,  # the end of a run, on that topic only
     })
 
 
@@ -391,6 +396,7 @@ def test_merge_grants(tf, ev):
         (BUCKET, VIEWER, STAGING, False): 1,
         (BUCKET, USER, STAGING, True): 1,  # its claim, progress, error.json and BigQuery exports
         (BUCKET, USER, OUTPUT, False): 1,
+        RUN_EVENTS: 1,  # the end of a run, on that topic only
     })
 
 
@@ -446,6 +452,83 @@ def test_lifecycle_deletes_old_checkpoints_and_tmp(tf, ev):
     assert "runs/" not in staging and "requests/" not in staging, "run state and claims are never aged out"
     assert _delete_prefixes(ev, buckets["output"]).get("tmp/") == NAMES["output_tmp_retention_days"] > 0
     assert all(not p.startswith("training_") for p in _delete_prefixes(ev, buckets["output"]))
+
+
+def test_output_keeps_the_last_versions_of_each_training_file(tf, ev):
+    assert tf["variable"]["keep_versions"]["default"] == 30
+    rules = resources(tf, "google_storage_bucket")["output"]["lifecycle_rule"]
+    noncurrent = [one(r["condition"]) for r in rules if one(r["action"])["type"] == "Delete"
+                  and one(r["condition"]).get("with_state") == "ARCHIVED"]
+    assert [ev.value(c["num_newer_versions"]) for c in noncurrent] == [30]
+    # rules are OR'ed: an age rule on noncurrent versions would delete kept versions early
+    assert not any("days_since_noncurrent_time" in c or "age" in c for c in noncurrent)
+    assert Evaluator(tf, {"project": "p", "keep_versions": 5}).value(noncurrent[0]["num_newer_versions"]) == 5
+
+
+# ---------------------------------------------------------------------------------------------- daily runs (issue 20)
+
+
+def _schedule_message(tf: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
+    import base64
+
+    job = resources(tf, "google_cloud_scheduler_job")["daily"]
+    data = Evaluator(tf, {"project": "p", **variables}).value(one(job["pubsub_target"])["data"])
+    return json.loads(base64.b64decode(data))
+
+
+def test_schedule_publishes_one_request_naming_valid_pairs(tf, ev):
+    variables = tf["variable"]
+    assert variables["schedule_enabled"]["default"] is False
+    assert variables["schedule_pairs"]["default"] is None and ev.local("schedule_pairs") == NAMES["pairs"]
+    assert len(NAMES["pairs"]) == 28
+    assert isinstance(variables["schedule_cron"]["default"], str) and variables["schedule_cron"]["default"].strip()
+    assert isinstance(variables["schedule_time_zone"]["default"], str)
+    job = resources(tf, "google_cloud_scheduler_job")["daily"]
+    assert job["paused"] == "${!var.schedule_enabled}", "the job exists, paused until schedule_enabled"
+    assert ev.value(job["schedule"]) == variables["schedule_cron"]["default"]
+    assert ev.value(job["time_zone"]) == variables["schedule_time_zone"]["default"]
+    target = one(job["pubsub_target"])
+    assert ev.value(target["topic_name"]) == "google_pubsub_topic.requests.id"
+    message = _schedule_message(tf, {})
+    assert message == {"pairs": NAMES["pairs"], "origin": "schedule"}
+    assert set(message["pairs"]) <= set(PAIRS)
+    assert _schedule_message(tf, {"schedule_pairs": ["gbpusd", "eurusd"]})["pairs"] == ["gbpusd", "eurusd"]
+    # a pair outside names.json (or none at all) stops `terraform plan`
+    precondition = one(one(job["lifecycle"])["precondition"])["condition"]
+    assert "setsubtract(local.schedule_pairs, local.names.pairs)" in precondition
+    assert "length(local.schedule_pairs) > 0" in precondition
+
+
+def test_run_events_topic_takes_the_ends_of_runs_from_the_four_components(tf, ev):
+    publishers = {ev.value(body["member"]) for body in resources(tf, "google_pubsub_topic_iam_member").values()
+                  if ev.value(body["topic"]) == "google_pubsub_topic.run_events.name"}
+    assert publishers == {f"google_service_account.{c}.member" for c in ("trigger", "completion", "extract", "merge")}
+    for rname, body in resources(tf, "google_pubsub_topic_iam_member").items():
+        assert ev.value(body["role"]) == "roles/pubsub.publisher", rname
+    env = ev.local("common_env")
+    assert env["BQX_RUN_EVENTS_TOPIC"] == NAMES["settings"]["run_events_topic"]
+    assert env["BQX_MAX_ACTIVE_EXTRACTS"] == str(NAMES["settings"]["max_active_extracts"])
+
+
+def test_failed_runs_are_counted_and_alerted(tf, ev):
+    metric = resources(tf, "google_logging_metric")["run_failed"]
+    flt = ev.value(metric["filter"])
+    assert 'jsonPayload.event="run_failed"' in flt and "severity>=ERROR" in flt
+    for component in ("google_cloudfunctions2_function.trigger.name", "google_cloudfunctions2_function.completion.name",
+                      "google_cloud_run_v2_job.extract.name", "google_cloud_run_v2_job.merge.name"):
+        assert "${" + component + "}" in flt, component
+    assert one(metric["metric_descriptor"])["metric_kind"] == "DELTA"
+    policy = resources(tf, "google_monitoring_alert_policy")["run_failed"]
+    assert policy["notification_channels"] == "${var.alert_notification_channels}"
+    assert tf["variable"]["alert_notification_channels"]["default"] == []
+    conditions = policy["conditions"]
+    assert {ev.value(one(c["condition_threshold"])["filter"]).split(" AND ")[1] for c in conditions} == {
+        'resource.type="cloud_run_revision"', 'resource.type="cloud_run_job"'}
+    for c in conditions:
+        threshold = one(c["condition_threshold"])
+        assert 'metric.type="logging.googleapis.com/user/${google_logging_metric.run_failed.name}"' in \
+            ev.value(threshold["filter"])
+        assert threshold["comparison"] == "COMPARISON_GT" and threshold["threshold_value"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- triggers

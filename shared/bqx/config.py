@@ -125,6 +125,10 @@ class Settings:
     """Pub/Sub topic the local GCS emulator publishes object events to."""
     dead_letter_topic: str = "bqx-dead-letter"
     """Where poison messages end up after max delivery attempts."""
+    run_events_topic: str = "bqx-run-events"
+    """Pub/Sub topic where a run's end (published or failed) is announced."""
+    max_active_extracts: int = 4
+    """Extract jobs running at once; a scheduled request for more pairs starts the rest as these finish."""
     bigquery_api_endpoint: str = ""
     """BigQuery API endpoint override (a local stand-in in tests); empty = Google's."""
     bigquery_storage_endpoint: str = ""
@@ -174,6 +178,8 @@ class Settings:
             request_topic=_env("BQX_REQUEST_TOPIC", d.request_topic),
             events_topic=_env("BQX_EVENTS_TOPIC", d.events_topic),
             dead_letter_topic=_env("BQX_DEAD_LETTER_TOPIC", d.dead_letter_topic),
+            run_events_topic=_env("BQX_RUN_EVENTS_TOPIC", d.run_events_topic),
+            max_active_extracts=_env_int("BQX_MAX_ACTIVE_EXTRACTS", d.max_active_extracts),
             bigquery_api_endpoint=_env("BQX_BIGQUERY_API_ENDPOINT", ""),
             bigquery_storage_endpoint=_env("BQX_BIGQUERY_STORAGE_ENDPOINT", ""),
             bigquery_location=_env("BQX_BIGQUERY_LOCATION", ""),
@@ -196,3 +202,5 @@ class Settings:
             )
         if self.extract_concurrency < 1 or self.extract_retries < 1:
             raise ConfigError("BQX_EXTRACT_CONCURRENCY and BQX_EXTRACT_RETRIES must be >= 1")
+        if self.max_active_extracts < 1:
+            raise ConfigError("BQX_MAX_ACTIVE_EXTRACTS must be >= 1")

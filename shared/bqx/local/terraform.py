@@ -1,6 +1,7 @@
 """Terraform of deploy/, read without Terraform: python-hcl2 parses it and a small evaluator resolves the subset of
-expressions deploy/ uses (references, coalesce/merge/tostring/upper, jsondecode(file(names.json)), object literals,
-templates). Anything outside that subset fails loudly, so a reader cannot pass by not looking.
+expressions deploy/ uses (references, coalesce/merge/tostring/upper, jsondecode(file(names.json)),
+base64encode(jsonencode(...)), object literals, templates). Anything outside that subset fails loudly, so a reader
+cannot pass by not looking.
 
 Two readings: `Evaluator` leaves attributes Terraform knows only after apply as `Ref("type.name.attr")` (the static
 checks of tests/test_deploy.py compare references); `Deployed` gives them the values a deployment would have
@@ -9,6 +10,7 @@ checks of tests/test_deploy.py compare references); `Deployed` gives them the va
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -165,6 +167,8 @@ class _Parser:
         "upper": lambda s: s.upper(),
         "merge": lambda *maps: {k: v for m in maps for k, v in m.items()},
         "jsondecode": json.loads,
+        "jsonencode": lambda v: json.dumps(v, separators=(",", ":")),
+        "base64encode": lambda s: base64.b64encode(str(s).encode()).decode(),
     }
 
     def __init__(self, source: str, ev: Evaluator) -> None:
