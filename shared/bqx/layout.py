@@ -5,6 +5,7 @@ Staging bucket:
     runs/<pair>/latest.json                       pointer to the pair's newest run
     runs/<pair>/<run_id>/manifest.json            expected tables and schemas, written before any checkpoint
     runs/<pair>/<run_id>/<stage>.claim            create-once marker guarding a job launch (extract, merge)
+    runs/<pair>/<run_id>/<stage>.started          create-once: the one execution that does the stage's work
     runs/<pair>/<run_id>/error.json               a terminal failure of the run, for people and `bqx status`
     runs/<pair>/<run_id>/extract/task-<i>-attempt-<a>.json   per-table timings of one extract task attempt
     checkpoints/<pair>/<run_id>/<table>.parquet   one table's rows, sorted by interval_time
@@ -69,6 +70,13 @@ def claim(pair: str, run_id: str, stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     return f"{run_prefix(pair, run_id)}{stage}.claim"
+
+
+def started(pair: str, run_id: str, stage: str) -> str:
+    """The execution that claimed the run's `stage` as it started (bqx.job.claim_start): the one that does the work."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    return f"{run_prefix(pair, run_id)}{stage}.started"
 
 
 def merge_progress(pair: str, run_id: str) -> str:

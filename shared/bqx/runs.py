@@ -215,7 +215,29 @@ def up_to_date(s: Settings, pair: str, source: Any) -> dict[str, Any] | None:
     same = unchanged(previous, current)
     if len(same) != len(current.tables) or len(same) != len(previous.tables):
         return None
-    return summary if storage.exists(s, s.output_bucket, layout.output(pair)) else None
+    try:
+        return summary if published_output(s, pair) is not None else None
+    except TransientError:  # another run is publishing right now: not up to date
+        return None
+
+
+def published_output(s: Settings, pair: str) -> tuple[dict[str, Any], Any] | None:
+    """The pair's published training file with its summary, as one unit: (summary, the file's blob at the generation
+    the summary names: download it, or gs://<bucket>/training_<pair>.parquet#<generation>). None before any publish.
+    TransientError while a publish is between its two writes (the file is not the generation the summary names):
+    read again. The summary is the commit point (bqx.merge.publish.publish; docs/EXACTLY-ONCE.md)."""
+    found = storage.read_json(s, s.output_bucket, layout.summary(pair))
+    if found is None:
+        return None
+    summary = found[0]
+    pinned = summary.get("output_generation")
+    blob = storage.bucket(s, s.output_bucket).get_blob(layout.output(pair), generation=pinned)
+    if blob is None:
+        if pinned is None:
+            return None
+        raise TransientError(f"training file of {pair} is being replaced (generation {pinned}, named by its "
+                             "summary, is gone); read the summary again")
+    return summary, blob
 
 
 def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
@@ -235,7 +257,9 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
     for stage in ("extract", "merge"):
         c = storage.read_json(s, s.staging_bucket, layout.claim(pair, run_id, stage))
         if c:
-            setattr(rs, f"{stage}_execution", c[0].get("execution"))
+            # the execution that started the stage's work (bqx.job.claim_start), else the one launched for it
+            started = storage.read_json(s, s.staging_bucket, layout.started(pair, run_id, stage))
+            setattr(rs, f"{stage}_execution", (started[0] if started else c[0]).get("execution"))
     manifest = load_manifest(s, pair, run_id)  # parsed once per process: `bqx run` asks every half second
     if manifest is not None:
         from bqx.completion.validate import (

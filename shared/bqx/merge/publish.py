@@ -2,16 +2,24 @@
 
 The output is written to a temporary object, checked (rows == targets rows, columns == manifest), then
 copied to its final name in one server-side rewrite, so readers never see it half-written.
+
+Publishing (`publish`, docs/EXACTLY-ONCE.md "Publishing"): only while the run is still the pair's newest
+(runs/<pair>/latest.json names it), the file replaced only if it is still the generation read before that check, and
+the summary replaced only if it is still the generation read first. The summary is the commit point: it names the
+file's generation (`output_generation`), and readers (bqx.runs.published_output) read the file at that generation,
+so a reader sees the file and the summary of one run, or is told to read again; never half of two runs.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
+from google.api_core import exceptions as gexc
 
 from bqx import layout
 from bqx.catalog import KEY, Manifest
@@ -115,6 +123,7 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
         accept_drift = bool(claim and claim[0].get("accept_drift"))
     if not accept_drift:
         check_drift(settings, manifest, targets_rows, expected_columns(manifest))
+    check_newest(settings, manifest)  # an older run is not even merged (publish checks again)
     versions = verify_checkpoints(settings, manifest, validated=True)
     out_bucket = storage.bucket(settings, settings.output_bucket)
     temp = out_bucket.blob(layout.output_temp(pair, run_id))
@@ -146,21 +155,79 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
             f"merged file has {meta.num_rows} rows x {meta.num_columns} columns; expected "
             f"{targets_rows} x {expected_columns(manifest)} - not published"
         )
-    final = out_bucket.blob(layout.output(pair))
-    token, _, _ = final.rewrite(temp)
-    while token is not None:
-        token, _, _ = final.rewrite(temp, token=token)
-    if final.crc32c != temp.crc32c:  # the rewrite response carries the new object's checksum
-        raise TransientError(f"published object's crc32c {final.crc32c} != merged {temp.crc32c}; not trusted")
-    temp.delete()
     summary = build_summary(settings, manifest, stats, method, execution, started)
     # GCS's own checksums of what it stored (base64, as `gcloud storage hash` prints them): the merge does not hash.
     summary["crc32c"], summary["md5"] = temp.crc32c, temp.md5_hash
     summary["cost"], summary["reused"] = _cost(settings, manifest, summary["seconds"])
-    storage.write_json(settings, settings.output_bucket, layout.summary(pair), summary)
+    publish(settings, manifest, temp, summary)
     log.info("training file published", pair=pair, run_id=run_id, rows=stats.rows, columns=stats.columns,
              seconds=round(stats.seconds, 2), output=summary["output"])
     return summary
+
+
+class Superseded(TerminalError):
+    """A newer run of the pair was started since this one: it is not published (the newer one will be)."""
+
+
+PUBLISH_TRIES = 5
+
+
+def publish(settings: Settings, manifest: Manifest, temp: Any, summary: dict[str, Any]) -> int:
+    """Make the checked `temp` the pair's training file and `summary` its summary, as one unit; returns the file's
+    generation. Each try reads the summary's and the file's generations, then checks that the run is still the pair's
+    newest, then replaces the file and then the summary each under the generation read. A write that loses a race
+    (412: another run published meanwhile) tries again from the start, and the newest check then refuses an older
+    run (Superseded). Because the generations are read before the check, a newer run that published before the check
+    is seen by it, and one that publishes after makes our precondition fail: an older run never replaces it."""
+    pair, run_id = manifest.pair, manifest.run_id
+    out_bucket = storage.bucket(settings, settings.output_bucket)
+    for attempt in range(PUBLISH_TRIES):
+        current = storage.read_json(settings, settings.output_bucket, layout.summary(pair))
+        summary_gen = current[1] if current is not None else 0
+        existing = out_bucket.get_blob(layout.output(pair))
+        output_gen = int(existing.generation) if existing is not None else 0
+        check_newest(settings, manifest)
+        final = out_bucket.blob(layout.output(pair))
+        try:
+            token, _, _ = final.rewrite(temp, if_generation_match=output_gen)
+            while token is not None:
+                token, _, _ = final.rewrite(temp, token=token, if_generation_match=output_gen)
+        except gexc.PreconditionFailed:
+            log.info("the training file changed while publishing; deciding again", pair=pair, run_id=run_id,
+                     attempt=attempt)
+            continue
+        if final.crc32c != temp.crc32c:  # the rewrite response carries the new object's checksum
+            raise TransientError(f"published object's crc32c {final.crc32c} != merged {temp.crc32c}; not trusted")
+        body = {**summary, "output_generation": int(final.generation)}
+        if storage.replace_json(settings, settings.output_bucket, layout.summary(pair), body, summary_gen) is None:
+            log.info("the summary changed while publishing; deciding again", pair=pair, run_id=run_id,
+                     attempt=attempt)
+            continue
+        temp.delete()
+        summary.update(body)
+        return int(final.generation)
+    raise TransientError(f"run {run_id} of {pair}: another run kept publishing meanwhile ({PUBLISH_TRIES} tries)")
+
+
+def check_newest(settings: Settings, manifest: Manifest) -> None:
+    """Raise Superseded unless the run is the pair's newest: runs/<pair>/latest.json names it, or names a run
+    registered before this run's manifest was written (a run nothing registered: tests, a merge resumed by hand), or
+    is absent. Both times are the server's (the objects' creation times), not a local clock."""
+    bucket = storage.bucket(settings, settings.staging_bucket)
+    pointer = bucket.get_blob(layout.latest(manifest.pair))
+    if pointer is None:
+        return
+    try:
+        newest = json.loads(pointer.download_as_bytes(if_generation_match=pointer.generation)).get("run_id")
+    except (gexc.PreconditionFailed, gexc.NotFound):
+        raise TransientError(f"{pointer.name} changed while being read") from None
+    if newest in (None, manifest.run_id):
+        return
+    ours = bucket.get_blob(layout.manifest(manifest.pair, manifest.run_id))
+    if ours is not None and ours.time_created and pointer.time_created and pointer.time_created < ours.time_created:
+        return  # the pointer's run was registered before this run existed: this run is the newer
+    raise Superseded(f"run {manifest.run_id} of {manifest.pair} not published: run {newest} was started after it "
+                     f"and is the pair's newest (its file, not this older one, is the one to publish)")
 
 
 def _cost(settings: Settings, manifest: Manifest, merge_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
