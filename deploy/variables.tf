@@ -89,13 +89,13 @@ variable "merge_max_retries" {
 }
 
 variable "merge_method" {
-  description = "Merge method the merge job uses: stream, polars or bigquery (MERGE_METHOD; default: names.json)."
+  description = "Merge method the merge job uses: auto (compose for aligned runs, else stream), stream, compose, polars or bigquery (MERGE_METHOD; default: names.json)."
   type        = string
   default     = null
 
   validation {
-    condition     = contains(["stream", "polars", "bigquery"], coalesce(var.merge_method, "stream"))
-    error_message = "merge_method is one of stream, polars, bigquery."
+    condition     = contains(["auto", "stream", "compose", "polars", "bigquery"], coalesce(var.merge_method, "auto"))
+    error_message = "merge_method is one of auto, stream, compose, polars, bigquery."
   }
 }
 

@@ -545,7 +545,8 @@ def report(pair: str, run_id: str | None, out_dir: Path | None, cloud: bool) -> 
               help="With --from: the output Parquet file.")
 @click.option("--targets", default=None, help="With --from: stem of the targets file (default: the file targets*).")
 @click.option("--method", type=click.Choice(MERGE_METHODS), default=None, envvar="MERGE_METHOD",
-              help="With PAIR: stream (local default), polars or bigquery. [env: MERGE_METHOD]")
+              help="auto (default: compose when the checkpoints are aligned, else stream), stream, compose; "
+                   "with PAIR also polars or bigquery. [env: MERGE_METHOD]")
 @click.option("--run-id", default=None, help="With PAIR: a run other than the pair's newest.")
 @click.option("--memory-budget", default="1GiB", show_default=True, envvar="BQX_MEMORY_BUDGET")
 @click.option("--workers", type=int, default=None, help="Tables merged at once (default: up to 2).")
@@ -559,7 +560,7 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
     """LEFT JOIN every feature table onto the targets by interval_time, memory-bounded.
 
     \b
-    bqx merge eurusd [--method stream|polars|bigquery]   re-merge the pair's newest run and publish it
+    bqx merge eurusd [--method auto|stream|compose|polars|bigquery]   re-merge the pair's newest run, publish it
     bqx merge --from DIR --to FILE                        merge local Parquet files (one per table)
     """
     from dataclasses import asdict, replace
@@ -578,9 +579,27 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
         if dst is None:
             raise click.UsageError("--from needs --to FILE")
         t, features = local_inputs(src, targets, _pairs((pair,), False)[0] if pair else None)
+        how = method or "auto"
+        if how not in ("auto", "stream", "compose"):
+            raise click.UsageError("--from merges with --method auto, stream or compose")
         tmp = dst.with_name(dst.name + ".partial")
-        with open(tmp, "wb") as sink:
-            stats = do_merge(t, features, sink, budget, workers)
+        stats = None
+        if how != "stream":  # aligned files (issue 19): the files appended and a new footer, nothing decoded
+            from bqx.merge import compose
+
+            grid = compose.local_grid(t)
+            try:
+                if grid is None:
+                    raise compose.Misaligned(t.table, f"it names no grid ({compose.GRID_FILE_KEY}) it holds")
+                with open(tmp, "wb") as sink:
+                    stats = compose.merge_local(t, features, sink, grid)
+            except compose.Misaligned as exc:
+                tmp.unlink(missing_ok=True)
+                if how == "compose":
+                    raise click.ClickException(str(exc)) from None
+        if stats is None:
+            with open(tmp, "wb") as sink:
+                stats = do_merge(t, features, sink, budget, workers)
         tmp.replace(dst)
         out = {k: v for k, v in asdict(stats).items() if k != "table_seconds"}
         if as_json:

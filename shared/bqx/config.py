@@ -52,7 +52,8 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-MERGE_METHODS = ("stream", "polars", "bigquery")
+# auto: compose when the run's checkpoints are aligned to its grid (bqx.merge.compose), else stream.
+MERGE_METHODS = ("auto", "stream", "compose", "polars", "bigquery")
 
 
 def default_home() -> Path:
@@ -101,8 +102,8 @@ class Settings:
     """Cloud Run job that extracts one pair."""
     merge_job: str = "bqx-ml-merge"
     """Cloud Run job that merges one pair."""
-    merge_method: str = "stream"
-    """Merge method: stream (local, memory-bounded), polars or bigquery."""
+    merge_method: str = "auto"
+    """Merge method: auto (compose for aligned runs, else stream), stream, compose, polars or bigquery."""
     memory_budget: int = 1 << 30
     """Bytes the merge may hold at once (BQX_MEMORY_BUDGET, e.g. 1GiB)."""
     extract_concurrency: int = 4

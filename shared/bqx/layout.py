@@ -8,6 +8,7 @@ Staging bucket:
     runs/<pair>/<run_id>/<stage>.started          create-once: the one execution that does the stage's work
     runs/<pair>/<run_id>/error.json               a terminal failure of the run, for people and `bqx status`
     runs/<pair>/<run_id>/extract/task-<i>-attempt-<a>.json   per-table timings of one extract task attempt
+    runs/<pair>/<run_id>/compose/...              the compose merge's footer, parts and composed file (deleted after)
     checkpoints/<pair>/<run_id>/<table>.parquet   one table's rows, sorted by interval_time
     quarantine/<pair>/<run_id>/<table>.parquet    a checkpoint set aside because it was bad
 Output bucket:
@@ -81,6 +82,23 @@ def started(pair: str, run_id: str, stage: str) -> str:
 
 def merge_progress(pair: str, run_id: str) -> str:
     return f"{run_prefix(pair, run_id)}merge-progress.json"
+
+
+def compose_prefix(pair: str, run_id: str) -> str:
+    """Everything the compose merge creates for a run (bqx.merge.compose): deleted once it is published."""
+    return f"{run_prefix(pair, run_id)}compose/"
+
+
+def compose_footer(pair: str, run_id: str) -> str:
+    return f"{compose_prefix(pair, run_id)}footer.bin"
+
+
+def compose_part(pair: str, run_id: str, level: int, index: int) -> str:
+    return f"{compose_prefix(pair, run_id)}part-{int(level)}-{int(index):04d}"
+
+
+def compose_output(pair: str, run_id: str) -> str:
+    return f"{compose_prefix(pair, run_id)}training_{_pair(pair)}.parquet"
 
 
 def run_error(pair: str, run_id: str) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
 
@@ -57,11 +58,13 @@ def expected_columns(manifest: Manifest) -> int:
     return 1 + sum(len(t.value_columns) for t in manifest.tables)
 
 
-def verify_checkpoints(settings: Settings, manifest: Manifest, validated: bool = False) -> dict[str, tuple[int, int]]:
+def verify_checkpoints(settings: Settings, manifest: Manifest, validated: bool = False,
+                       listed: dict[str, Any] | None = None) -> dict[str, tuple[int, int]]:
     """Every expected checkpoint is there: name -> (size, generation) of each, from one listing (the merge reads
     exactly these generations). `validated`: each must also be the generation the completion function validated
     (its marker names the content's crc32c); one that is not (replaced after it was checked, or not checked yet)
-    fails the merge transiently, so it is merged only once a validated generation is there."""
+    fails the merge transiently, so it is merged only once a validated generation is there. `listed`, if given,
+    receives each listed blob by name (its metadata says whether it is aligned: bqx.merge.compose)."""
     from bqx.completion.validate import is_marked
     from bqx.gcp.clients import storage_client
 
@@ -69,6 +72,8 @@ def verify_checkpoints(settings: Settings, manifest: Manifest, validated: bool =
     for b in storage_client(settings).list_blobs(settings.staging_bucket,
                                                  prefix=layout.checkpoints_prefix(manifest.pair, manifest.run_id)):
         present[b.name] = (int(b.size or 0), int(b.generation))
+        if listed is not None:
+            listed[b.name] = b
         if validated and not is_marked(b):
             unchecked.append(f"{b.name}#{b.generation}")
     missing = sorted(manifest.expected_objects() - present.keys())
@@ -124,14 +129,23 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     if not accept_drift:
         check_drift(settings, manifest, targets_rows, expected_columns(manifest))
     check_newest(settings, manifest)  # an older run is not even merged (publish checks again)
-    versions = verify_checkpoints(settings, manifest, validated=True)
+    listed: dict[str, Any] = {}
+    versions = verify_checkpoints(settings, manifest, validated=True, listed=listed)
+    method = choose_method(method, manifest, listed)
     out_bucket = storage.bucket(settings, settings.output_bucket)
     temp = out_bucket.blob(layout.output_temp(pair, run_id))
     md = {"bqx.pair": pair, "bqx.run_id": run_id, "bqx.method": method}
     progress = Progress(settings, manifest)
     features_total = len(manifest.features)
     progress(0, features_total, force=True)
-    if method == "stream":
+    composed = None
+    if method == "compose":
+        from bqx.merge import compose
+
+        # Built in the staging bucket from the checkpoints themselves; published from there like a temp object.
+        composed = compose.merge_gcs(settings, manifest, listed, md, progress)
+        stats, temp = composed.stats, composed.blob
+    elif method == "stream":
         targets, features = gcs_inputs(settings, manifest, versions)
         # Few large pieces: each is a request (and on fake-gcs-server a copy of everything uploaded so far: a
         # 276 MB file took 15.6 s of its CPU in 16 MiB pieces, 4.7 s in 128 MiB ones).
@@ -148,8 +162,11 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     temp.reload()
     if temp.size != stats.bytes:
         raise TransientError(f"merged object has {temp.size} bytes, the merge wrote {stats.bytes}; not published")
-    with temp.open("rb", chunk_size=READ_CHUNK) as f:
-        meta = pq.ParquetFile(f).metadata
+    if composed is not None:  # its footer is the one just written (the object is its sources, pinned, and it)
+        meta = pq.ParquetFile(pa.BufferReader(composed.plan.tail)).metadata
+    else:
+        with temp.open("rb", chunk_size=READ_CHUNK) as f:
+            meta = pq.ParquetFile(f).metadata
     if meta.num_rows != targets_rows or meta.num_columns != expected_columns(manifest):
         raise TerminalError(
             f"merged file has {meta.num_rows} rows x {meta.num_columns} columns; expected "
@@ -160,6 +177,10 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     summary["crc32c"], summary["md5"] = temp.crc32c, temp.md5_hash
     summary["cost"], summary["reused"] = _cost(settings, manifest, summary["seconds"])
     publish(settings, manifest, temp, summary)
+    if composed is not None:
+        from bqx.merge import compose
+
+        compose.cleanup(settings, pair, run_id)  # the parts, the footer, and whatever a killed attempt left
     log.info("training file published", pair=pair, run_id=run_id, rows=stats.rows, columns=stats.columns,
              seconds=round(stats.seconds, 2), output=summary["output"])
     return summary
@@ -228,6 +249,23 @@ def check_newest(settings: Settings, manifest: Manifest) -> None:
         return  # the pointer's run was registered before this run existed: this run is the newer
     raise Superseded(f"run {manifest.run_id} of {manifest.pair} not published: run {newest} was started after it "
                      f"and is the pair's newest (its file, not this older one, is the one to publish)")
+
+
+def choose_method(method: str, manifest: Manifest, listed: dict[str, Any]) -> str:
+    """`auto`: compose when the run is aligned (its manifest has a grid and every checkpoint carries its digest),
+    else stream. `compose` on a run that is not aligned is refused, saying why."""
+    if method not in ("auto", "compose"):
+        return method
+    from bqx.merge import compose
+
+    why = compose.aligned_run(manifest, listed)
+    if not why:
+        return "compose"
+    if method == "compose":
+        raise TerminalError(f"run {manifest.run_id} of {manifest.pair} cannot be composed: {why}; merge it with "
+                            "--method stream (or auto)")
+    log.info(f"stream merge: {why}", pair=manifest.pair, run_id=manifest.run_id)
+    return "stream"
 
 
 def _cost(settings: Settings, manifest: Manifest, merge_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -79,6 +79,53 @@ def column_signature(schema: pq.ParquetSchema, i: int) -> tuple:
     return (c.physical_type, c.logical_type.to_json(), c.max_definition_level, c.max_repetition_level, c.length)
 
 
+def footer_template(schema: pa.Schema, options: dict[str, object]) -> dict[int, tuple[int, bytes]]:
+    """The encoded fields of the footer of a file of `schema` written with `options` (and the Arrow schema stored),
+    to which encode_footer adds the row groups."""
+    if len(set(schema.names)) != len(schema.names):
+        raise ValueError("output column names are not unique")
+    # A writer closed before any table: the footer of a file without row groups. An empty table would add a
+    # row group of 17k empty column chunks: 7x the time to write and 4x to parse, all thrown away.
+    out = pa.BufferOutputStream()
+    pq.ParquetWriter(out, schema, **{**options, "store_schema": True}).close()  # type: ignore[arg-type]
+    data = out.getvalue().to_pybytes()
+    # Its fields are kept encoded (the schema alone is ~5 elements per column: decoding it into objects cost
+    # more than the rest of the footer); encode_footer changes only the row groups, row count and key-values.
+    return {fid: (t, raw) for fid, t, raw in fields(data, footer_start(data))[0]}
+
+
+@dataclass(frozen=True)
+class FooterGroup:
+    """One row group of a footer: its encoded ColumnChunks in schema order (offsets final) and its sizes."""
+
+    columns: list[bytes]
+    rows: int
+    file_offset: int  # where its first column chunk starts
+    uncompressed: int
+    compressed: int
+
+
+def encode_footer(template: dict[int, tuple[int, bytes]], groups: list[FooterGroup],
+                  metadata: dict[str, str] | None = None) -> bytes:
+    """The encoded FileMetaData: `template`'s fields (footer_template), these row groups, their row count, and the
+    template's key-values plus `metadata`."""
+    rgs = [{1: (LIST, (STRUCT, [Raw(c) for c in g.columns])), 2: (I64, g.uncompressed), 3: (I64, g.rows),
+            5: (I64, g.file_offset), 6: (I64, g.compressed), 7: (I16, i)} for i, g in enumerate(groups)]
+    kv = thrift.Reader(template[5][1]).value(LIST)[1] if 5 in template else []
+    for k, v in (metadata or {}).items():
+        kv.append({1: (thrift.BINARY, k.encode()), 2: (thrift.BINARY, v.encode())})
+    changed = {3: (I64, sum(g.rows for g in groups)), 4: (LIST, (STRUCT, rgs)), 5: (LIST, (STRUCT, kv))}
+    items = []
+    for fid in sorted({*template, *changed} - {8, 9}):  # 8, 9: encryption, which the output does not use
+        if fid in changed:
+            w = thrift.Writer()
+            w.value(*changed[fid])
+            items.append((fid, changed[fid][0], bytes(w.out)))
+        else:
+            items.append((fid, *template[fid]))
+    return encode_fields(items)
+
+
 class Stitcher:
     """`schema` is the output's, or a Future of it: appending does not need it (each chunk carries its output
     name), only the footer does, so the merge can start before every checkpoint's schema has been read."""
@@ -125,16 +172,7 @@ class Stitcher:
         return self._schema
 
     def _encode_template(self) -> dict[int, tuple[int, bytes]]:
-        if len(set(self.schema.names)) != len(self.schema.names):
-            raise ValueError("output column names are not unique")
-        # A writer closed before any table: the footer of a file without row groups. An empty table would add a
-        # row group of 17k empty column chunks: 7x the time to write and 4x to parse, all thrown away.
-        out = pa.BufferOutputStream()
-        pq.ParquetWriter(out, self.schema, **{**self.options, "store_schema": True}).close()
-        data = out.getvalue().to_pybytes()
-        # Its fields are kept encoded (the schema alone is ~5 elements per column: decoding it into objects cost
-        # more than the rest of the footer); close() changes only the row groups, row count and key-values.
-        return {fid: (t, raw) for fid, t, raw in fields(data, footer_start(data))[0]}
+        return footer_template(self.schema, self.options)
 
     def encode(self, table: pa.Table) -> pa.Buffer:
         """`table` as a small Parquet file, in an Arrow buffer (its pool returns memory promptly; a Python bytes
@@ -376,27 +414,9 @@ class Stitcher:
             if len(written) != len(names):
                 extra = sorted(set(written) - set(names))
                 raise ValueError(f"row group {g} has {len(extra)} columns the schema lacks, e.g. {extra[:3]}")
-            groups.append({
-                1: (LIST, (STRUCT, [Raw(c[0]) for c in cols])),  # type: ignore[index]
-                2: (I64, self.sizes[g][0]),
-                3: (I64, self.group_rows[g]),
-                5: (I64, cols[0][1]),  # type: ignore[index]
-                6: (I64, self.sizes[g][1]),
-                7: (I16, len(groups)),
-            })
-        kv = thrift.Reader(template[5][1]).value(LIST)[1] if 5 in template else []
-        for k, v in (metadata or {}).items():
-            kv.append({1: (thrift.BINARY, k.encode()), 2: (thrift.BINARY, v.encode())})
-        changed = {3: (I64, sum(self.group_rows)), 4: (LIST, (STRUCT, groups)), 5: (LIST, (STRUCT, kv))}
-        items = []
-        for fid in sorted({*template, *changed} - {8, 9}):  # 8, 9: encryption, which the output does not use
-            if fid in changed:
-                w = thrift.Writer()
-                w.value(*changed[fid])
-                items.append((fid, changed[fid][0], bytes(w.out)))
-            else:
-                items.append((fid, *template[fid]))
-        footer = encode_fields(items)
+            groups.append(FooterGroup([c[0] for c in cols], self.group_rows[g], cols[0][1],  # type: ignore[index]
+                                      self.sizes[g][0], self.sizes[g][1]))
+        footer = encode_footer(template, groups, metadata)
         with self.lock:
             self.sink.write(footer)
             self.sink.write(struct.pack("<I", len(footer)))
