@@ -116,7 +116,7 @@ class Untouchable:
 
 def test_unknown_method_is_a_clear_error_before_any_work(world: dict) -> None:
     s, manifest = world["settings"], world["manifest"]
-    with pytest.raises(ConfigError, match="unknown merge method 'spark'.*stream, polars, bigquery"):
+    with pytest.raises(ConfigError, match="unknown merge method 'spark'.*auto, stream, compose, polars, bigquery"):
         methods.run("spark", s, manifest, Untouchable(), {})
     with pytest.raises(ConfigError, match="runs in bqx.merge.publish"):
         methods.run("stream", s, manifest, Untouchable(), {})
