@@ -728,3 +728,12 @@ def test_jobs_import_only_pinned_distributions(packaged):
     assert "pyarrow" in got["dists"] and "google-cloud-bigquery" in got["dists"], got["dists"]
     missing = set(got["dists"]) - set(pins) - {"bqx"}
     assert not missing, f"the jobs import {sorted(missing)}, not in requirements/jobs.txt"
+
+
+def test_merge_memory_budget_is_the_settings_default():
+    """The merge job's budget is deployed as the code's default (config.MEMORY_BUDGET), so a merge started by hand
+    outside Cloud Run holds what the deployed one does."""
+    from bqx.config import MEMORY_BUDGET, parse_bytes
+
+    assert NAMES["jobs"]["merge"]["memory_budget"] == MEMORY_BUDGET
+    assert Settings().memory_budget == parse_bytes(MEMORY_BUDGET)

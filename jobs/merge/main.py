@@ -8,15 +8,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
 from bqx.config import Settings  # noqa: E402
+from bqx.errors import ConfigError  # noqa: E402
 from bqx.merge import allocator  # noqa: E402
 
-# Before anything imports pyarrow: Arrow's allocator keeps or returns freed pages by the memory budget.
+# Before anything imports pyarrow: Arrow's allocator keeps or returns freed pages by the memory budget. The settings
+# are read once, here, and handed to main(); a bad one is reported by main(), which reads them again, and exits 2.
 try:
-    allocator.configure(Settings.from_env().memory_budget)
-except Exception:  # noqa: BLE001 - a bad setting is reported by main() below, with its exit code
-    allocator.configure(Settings().memory_budget)
+    settings = Settings.from_env()
+except ConfigError:
+    settings = None
+allocator.configure((settings or Settings()).memory_budget)
 
 from bqx.merge.job import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(settings=settings))

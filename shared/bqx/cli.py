@@ -12,25 +12,57 @@ from typing import Any
 
 import click
 
-from bqx.config import MERGE_METHODS
-from bqx.errors import BqxError, UnknownPair
+from bqx.config import MEMORY_BUDGET, MERGE_METHODS, Settings, parse_bytes
+from bqx.errors import BqxError, ConfigError, UnknownPair
 from bqx.pairs import PAIRS, validate_pair
 
 
-def _settings():  # type: ignore[no-untyped-def]
-    from bqx.config import Settings
-
-    return Settings.from_env()
-
-
-def _local_settings():  # type: ignore[no-untyped-def]
-    """Settings for the embedded local stack, with this process pointed at it."""
+def _settings(cloud: bool = False) -> Settings:
+    """The command's settings, read once: Google Cloud's with --cloud, else the embedded local stack's, with this
+    process (and the processes it starts) pointed at the stack."""
+    if cloud:
+        return Settings.from_env()
     os.environ.setdefault("BQX_LOCAL", "1")
     from bqx.local.stack import client_env
 
-    s = _settings()
-    os.environ.update(client_env(s))
-    return _settings()
+    s = Settings.from_env()
+    os.environ.update(client_env(s))  # for the client libraries, which read the emulators' variables themselves
+    return s
+
+
+# Options several commands share, declared once (as sqlite-utils' output_options); help may differ by command.
+def cloud_option(help: str = "Use Google Cloud instead of the local stack."):  # type: ignore[no-untyped-def]
+    return click.option("--cloud", is_flag=True, help=help)
+
+
+def json_option(help: str | None = None):  # type: ignore[no-untyped-def]
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def all_option(help: str | None = "All 28 pairs."):  # type: ignore[no-untyped-def]
+    return click.option("--all", "all_pairs", is_flag=True, help=help)
+
+
+def rows_option(help: str):  # type: ignore[no-untyped-def]
+    return click.option("--rows", type=int, default=None,
+                        help=f"{help}  [default: $BQX_WAREHOUSE_ROWS, else the generator's]")
+
+
+_DEFAULTS = Settings()  # what an option shows as its default when neither it nor the environment sets one
+
+
+class _Size(click.ParamType):
+    """A size such as 1GiB or 512MiB, parsed by bqx.config.parse_bytes (as the settings parse BQX_MEMORY_BUDGET)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bytes(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _pairs(pairs: tuple[str, ...], all_pairs: bool) -> list[str]:
@@ -77,7 +109,7 @@ def stack_up() -> None:
     """Start every local service (idempotent)."""
     from bqx.local.stack import Stack
 
-    Stack(_local_settings()).up(progress=_echo)
+    Stack(_settings()).up(progress=_echo)
     _echo("local stack is up; `bqx stack down` stops it")
 
 
@@ -89,7 +121,7 @@ def stack_down(purge: bool) -> None:
 
     from bqx.local.stack import Stack
 
-    s = _local_settings()
+    s = _settings()
     stopped = Stack(s).down()
     _echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     if purge:
@@ -98,12 +130,12 @@ def stack_down(purge: bool) -> None:
 
 
 @stack.command("status")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def stack_status(as_json: bool) -> None:
     """Show which local services run."""
     from bqx.local.stack import Stack
 
-    st = Stack(_local_settings()).status()
+    st = Stack(_settings()).status()
     if as_json:
         click.echo(json.dumps(st))
         return
@@ -116,7 +148,7 @@ def stack_dead_letters() -> None:
     """Show (and drain) messages that exhausted their delivery attempts."""
     from bqx.local.stack import Stack
 
-    msgs = Stack(_local_settings()).dead_letters()
+    msgs = Stack(_settings()).dead_letters()
     click.echo(json.dumps(msgs, indent=1))
     _echo(f"{len(msgs)} dead-lettered message(s)")
 
@@ -177,7 +209,7 @@ def stack_env() -> None:
 
     from bqx.local.stack import port_open
 
-    s = _local_settings()
+    s = _settings()
     env = _gcloud_env(s)
     if not port_open(s.ports.run_api):
         _echo("note: the local stack is not running; start it with `bqx stack up`")
@@ -194,8 +226,8 @@ def warehouse() -> None:
 
 @warehouse.command("generate")
 @click.argument("pairs", nargs=-1)
-@click.option("--all", "all_pairs", is_flag=True, help="All 28 pairs.")
-@click.option("--rows", type=int, default=None, envvar="BQX_WAREHOUSE_ROWS", help="Rows per table.")
+@all_option()
+@rows_option("Rows per table.")
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--table-scale", type=float, default=1.0, show_default=True, help="Fraction of each family's tables.")
 @click.option("--column-scale", type=float, default=1.0, show_default=True, help="Fraction of columns.")
@@ -204,8 +236,8 @@ def warehouse_generate(pairs: tuple[str, ...], all_pairs: bool, rows: int | None
     """Generate (or regenerate) the tables of PAIRS."""
     from bqx.local.warehouse import DEFAULT_ROWS, Shape
 
-    s = _local_settings()
-    shape = Shape(rows or DEFAULT_ROWS, seed, table_scale, column_scale)
+    s = _settings()
+    shape = Shape(rows or s.warehouse_rows or DEFAULT_ROWS, seed, table_scale, column_scale)
     for pair in _pairs(pairs, all_pairs):
         _generate(s, pair, shape)
 
@@ -227,7 +259,7 @@ def warehouse_touch(pair: str, tables: tuple[str, ...]) -> None:
     from bqx.local.warehouse import Warehouse
 
     pair = _pairs((pair,), False)[0]
-    s = _local_settings()
+    s = _settings()
     versions = Warehouse(Path(s.warehouse), s.dataset).touch(pair, list(tables))
     _echo(f"warehouse: {pair}: {len(versions)} table(s) have a new version: {', '.join(versions)}")
 
@@ -237,7 +269,7 @@ def warehouse_info() -> None:
     """List the generated pairs and their shapes."""
     from bqx.local.warehouse import Warehouse
 
-    s = _local_settings()
+    s = _settings()
     found = Warehouse(Path(s.warehouse), s.dataset).pairs()
     click.echo(f"{s.warehouse}: {len(found)} pair(s)")
     for pair, shape in sorted(found.items()):
@@ -346,7 +378,7 @@ def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # 
     have = Warehouse(Path(s.warehouse), s.dataset).pairs()
     for pair in pairs:
         if pair not in have:
-            _generate(s, pair, Shape(rows or DEFAULT_ROWS))
+            _generate(s, pair, Shape(rows or s.warehouse_rows or DEFAULT_ROWS))
 
 
 def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-untyped-def]
@@ -371,13 +403,12 @@ def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-un
 
 @main.command()
 @click.argument("pairs", nargs=-1)
-@click.option("--all", "all_pairs", is_flag=True, help="All 28 pairs.")
-@click.option("--json", "as_json", is_flag=True, help="Print each summary as one JSON object.")
+@all_option()
+@json_option("Print each summary as one JSON object.")
 @click.option("--timeout", type=float, default=3600, show_default=True, help="Seconds to wait per pair.")
-@click.option("--rows", type=int, default=None, envvar="BQX_WAREHOUSE_ROWS",
-              help="Rows per table if the local warehouse must be generated.")
+@rows_option("Rows per table if the local warehouse must be generated.")
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Pairs followed at once.")
-@click.option("--cloud", is_flag=True, help="Use Google Cloud instead of the local stack.")
+@cloud_option()
 @click.option("--force", is_flag=True, help="Start a new run even if one is active or the pair is up to date.")
 @click.option("--accept-drift", is_flag=True,
               help="Publish even if the run has lost rows or columns against the published file.")
@@ -389,10 +420,10 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
     A pair whose warehouse tables are all unchanged since its last published run is up to date: its summary is shown
     and no run starts (--force starts one). A new run extracts only the tables that changed and copies the
     checkpoints of the others from that run."""
-    from bqx import runs
+    from bqx import layout, runs
 
     chosen = _pairs(pairs, all_pairs)
-    s = _settings() if cloud else _local_settings()
+    s = _settings(cloud)
     if dry_run:
         if not cloud:
             _prepare_local_warehouse(s, chosen, rows)
@@ -431,7 +462,7 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
                       f"(--force starts a new run)")
                 return runs.RunState(pair, current["run_id"], "done", summary=current)
         run_id = runs.submit(s, pair, force=force, accept_drift=accept_drift)
-        _echo(f"{pair}: requested gs://{s.staging_bucket}/requests/{pair}.json (run {run_id})")
+        _echo(f"{pair}: requested gs://{s.staging_bucket}/{layout.request(pair)} (run {run_id})")
         return runs.follow(s, pair, run_id, timeout, on_update=show)
 
     failed = 0
@@ -463,15 +494,15 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
 
 @main.command()
 @click.argument("pairs", nargs=-1)
-@click.option("--all", "all_pairs", is_flag=True)
-@click.option("--cloud", is_flag=True, help="Use Google Cloud instead of the local stack.")
+@all_option(None)
+@cloud_option()
 @click.option("--force", is_flag=True, help="Start a new run even if one is active.")
 def submit(pairs: tuple[str, ...], all_pairs: bool, cloud: bool, force: bool) -> None:
     """Request PAIRS and return at once (follow with `bqx status --watch`)."""
     from bqx import runs
 
     chosen = _pairs(pairs, all_pairs)
-    s = _settings() if cloud else _local_settings()
+    s = _settings(cloud)
     if not cloud:
         _prepare_local(s, chosen, None)
     for pair in chosen:
@@ -485,16 +516,16 @@ def submit(pairs: tuple[str, ...], all_pairs: bool, cloud: bool, force: bool) ->
 
 @main.command()
 @click.argument("pairs", nargs=-1)
-@click.option("--json", "as_json", is_flag=True, help="One JSON array of run states.")
+@json_option("One JSON array of run states.")
 @click.option("--watch", is_flag=True, help="Live view with progress bars until every run is done or failed.")
 @click.option("--interval", type=float, default=1.0, show_default=True)
-@click.option("--cloud", is_flag=True)
+@cloud_option(None)
 def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, cloud: bool) -> None:
     """Where each pair's newest run stands, from the buckets alone (state, checkpoints per family, ETA)."""
     from bqx import runs
 
     chosen = _pairs(pairs, not pairs)
-    s = _settings() if cloud else _local_settings()
+    s = _settings(cloud)
     if watch and not as_json:
         _watch(s, chosen, interval, explicit=bool(pairs))
         return
@@ -520,13 +551,13 @@ def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, 
 @click.option("--run-id", default=None, help="A run of PAIR other than its newest.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for the HTML and PNG (default: reports/ in the state directory, $BQX_HOME).")
-@click.option("--cloud", is_flag=True)
+@cloud_option(None)
 def report(pair: str, run_id: str | None, out_dir: Path | None, cloud: bool) -> None:
     """Write a run's report: timeline of every table, handoff and merge; slowest tables; retries; cost."""
     from bqx import report as rep
 
     pair = _pairs((pair,), False)[0]
-    s = _settings() if cloud else _local_settings()
+    s = _settings(cloud)
     out_dir = out_dir or s.home / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, png_path, tl = rep.write(s, pair, out_dir, run_id)
@@ -544,18 +575,19 @@ def report(pair: str, run_id: str | None, out_dir: Path | None, cloud: bool) -> 
 @click.option("--to", "dst", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --from: the output Parquet file.")
 @click.option("--targets", default=None, help="With --from: stem of the targets file (default: the file targets*).")
-@click.option("--method", type=click.Choice(MERGE_METHODS), default=None, envvar="MERGE_METHOD",
-              help="auto (default: compose when the checkpoints are aligned, else stream), stream, compose; "
-                   "with PAIR also polars or bigquery. [env: MERGE_METHOD]")
+@click.option("--method", type=click.Choice(MERGE_METHODS), default=None,
+              help="auto (compose when the checkpoints are aligned, else stream), stream, compose; with PAIR also "
+                   f"polars or bigquery.  [default: $MERGE_METHOD or {_DEFAULTS.merge_method}]")
 @click.option("--run-id", default=None, help="With PAIR: a run other than the pair's newest.")
-@click.option("--memory-budget", default="1GiB", show_default=True, envvar="BQX_MEMORY_BUDGET")
+@click.option("--memory-budget", type=_Size(), default=None,
+              help=f"Bytes the merge may hold at once.  [default: $BQX_MEMORY_BUDGET or {MEMORY_BUDGET}]")
 @click.option("--workers", type=int, default=None, help="Tables merged at once (default: up to 2).")
-@click.option("--cloud", is_flag=True, help="With PAIR: use Google Cloud instead of the local stack.")
-@click.option("--json", "as_json", is_flag=True)
+@cloud_option("With PAIR: use Google Cloud instead of the local stack.")
+@json_option()
 @click.option("--accept-drift", is_flag=True,
               help="With PAIR: publish even if the run has lost rows or columns against the published file.")
 def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | None, method: str | None,
-          run_id: str | None, memory_budget: str, workers: int | None, cloud: bool, as_json: bool,
+          run_id: str | None, memory_budget: int | None, workers: int | None, cloud: bool, as_json: bool,
           accept_drift: bool) -> None:
     """LEFT JOIN every feature table onto the targets by interval_time, memory-bounded.
 
@@ -565,10 +597,12 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
     """
     from dataclasses import asdict, replace
 
-    from bqx import layout
-    from bqx.config import parse_bytes
-
-    budget = parse_bytes(memory_budget)
+    if src is None and not pair:
+        raise click.UsageError("name a PAIR, or merge local files with --from DIR --to FILE")
+    pair = _pairs((pair,), False)[0] if pair else None
+    # local files need no stack: the settings as they are
+    s = _settings(cloud) if src is None else Settings.from_env()
+    budget = memory_budget or s.memory_budget
     from bqx.merge import allocator
 
     allocator.configure(budget)  # before pyarrow loads
@@ -578,8 +612,8 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
 
         if dst is None:
             raise click.UsageError("--from needs --to FILE")
-        t, features = local_inputs(src, targets, _pairs((pair,), False)[0] if pair else None)
-        how = method or "auto"
+        t, features = local_inputs(src, targets, pair)
+        how = method or s.merge_method
         if how not in ("auto", "stream", "compose"):
             raise click.UsageError("--from merges with --method auto, stream or compose")
         tmp = dst.with_name(dst.name + ".partial")
@@ -608,15 +642,10 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
             click.echo(f"{dst}: {stats.rows} rows x {stats.columns} columns from {stats.tables} tables, "
                        f"{stats.bytes / 1e6:.1f} MB in {stats.seconds:.2f}s")
         return
-    if not pair:
-        raise click.UsageError("name a PAIR, or merge local files with --from DIR --to FILE")
+    assert pair is not None
     from bqx import runs
-    from bqx.catalog import Manifest
-    from bqx.gcp import storage
     from bqx.merge.publish import merge_run
 
-    pair = _pairs((pair,), False)[0]
-    s = _settings() if cloud else _local_settings()
     chosen = method or s.merge_method
     if not cloud:
         from bqx.local.stack import Stack
@@ -626,11 +655,10 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
     run_id = run_id or runs.latest_run(s, pair)
     if not run_id:
         raise click.ClickException(f"{pair} has no run yet; start one with `bqx run {pair}`")
-    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
-    if found is None:
+    manifest = runs.load_manifest(s, pair, run_id)
+    if manifest is None:
         raise click.ClickException(f"run {run_id} of {pair} has no manifest (extraction never started?)")
-    summary = merge_run(replace(s, memory_budget=budget), Manifest.from_json(found[0]), chosen,
-                        accept_drift=accept_drift or None)
+    summary = merge_run(replace(s, memory_budget=budget), manifest, chosen, accept_drift=accept_drift or None)
     click.echo(json.dumps(summary) if as_json else
                f"{pair}: {summary['rows']} rows x {summary['columns']} columns -> {summary['output']} "
                f"({chosen}, {summary['merge_seconds']:.1f}s)")

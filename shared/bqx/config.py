@@ -1,7 +1,9 @@
 """Every setting bqx reads, resolved from the environment in this one module.
 
 Each field has a type, a default and a one-line description; `Settings.from_env()` is called once per
-process (functions: lazily on first event; jobs and CLI: at start). Terraform reads the same names from
+process (functions: lazily on first event, bqx.serving; jobs: at start, bqx.job; the CLI: once per command).
+This includes what Cloud Run sets for a job's task (CLOUD_RUN_*: `Settings.task`), the run a job was launched for
+(BQX_RUN_ID), the log format and the local stack's own services' settings. Terraform reads the same names from
 `deploy/names.json`, which a test keeps in step with the defaults here.
 """
 
@@ -54,6 +56,7 @@ def parse_bytes(text: str) -> int:
 
 # auto: compose when the run's checkpoints are aligned to its grid (bqx.merge.compose), else stream.
 MERGE_METHODS = ("auto", "stream", "compose", "polars", "bigquery")
+MEMORY_BUDGET = "1GiB"  # the merge's default budget, as text (names.json's merge job sets the same, a test checks)
 
 
 def default_home() -> Path:
@@ -83,6 +86,27 @@ class Ports:
 
 
 @dataclass(frozen=True)
+class Task:
+    """What Cloud Run tells one task of a job execution (empty outside Cloud Run)."""
+
+    execution: str = ""
+    """CLOUD_RUN_EXECUTION: the execution's id."""
+    job: str = ""
+    """CLOUD_RUN_JOB: the job's name."""
+    index: int = 0
+    """CLOUD_RUN_TASK_INDEX: this task's index among the execution's tasks."""
+    count: int = 1
+    """CLOUD_RUN_TASK_COUNT: how many tasks the execution has."""
+    attempt: int = 0
+    """CLOUD_RUN_TASK_ATTEMPT: how many times this task was retried before."""
+
+    @classmethod
+    def from_env(cls) -> Task:
+        return cls(_env("CLOUD_RUN_EXECUTION", ""), _env("CLOUD_RUN_JOB", ""), _env_int("CLOUD_RUN_TASK_INDEX", 0),
+                   _env_int("CLOUD_RUN_TASK_COUNT", 1), _env_int("CLOUD_RUN_TASK_ATTEMPT", 0))
+
+
+@dataclass(frozen=True)
 class Settings:
     project: str = "bqx-ml"
     """Google Cloud project id."""
@@ -104,7 +128,7 @@ class Settings:
     """Cloud Run job that merges one pair."""
     merge_method: str = "auto"
     """Merge method: auto (compose for aligned runs, else stream), stream, compose, polars or bigquery."""
-    memory_budget: int = 1 << 30
+    memory_budget: int = parse_bytes(MEMORY_BUDGET)
     """Bytes the merge may hold at once (BQX_MEMORY_BUDGET, e.g. 1GiB)."""
     extract_concurrency: int = 4
     """Tables extracted at once by one task."""
@@ -114,6 +138,8 @@ class Settings:
     """Cloud Run task retries; the last attempt records its failure for `bqx status`."""
     row_limit: int = 0
     """Rows read per table (0 = all); the original runs sampled ~100k."""
+    warehouse_rows: int = 0
+    """Local: rows per table when bqx generates the synthetic warehouse (0: bqx.local.warehouse's default)."""
     claim_lease_seconds: float = 60.0
     """After this long without a recorded execution, a claim may be taken over."""
     max_row_drop: float = 0.1
@@ -137,7 +163,7 @@ class Settings:
     bigquery_location: str = ""
     """Location of BigQuery jobs and the temp dataset (e.g. US); empty = the client's default."""
     run_api_endpoint: str = ""
-    """Cloud Run Admin API endpoint override (local stand-in); empty = Google's."""
+    """Cloud Run Admin API endpoint override (local stand-in; local default: the stack's); empty = Google's."""
     iam_gate: bool = True
     """Local stack: components reach GCS and the Run API through the IAM gate, as their deployed accounts."""
     gate_identities: str = ""
@@ -151,12 +177,33 @@ class Settings:
     home: Path = field(default_factory=default_home)
     """Local state: warehouse file, emulator data, logs, pid files."""
     ports: Ports = field(default_factory=Ports)
+    storage_emulator_host: str = ""
+    """STORAGE_EMULATOR_HOST (local; default: the stack's fake-gcs-server): the Cloud Storage emulator's URL. The
+    storage client reads the variable itself; pyarrow's GCS filesystem is given this."""
+    run_id: str = ""
+    """BQX_RUN_ID: the run the trigger or the completion function launched this job for (empty: started by hand)."""
+    task: Task = field(default_factory=Task)
+    """The Cloud Run task this process is (jobs only)."""
+    log_format: str = ""
+    """BQX_LOG_FORMAT: 'json' forces JSON lines; empty: human text on a terminal, JSON otherwise."""
+    log_level: str = "INFO"
+    """BQX_LOG_LEVEL: the root logger's level."""
+    failpoint_after_claim: str = ""
+    """Tests only: a directory of tokens that make a claim's winner crash right after claiming (bqx.gcp.claims)."""
+    run_api_home: str = ""
+    """The local Run API's own setting: where it keeps executions (written by the stack, read by bqx.local.runapi)."""
+    local_jobs: str = ""
+    """The local Run API's own setting: JSON {job: argv} of the jobs it runs (written by the stack)."""
+    eventarc_routes: str = ""
+    """The local Eventarc relay's own setting: JSON routes (written by the stack, read by bqx.local.eventarc)."""
 
     @classmethod
     def from_env(cls) -> Settings:
         d = cls()
-        local = _env("BQX_LOCAL", "") in ("1", "true", "True") or bool(os.environ.get("STORAGE_EMULATOR_HOST"))
+        emulator = _env("STORAGE_EMULATOR_HOST", "")
+        local = _env("BQX_LOCAL", "") in ("1", "true", "True") or bool(emulator)
         home = Path(_env("BQX_HOME", str(d.home))).expanduser()
+        ports = Ports.from_env()
         settings = cls(
             project=_env("BQX_PROJECT", _env("GOOGLE_CLOUD_PROJECT", d.project)),
             region=_env("BQX_REGION", d.region),
@@ -168,11 +215,12 @@ class Settings:
             extract_job=_env("BQX_EXTRACT_JOB", d.extract_job),
             merge_job=_env("BQX_MERGE_JOB", d.merge_job),
             merge_method=_env("MERGE_METHOD", _env("BQX_MERGE_METHOD", d.merge_method)),
-            memory_budget=parse_bytes(_env("BQX_MEMORY_BUDGET", str(d.memory_budget))),
+            memory_budget=parse_bytes(_env("BQX_MEMORY_BUDGET", MEMORY_BUDGET)),
             extract_concurrency=_env_int("BQX_EXTRACT_CONCURRENCY", d.extract_concurrency),
             extract_retries=_env_int("BQX_EXTRACT_RETRIES", d.extract_retries),
             task_max_retries=_env_int("BQX_TASK_MAX_RETRIES", d.task_max_retries),
             row_limit=_env_int("BQX_ROW_LIMIT", d.row_limit),
+            warehouse_rows=_env_int("BQX_WAREHOUSE_ROWS", d.warehouse_rows),
             claim_lease_seconds=_env_float("BQX_CLAIM_LEASE_SECONDS", d.claim_lease_seconds),
             max_row_drop=_env_float("BQX_MAX_ROW_DROP", d.max_row_drop),
             active_run_max_seconds=_env_float("BQX_ACTIVE_RUN_MAX_SECONDS", d.active_run_max_seconds),
@@ -184,14 +232,24 @@ class Settings:
             bigquery_api_endpoint=_env("BQX_BIGQUERY_API_ENDPOINT", ""),
             bigquery_storage_endpoint=_env("BQX_BIGQUERY_STORAGE_ENDPOINT", ""),
             bigquery_location=_env("BQX_BIGQUERY_LOCATION", ""),
-            run_api_endpoint=_env("BQX_RUN_API_ENDPOINT", ""),
+            run_api_endpoint=_env("BQX_RUN_API_ENDPOINT", f"http://127.0.0.1:{ports.run_api}" if local else ""),
             iam_gate=_env("BQX_IAM_GATE", "1") not in ("0", "false", "False", "off"),
             gate_identities=_env("BQX_GATE_IDENTITIES", ""),
             deploy_dir=_env("BQX_DEPLOY_DIR", ""),
             cache=Path(_env("BQX_CACHE", str(d.cache))).expanduser(),
             local=local,
             home=home,
-            ports=Ports.from_env(),
+            ports=ports,
+            # local without one set: the stack's fake-gcs-server, where bqx.local.stack.client_env points clients
+            storage_emulator_host=emulator or (f"http://127.0.0.1:{ports.gcs}" if local else ""),
+            run_id=_env("BQX_RUN_ID", ""),
+            task=Task.from_env(),
+            log_format=_env("BQX_LOG_FORMAT", ""),
+            log_level=_env("BQX_LOG_LEVEL", d.log_level).upper(),
+            failpoint_after_claim=_env("BQX_FAILPOINT_AFTER_CLAIM", ""),
+            run_api_home=_env("BQX_RUN_API_HOME", ""),
+            local_jobs=_env("BQX_LOCAL_JOBS", ""),
+            eventarc_routes=_env("BQX_EVENTARC_ROUTES", ""),
         )
         settings.validate()
         return settings

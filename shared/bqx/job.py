@@ -97,26 +97,24 @@ def default_run_id(ctx: JobContext) -> str:
     return ids.run_id_for_execution(ctx.execution) if ctx.execution else ids.adhoc_run_id()
 
 
-def context(component: str, argv: list[str],
-            resolve: Callable[[JobContext], str] = default_run_id) -> JobContext:
+def context(component: str, argv: list[str], resolve: Callable[[JobContext], str] = default_run_id,
+            settings: Settings | None = None) -> JobContext:
     """The task's context, bound to the run it works on (`resolve` picks it; the merge's looks at the buckets)."""
-    logs.setup(component)
-    settings = Settings.from_env()
+    logs.setup(component)  # before the settings: a bad setting is logged as a JSON line too
+    settings = settings or Settings.from_env()
+    logs.setup(component, settings)
     pair, named_run, force = parse_args(component, argv)
     if named_run is not None:
         layout.run_prefix(pair, named_run)  # validates the id
-    env = os.environ
+    task = settings.task
     ctx = JobContext(
-        settings, pair, "",
-        int(env.get("CLOUD_RUN_TASK_INDEX", "0") or 0),
-        int(env.get("CLOUD_RUN_TASK_COUNT", "1") or 1),
-        env.get("CLOUD_RUN_EXECUTION", ""),
+        settings, pair, "", task.index, task.count, task.execution,
         Log(f"bqx.{component}", pair=pair, stage=component),
-        attempt=int(env.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0),
+        attempt=task.attempt,
         force=force,
         named_run=named_run,
-        launched_for=env.get("BQX_RUN_ID", ""),
-        job=env.get("CLOUD_RUN_JOB") or (settings.merge_job if component == "merge" else settings.extract_job),
+        launched_for=settings.run_id,
+        job=task.job or (settings.merge_job if component == "merge" else settings.extract_job),
     )
     run_id = resolve(ctx)
     layout.run_prefix(pair, run_id)  # validates the id
@@ -124,13 +122,14 @@ def context(component: str, argv: list[str],
 
 
 def run_main(component: str, body: Callable[[JobContext], None], argv: list[str] | None = None,
-             resolve: Callable[[JobContext], str] = default_run_id) -> int:
-    """Run one task of a job with the exit-code contract above; returns the exit code."""
+             resolve: Callable[[JobContext], str] = default_run_id, settings: Settings | None = None) -> int:
+    """Run one task of a job with the exit-code contract above; returns the exit code. `settings`: those the
+    entrypoint already read (the merge's reads them before pyarrow loads), else read here."""
     argv = sys.argv[1:] if argv is None else argv
     started = time.time()
     ctx: JobContext | None = None  # set once the run is known: failures from then on are recorded against it
     try:
-        ctx = context(component, argv, resolve)
+        ctx = context(component, argv, resolve, settings)
         earlier = recorded_failure(ctx, component)
         if earlier is not None:
             ctx.log.error(f"{component} failed permanently on an earlier attempt of this execution: "
@@ -151,7 +150,7 @@ def run_main(component: str, body: Callable[[JobContext], None], argv: list[str]
         return TERMINAL
     except Exception as exc:  # noqa: BLE001 - anything else: let Cloud Run retry the task
         log = ctx.log if ctx else Log(f"bqx.{component}")
-        attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0)
+        attempt = ctx.attempt if ctx else 0
         final = ctx is not None and attempt >= ctx.settings.task_max_retries
         log.error(f"{component} failed{' on its last attempt' if final else ', task will be retried'}: {exc}",
                   exc_info=True, attempt=attempt)

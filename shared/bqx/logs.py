@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bqx.config import Settings
 
 _LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR", "CRITICAL": "CRITICAL"}
 _FIELDS = ("pair", "run_id", "table", "event_id", "stage", "seconds", "component")
@@ -39,18 +41,22 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(component: str, stream: Any = None) -> None:
-    """Install the formatter on the root logger once; JSON unless writing to a terminal."""
+def setup(component: str, settings: Settings | None = None, stream: Any = None) -> None:
+    """Install the formatter on the root logger once per component and settings: JSON unless writing to a terminal
+    (settings.log_format 'json' forces it), at settings.log_level. Without settings (not read yet, or unreadable):
+    the same by the stream alone, at INFO."""
     stream = stream or sys.stdout
+    log_format, level = (settings.log_format, settings.log_level) if settings is not None else ("", "INFO")
     root = logging.getLogger()
-    if getattr(root, "_bqx_component", None) == component:
+    key = (component, log_format, level)
+    if getattr(root, "_bqx_setup", None) == key:
         return
     handler = logging.StreamHandler(stream)
-    as_text = stream.isatty() and os.environ.get("BQX_LOG_FORMAT") != "json"
+    as_text = stream.isatty() and log_format != "json"
     handler.setFormatter(TextFormatter() if as_text else JsonFormatter())
     root.handlers = [handler]
-    root.setLevel(os.environ.get("BQX_LOG_LEVEL", "INFO").upper())
-    root._bqx_component = component  # type: ignore[attr-defined]
+    root.setLevel(level.upper())
+    root._bqx_setup = key  # type: ignore[attr-defined]
     for noisy in ("urllib3", "google", "werkzeug", "gunicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -2,11 +2,18 @@
 
 Sources: BigQuery on-demand analysis per TiB scanned; Cloud Run jobs (tier 1) per vCPU-second and per
 GiB-second of memory; Cloud Storage class A operations. Prices change: these are estimates, not invoices.
+The jobs' resources (vCPUs, memory) are the ones deploy/names.json gives Cloud Run, read from the checkout when a
+cost is first computed (the CLI and reports do; the job image, which has no deploy/, only uses the prices).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bqx.errors import ConfigError
 
 BIGQUERY_PER_TIB_SCANNED = 6.25
 CLOUD_RUN_PER_VCPU_SECOND = 0.000018
@@ -14,9 +21,36 @@ CLOUD_RUN_PER_GIB_SECOND = 0.000002
 GCS_PER_1000_CLASS_A = 0.005
 TIB = 1 << 40
 
-# The jobs' resources, as deploy/ sets them (DESIGN.md).
-EXTRACT_VCPU, EXTRACT_GIB = 4, 8
-MERGE_VCPU, MERGE_GIB = 1, 2
+NAMES_JSON = Path(__file__).resolve().parents[2] / "deploy" / "names.json"
+_MEMORY_UNITS = {"Gi": 1.0, "Mi": 1 / 1024, "G": 1e9 / (1 << 30), "M": 1e6 / (1 << 30)}
+
+
+@dataclass(frozen=True)
+class Resources:
+    vcpu: float
+    gib: float
+
+    @property
+    def usd_per_second(self) -> float:
+        return self.vcpu * CLOUD_RUN_PER_VCPU_SECOND + self.gib * CLOUD_RUN_PER_GIB_SECOND
+
+
+def _gib(memory: str) -> float:
+    """Cloud Run's memory limit ('8Gi', '512Mi') in GiB."""
+    unit = next((u for u in _MEMORY_UNITS if memory.endswith(u)), None)
+    if unit is None:
+        raise ConfigError(f"names.json: memory {memory!r} is not in Gi or Mi")
+    return float(memory[: -len(unit)]) * _MEMORY_UNITS[unit]
+
+
+@functools.cache
+def resources(job: str) -> Resources:
+    """The `extract` or `merge` job's vCPUs and memory, as deploy/names.json deploys them."""
+    try:
+        spec = json.loads(NAMES_JSON.read_text())["jobs"][job]
+    except FileNotFoundError:
+        raise ConfigError(f"pricing needs the checkout's {NAMES_JSON} (the jobs' resources)") from None
+    return Resources(float(spec["cpu"]), _gib(spec["memory"]))
 
 
 @dataclass(frozen=True)
@@ -33,12 +67,11 @@ class Cost:
 
     @property
     def extract_usd(self) -> float:
-        s = self.extract_seconds * self.extract_tasks
-        return s * (EXTRACT_VCPU * CLOUD_RUN_PER_VCPU_SECOND + EXTRACT_GIB * CLOUD_RUN_PER_GIB_SECOND)
+        return self.extract_seconds * self.extract_tasks * resources("extract").usd_per_second
 
     @property
     def merge_usd(self) -> float:
-        return self.merge_seconds * (MERGE_VCPU * CLOUD_RUN_PER_VCPU_SECOND + MERGE_GIB * CLOUD_RUN_PER_GIB_SECOND)
+        return self.merge_seconds * resources("merge").usd_per_second
 
     @property
     def storage_ops_usd(self) -> float:

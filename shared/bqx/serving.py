@@ -11,7 +11,7 @@ from typing import Any
 
 from bqx import logs
 from bqx.config import Settings
-from bqx.errors import ClaimHeld, TerminalError, TransientError
+from bqx.errors import BqxError, ClaimHeld, TerminalError, TransientError
 from bqx.logs import Log
 
 log = Log("bqx.functions")
@@ -27,7 +27,10 @@ def serve(component: str, handler: Any, cloud_event: Any) -> Any:
     redelivered, logged once without a traceback (a claim held by another instance is part of the protocol: INFO);
     unexpected -> raise (500 with the framework's traceback: a bug to look at). Each event's CPU and wall time are
     logged at DEBUG (benchmarks/handoff.py reads them)."""
-    logs.setup(component)
+    try:
+        logs.setup(component, settings())
+    except BqxError:  # an unreadable setting: logged as the event's rejection below
+        logs.setup(component)
     clog = log.bind(component=component, event_id=_safe(cloud_event, "id"))
     cpu, wall, outcome = time.thread_time(), time.perf_counter(), "done"
     try:

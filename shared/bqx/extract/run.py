@@ -221,9 +221,7 @@ def save_report(settings: Settings, report: ExtractReport, failed: bool = False)
     completion function waits for before it asks whether the run is complete (bqx.completion.handler). So a
     success report that cannot be written fails the task transiently (retried; the rerun skips what is written);
     a failure report is best effort (the task is failing anyway)."""
-    import os
-
-    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0") or 0)
+    attempt = settings.task.attempt
     body = {**asdict(report), "failed": failed, "attempt": attempt, "finished_at": time.time()}
     try:
         storage.write_json(settings, settings.staging_bucket,

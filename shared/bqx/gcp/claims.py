@@ -12,10 +12,10 @@
 A job started by hand (`gcloud run jobs execute`) is its own launch: `claim_own` creates the claim recording its own
 execution at once, and never takes a claim held by another execution unless forced.
 
-Fault injection (tests, scripts/chaos.py): with BQX_FAILPOINT_AFTER_CLAIM=<dir>, each claim won takes one token
-file from <dir> if there is one; a token named `exit-*` ends the process on the spot (os._exit: no cleanup, no
-reply, like a killed instance), any other token raises InjectedCrash (the claim is left unrecorded). Unset (as in
-production), it costs one environment lookup per claim.
+Fault injection (tests, scripts/chaos.py): with BQX_FAILPOINT_AFTER_CLAIM=<dir> (Settings.failpoint_after_claim),
+each claim won takes one token file from <dir> if there is one; a token named `exit-*` ends the process on the spot
+(os._exit: no cleanup, no reply, like a killed instance), any other token raises InjectedCrash (the claim is left
+unrecorded). Unset (as in production), it costs nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from bqx.gcp import storage
 from bqx.logs import Log
 
 log = Log("bqx.gcp.claims")
-FAILPOINT_ENV = "BQX_FAILPOINT_AFTER_CLAIM"
 
 
 class InjectedCrash(RuntimeError):
@@ -51,9 +50,9 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def failpoint_after_claim(name: str) -> None:
-    """See the module docstring: consume one token from $BQX_FAILPOINT_AFTER_CLAIM and crash as it says."""
-    directory = os.environ.get(FAILPOINT_ENV)
+def failpoint_after_claim(settings: Settings, name: str) -> None:
+    """See the module docstring: consume one token from settings.failpoint_after_claim and crash as it says."""
+    directory = settings.failpoint_after_claim
     if not directory:
         return
     try:
@@ -143,7 +142,7 @@ def launch_once(
         log.warning("took over a stale claim", claim=name, age_seconds=round(age, 1), **context)
     renewal = _Renewal(settings, name, body, generation)
     try:
-        failpoint_after_claim(name)  # an instance may die right here: tests make it
+        failpoint_after_claim(settings, name)  # an instance may die right here: tests make it
         if on_claimed is not None:
             on_claimed()
         if renewal.lost:

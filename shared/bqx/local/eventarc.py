@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 import threading
 import time
@@ -119,7 +118,7 @@ def main() -> None:
     from bqx.config import Settings
 
     s = Settings.from_env()
-    routes = json.loads(os.environ["BQX_EVENTARC_ROUTES"])
+    routes = json.loads(s.eventarc_routes)
     print(json.dumps({"severity": "INFO", "message": "local Eventarc delivering", "routes": routes,
                       "concurrency": CONCURRENCY}), flush=True)
     health(s.ports.eventarc)

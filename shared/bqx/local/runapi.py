@@ -607,12 +607,16 @@ def _no_constant(name: str) -> None:
 
 def main() -> None:
     """python -m bqx.local.runapi: serve on BQX_PORT_RUN_API with jobs from BQX_LOCAL_JOBS (JSON)."""
-    home = Path(os.environ["BQX_RUN_API_HOME"])
-    jobs = json.loads(os.environ["BQX_LOCAL_JOBS"])
-    port = int(os.environ.get("BQX_PORT_RUN_API", "8090"))
+    from bqx.config import Settings
+
+    s = Settings.from_env()
+    if not s.run_api_home or not s.local_jobs:
+        raise SystemExit("bqx.local.runapi is started by the local stack (BQX_RUN_API_HOME, BQX_LOCAL_JOBS)")
+    port = s.ports.run_api
+    # the executions' environment: this process's own, passed on (not settings read here)
     base_env = {k: v for k, v in os.environ.items() if k not in ("BQX_LOCAL_JOBS",)}
-    api = RunApi(home, jobs, base_env, max_retries=int(os.environ.get("BQX_TASK_MAX_RETRIES", "1")),
-                 region=os.environ.get("BQX_REGION") or "us-central1")
+    api = RunApi(Path(s.run_api_home), json.loads(s.local_jobs), base_env, max_retries=s.task_max_retries,
+                 region=s.region)
     server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(api))
     server.daemon_threads = True
     print(json.dumps({"severity": "INFO", "message": f"local Cloud Run API on 127.0.0.1:{port}"}), flush=True)

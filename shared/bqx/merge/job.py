@@ -17,6 +17,7 @@ import sys
 
 from bqx import layout, runs
 from bqx.catalog import Manifest
+from bqx.config import Settings
 from bqx.errors import BadCheckpoint, BadRequest, Refused
 from bqx.gcp import claims, storage
 from bqx.job import JobContext, run_main
@@ -97,8 +98,9 @@ def body(ctx: JobContext) -> None:
     merge_run(s, manifest, s.merge_method, ctx.execution)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main("merge", body, argv, resolve)
+def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
+    """`settings`: those the entrypoint read before pyarrow loaded (jobs/merge/main.py), else read here."""
+    return run_main("merge", body, argv, resolve, settings)
 
 
 if __name__ == "__main__":
