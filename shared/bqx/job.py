@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from bqx import ids, layout, logs
+from bqx import ids, layout, logs, runs
 from bqx.config import Settings
 from bqx.errors import BadRequest, Refused, TerminalError
 from bqx.gcp import storage
@@ -170,13 +170,14 @@ def recorded_failure(ctx: JobContext, stage: str) -> dict[str, object] | None:
 
 
 def record_error(ctx: JobContext, stage: str, exc: BaseException, started: float) -> None:
+    """Record the failure in the run's error.json (bqx.runs.record_failure: the first error of a run wins)."""
     retry = f"bqx merge {ctx.pair} --run-id {ctx.run_id}" if stage == "merge" else f"bqx run {ctx.pair}"
     try:
-        storage.write_json(ctx.settings, ctx.settings.staging_bucket, layout.run_error(ctx.pair, ctx.run_id), {
-            "pair": ctx.pair, "run_id": ctx.run_id, "stage": stage, "error": str(exc),
-            "error_type": type(exc).__name__, "table": getattr(exc, "table", None),
-            "at": time.time(), "seconds": round(time.time() - started, 3), "retry": retry,
-            "execution": ctx.execution_name, "attempt": ctx.attempt,
-        })
+        recorded = runs.record_failure(ctx.settings, ctx.pair, ctx.run_id, stage, str(exc), type(exc).__name__, retry,
+                                       table=getattr(exc, "table", None), seconds=round(time.time() - started, 3),
+                                       execution=ctx.execution_name, attempt=ctx.attempt)
     except Exception as write_exc:  # noqa: BLE001 - the log line above already carries the error
         ctx.log.error(f"could not record the error: {write_exc}")
+        return
+    if not recorded:
+        ctx.log.warning("the run's error.json already records an earlier failure; kept (the first error wins)")

@@ -67,6 +67,18 @@ def manifest(pair: str, run_id: str) -> str:
     return f"{run_prefix(pair, run_id)}manifest.json"
 
 
+def parse_manifest(pair: str, name: str) -> str | None:
+    """The run id when `name` is a manifest of `pair` exactly as manifest() builds it, else None."""
+    prefix = runs_prefix(pair)
+    if not name.startswith(prefix):
+        return None
+    run_id = name[len(prefix):].split("/", 1)[0]
+    try:
+        return run_id if manifest(pair, run_id) == name else None
+    except TerminalError:  # not a run directory bqx wrote
+        return None
+
+
 def claim(pair: str, run_id: str, stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bqx import layout, pricing
-from bqx.catalog import Manifest
+from bqx import layout, pricing, runs
 from bqx.config import Settings
 from bqx.errors import TerminalError
 from bqx.gcp import storage
@@ -85,8 +84,7 @@ def load(settings: Settings, pair: str, run_id: str | None = None) -> Timeline:
                 tl.extract_launched_at = claim[0].get("launched_at")
             else:
                 tl.merge_claimed_at, tl.merge_launched_at = claim[0].get("claimed_at"), claim[0].get("launched_at")
-    found = storage.read_json(s, s.staging_bucket, layout.manifest(pair, run_id))
-    manifest = Manifest.from_json(found[0]) if found else None
+    manifest = runs.load_manifest(s, pair, run_id)
     if manifest:
         tl.manifest_at = manifest.created_at
     spans: dict[str, TableSpan] = {}

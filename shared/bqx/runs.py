@@ -13,7 +13,6 @@ from bqx.catalog import Manifest, TableEntry, family_of
 from bqx.config import Settings
 from bqx.errors import AlreadyRunning, TerminalError, TransientError
 from bqx.gcp import claims, storage
-from bqx.gcp.clients import storage_client
 
 
 @dataclass
@@ -117,16 +116,11 @@ def register(s: Settings, pair: str, run_id: str, launch: Callable[[], str], ori
 
 def run_ids(s: Settings, pair: str) -> list[str]:
     """The pair's runs that have a manifest, newest first (by when the manifest was written)."""
-    prefix = layout.runs_prefix(pair)
     found = []
-    for name, (_, created) in storage.list_objects(s, s.staging_bucket, prefix).items():
-        run_id = name[len(prefix):].split("/", 1)[0]
-        try:
-            if layout.manifest(pair, run_id) != name:
-                continue
-        except TerminalError:
-            continue  # not a run directory bqx wrote
-        found.append((created, run_id))
+    for name, (_, created) in storage.list_objects(s, s.staging_bucket, layout.runs_prefix(pair)).items():
+        run_id = layout.parse_manifest(pair, name)
+        if run_id is not None:
+            found.append((created, run_id))
     return [run_id for _, run_id in sorted(found, reverse=True)]
 
 
@@ -267,7 +261,7 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
         )
 
         expected, present = manifest.expected_objects(), {}
-        for b in storage_client(s).list_blobs(s.staging_bucket, prefix=layout.checkpoints_prefix(pair, run_id)):
+        for b in storage.list_blobs(s, s.staging_bucket, layout.checkpoints_prefix(pair, run_id)):
             if b.name in expected:
                 present[b.name] = (int(b.size or 0), b.time_created.timestamp() if b.time_created else 0.0)
                 rs.validated += is_marked(b)
@@ -322,9 +316,17 @@ def follow(settings: Settings, pair: str, run_id: str, timeout: float, on_update
 
 
 def record_failure(s: Settings, pair: str, run_id: str, stage: str, error: str, error_type: str, retry: str,
-                   **extra: Any) -> bool:
+                   table: str | None = None, **extra: Any) -> bool:
     """Record why the run cannot go on in runs/<pair>/<run>/error.json, where `bqx status` and `bqx run` show it
-    with the command to retry. The first failure recorded wins (create-once); True if this one was recorded."""
+    with the command to retry: the one writer of that record (the functions, the completion's validation, the jobs).
+
+    The first failure recorded wins (create-once); True if this one was recorded. The record answers "why did this
+    run stop", and the first failure is that cause (what follows it is often its consequence). It is also what
+    bqx.completion.validate.blocking_error decides on: a validation error about a table since re-extracted and
+    validated no longer blocks the merge, so a later record must never replace an earlier one (it could turn an
+    error that blocks for good, an unexpected table or a refused merge, into one that no longer blocks). And with
+    many writers at once (668 completion events, the job's tasks) create-once keeps the record from changing under
+    `bqx status` while they race."""
     body = {"pair": pair, "run_id": run_id, "stage": stage, "error": error, "error_type": error_type,
-            "table": None, "at": time.time(), "retry": retry, **extra}
+            "table": table, "at": time.time(), "retry": retry, **extra}
     return storage.create_json(s, s.staging_bucket, layout.run_error(pair, run_id), body) is not None

@@ -21,18 +21,14 @@ checkpoint whose own event was lost is validated then — so a lost finalize eve
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
-from google.api_core import exceptions as gexc
-
-from bqx import events, layout
+from bqx import events, layout, runs
 from bqx.catalog import Manifest
 from bqx.completion.inspect import Verdict, inspect
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, DuplicateKeys, ObjectGone, TransientError
 from bqx.gcp import storage
-from bqx.gcp.clients import storage_client
 from bqx.logs import Log
 
 VALIDATED = "bqx_validated"  # custom metadata key: the crc32c of the content that passed validation
@@ -61,16 +57,11 @@ def arrival(s: Settings, manifest: Manifest, name: str, generation: int,
     object resource (size, crc32c, metadata of this generation) saves reading the object's metadata."""
     cp = layout.parse_checkpoint(name)
     entry = next((t for t in manifest.tables if t.checkpoint == name), None)
-    bucket = storage.bucket(s, s.staging_bucket)
     if known is not None and known.size is not None and known.crc32c and known.metadata is not None:
-        blob = bucket.blob(name, generation=generation)
-        # as the client fills a blob from a listing's resource (nothing marked changed, so a patch sends only
-        # what is set afterwards)
-        blob._set_properties({"name": name, "bucket": s.staging_bucket, "generation": str(generation),
-                              "size": str(known.size), "crc32c": known.crc32c, "metadata": known.metadata})
+        blob = storage.known_blob(s, s.staging_bucket, name, generation, known.size, known.crc32c, known.metadata)
     else:
         try:
-            blob = bucket.get_blob(name, generation=generation)
+            blob = storage.get_blob(s, s.staging_bucket, name, generation)
         except storage.TRANSIENT as exc:
             raise TransientError(f"reading {name}: {exc}") from exc
     if blob is None:
@@ -82,7 +73,7 @@ def arrival(s: Settings, manifest: Manifest, name: str, generation: int,
                f"checkpoint {name} is not in run {manifest.run_id}'s manifest (unexpected table {cp.table!r})",
                UnexpectedCheckpoint.__name__)
     try:
-        verdict = inspect(storage.bucket(s, s.staging_bucket).blob(name, generation=generation), int(blob.size or 0),
+        verdict = inspect(storage.blob(s, s.staging_bucket, name, generation), int(blob.size or 0),
                           entry)  # type: ignore[arg-type]
     except ObjectGone:
         return False
@@ -91,14 +82,10 @@ def arrival(s: Settings, manifest: Manifest, name: str, generation: int,
     if not verdict.ok:
         reject(s, manifest.pair, manifest.run_id, cp.table, name, generation,
                f"checkpoint of table {cp.table!r} rejected: {verdict.reason}", verdict.error_type)
-    blob.metadata = {**(blob.metadata or {}), VALIDATED: str(blob.crc32c)}
     try:
-        blob.patch(if_generation_match=generation)
-    except (gexc.PreconditionFailed, gexc.NotFound):
-        return False
+        return storage.patch_metadata(blob, {**(blob.metadata or {}), VALIDATED: str(blob.crc32c)}, generation)
     except storage.TRANSIENT as exc:
         raise TransientError(f"marking {name} validated: {exc}") from exc
-    return True
 
 
 _ERRORS = {"BadCheckpoint": BadCheckpoint, "DuplicateKeys": BadCheckpoint,
@@ -108,16 +95,12 @@ _ERRORS = {"BadCheckpoint": BadCheckpoint, "DuplicateKeys": BadCheckpoint,
 def reject(s: Settings, pair: str, run_id: str, table: str, name: str | None, generation: int | None,
            reason: str, error_type: str) -> None:
     """Set the object aside (copy to quarantine, then delete that generation), record the run's error, raise."""
-    bucket = storage.bucket(s, s.staging_bucket)
     kept = None
     try:
         if name is not None and generation is not None:
             kept = layout.quarantine(pair, run_id, table)
-            src = bucket.blob(name, generation=generation)
-            try:
-                bucket.copy_blob(src, bucket, kept, source_generation=generation)
-            except gexc.NotFound:
-                kept = kept if storage.exists(s, s.staging_bucket, kept) else None
+            if not storage.copy_generation(s, s.staging_bucket, name, generation, kept):
+                kept = kept if storage.exists(s, s.staging_bucket, kept) else None  # set aside by another delivery
         record(s, pair, run_id, table, reason, error_type, quarantined=kept, generation=generation)
         if name is not None and generation is not None:
             storage.delete_if_generation(s, s.staging_bucket, name, generation)
@@ -129,10 +112,8 @@ def reject(s: Settings, pair: str, run_id: str, table: str, name: str | None, ge
 
 def record(s: Settings, pair: str, run_id: str, table: str | None, reason: str, error_type: str,
            **extra: Any) -> bool:
-    """Write runs/<pair>/<run>/error.json (same shape as the jobs' record_error) unless one is there already."""
-    body = {"pair": pair, "run_id": run_id, "stage": STAGE, "error": reason, "error_type": error_type,
-            "table": table, "at": time.time(), "retry": f"bqx run {pair}", **extra}
-    return storage.create_json(s, s.staging_bucket, layout.run_error(pair, run_id), body) is not None
+    """Record the run's validation failure (bqx.runs.record_failure: the first error of a run wins)."""
+    return runs.record_failure(s, pair, run_id, STAGE, reason, error_type, f"bqx run {pair}", table=table, **extra)
 
 
 def validated(s: Settings, manifest: Manifest) -> set[str]:
@@ -143,8 +124,7 @@ def validated(s: Settings, manifest: Manifest) -> set[str]:
 def listing(s: Settings, manifest: Manifest) -> tuple[set[str], set[str]]:
     """(present, validated): the objects under the run's checkpoint prefix, and those marked valid (one listing)."""
     present, valid = set(), set()
-    for b in storage_client(s).list_blobs(s.staging_bucket,
-                                          prefix=layout.checkpoints_prefix(manifest.pair, manifest.run_id)):
+    for b in storage.list_blobs(s, s.staging_bucket, layout.checkpoints_prefix(manifest.pair, manifest.run_id)):
         present.add(b.name)
         if is_marked(b):
             valid.add(b.name)
@@ -159,7 +139,7 @@ def complete(s: Settings, manifest: Manifest) -> tuple[bool, set[str], int]:
     present, valid = listing(s, manifest)
     if expected <= present and not expected <= valid and len(present - valid) <= INLINE_VALIDATIONS:
         for name in sorted(present - valid):
-            blob = storage.bucket(s, s.staging_bucket).get_blob(name)
+            blob = storage.get_blob(s, s.staging_bucket, name)
             if blob is not None:
                 arrival(s, manifest, name, int(blob.generation))
         present, valid = listing(s, manifest)
@@ -190,14 +170,14 @@ def blocking_error(s: Settings, manifest: Manifest, valid: set[str]) -> dict[str
 
 def extract_finished(s: Settings, pair: str, run_id: str) -> bool:
     """Every task of the run's extract has a report that did not fail."""
-    bucket = storage.bucket(s, s.staging_bucket)
     done: set[int] = set()
     count = None
-    for b in storage_client(s).list_blobs(s.staging_bucket, prefix=layout.extract_reports_prefix(pair, run_id)):
-        try:
-            body = json.loads(bucket.blob(b.name).download_as_bytes())
-        except gexc.NotFound:
+    for b in storage.list_blobs(s, s.staging_bucket, layout.extract_reports_prefix(pair, run_id)):
+        raw = storage.read_bytes(s, s.staging_bucket, b.name)
+        if raw is None:
             continue
+        try:
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             continue
         count = int(body.get("task_count") or 1)
@@ -223,6 +203,6 @@ def sweep(s: Settings, manifest: Manifest) -> None:
         raise MissingCheckpoints(reason)
     valid = validated(s, manifest)
     for name in sorted(set(present) - valid):
-        blob = storage.bucket(s, s.staging_bucket).get_blob(name)
+        blob = storage.get_blob(s, s.staging_bucket, name)
         if blob is not None:
             arrival(s, manifest, name, int(blob.generation))

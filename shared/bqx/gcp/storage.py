@@ -90,6 +90,60 @@ def exists(settings: Settings, bucket_name: str, name: str) -> bool:
     return bucket(settings, bucket_name).blob(name).exists()
 
 
+def blob(settings: Settings, bucket_name: str, name: str, generation: int | None = None):  # type: ignore[no-untyped-def]
+    """A handle on the object (that generation, if given); no request is made."""
+    return bucket(settings, bucket_name).blob(name, generation=generation)
+
+
+def known_blob(settings: Settings, bucket_name: str, name: str, generation: int, size: int, crc32c: str,
+               metadata: dict[str, str]):  # type: ignore[no-untyped-def]
+    """A handle on one generation whose resource is already known (an event's): filled as the client fills a blob
+    from a listing, so nothing needs reading and a later patch sends only what is changed afterwards."""
+    found = blob(settings, bucket_name, name, generation)
+    found._set_properties({"name": name, "bucket": bucket_name, "generation": str(generation), "size": str(size),
+                           "crc32c": crc32c, "metadata": metadata})
+    return found
+
+
+def get_blob(settings: Settings, bucket_name: str, name: str, generation: int | None = None):  # type: ignore[no-untyped-def]
+    """The object's resource (that generation, if given; else the live one), or None when absent. One request."""
+    return bucket(settings, bucket_name).get_blob(name, generation=generation)
+
+
+def list_blobs(settings: Settings, bucket_name: str, prefix: str):  # type: ignore[no-untyped-def]
+    """Every object under prefix, with its resource (size, generation, crc32c, metadata): one listing."""
+    return storage_client(settings).list_blobs(bucket_name, prefix=prefix)
+
+
+def read_bytes(settings: Settings, bucket_name: str, name: str) -> bytes | None:
+    """The object's content in one request, or None when absent."""
+    try:
+        return bucket(settings, bucket_name).blob(name).download_as_bytes()
+    except gexc.NotFound:
+        return None
+
+
+def copy_generation(settings: Settings, bucket_name: str, name: str, generation: int, dst: str) -> bool:
+    """Copy that generation of `name` to `dst` in the same bucket. False when that generation is gone."""
+    b = bucket(settings, bucket_name)
+    try:
+        b.copy_blob(b.blob(name, generation=generation), b, dst, source_generation=generation)
+    except gexc.NotFound:
+        return False
+    return True
+
+
+def patch_metadata(found: Any, metadata: dict[str, str], generation: int) -> bool:
+    """Set custom metadata on `found` (a blob from get_blob, list_blobs or known_blob) if it is still at
+    `generation`. False when it was replaced or deleted meanwhile."""
+    found.metadata = metadata
+    try:
+        found.patch(if_generation_match=generation)
+    except (gexc.PreconditionFailed, gexc.NotFound):
+        return False
+    return True
+
+
 class ObjectSink:
     """A write-only file that becomes one object: in a single request while it is at most `small` bytes (one
     request instead of a resumable session's two or more; a create-once precondition is honoured), as a resumable
