@@ -98,7 +98,7 @@ resource "google_storage_bucket_iam_member" "extract_output_summaries" {
 
 # run.jobs.runWithOverrides stays: an execution needs its pair (container args) and run id (BQX_RUN_ID), which only
 # overrides carry. What an override could do beyond that is closed elsewhere: the functions pass only the pair, the run
-# id and a task count (bqx.launch); the jobs run `python -I` (jobs/Dockerfile), so PYTHON* variables load nothing; and
+# id and a task count (bqx.gcp.launch); the jobs run `python -I` (jobs/Dockerfile), so PYTHON* variables load nothing; and
 # the job launcher is bound per job, to the one function that starts it.
 resource "google_project_iam_custom_role" "job_launcher" {
   project     = var.project

@@ -3,6 +3,7 @@ and a local Cloud Run API that counts launches. Acked = HTTP 200, redelivered = 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -271,3 +272,106 @@ def test_deeply_nested_json_is_a_bad_request(s, run_api, nested: bytes) -> None:
     gen = upload(s, name, nested)
     assert post(client("trigger"), storage_event(s.staging_bucket, name, gen)) == 200
     assert launches(run_api, "bqx-ml-extract") == []
+
+
+# ---------------------------------------------------------------- recorded payloads (tests/data), as Google sends them
+# Each file is an event as Eventarc or Pub/Sub delivers it (shapes from Google's documentation and its
+# google-cloudevents test data). A test renames the recorded object to one it wrote and posts the rest untouched.
+
+DATA = REPO / "tests" / "data"
+
+
+def recorded(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def _object_resource(resource: dict, blob) -> dict:  # type: ignore[no-untyped-def]
+    """The recorded object resource, renamed to `blob` (identity and content fields; the rest as recorded)."""
+    return {**resource, "bucket": blob.bucket.name, "name": blob.name, "generation": str(blob.generation),
+            "id": f"{blob.bucket.name}/{blob.name}/{blob.generation}", "size": str(blob.size),
+            "crc32c": blob.crc32c, "md5Hash": blob.md5_hash}
+
+
+def eventarc_finalized(blob) -> dict:  # type: ignore[no-untyped-def]
+    """tests/data/eventarc_storage_finalized.json about `blob`."""
+    ce = recorded("eventarc_storage_finalized.json")
+    ce.update(source=f"//storage.googleapis.com/projects/_/buckets/{blob.bucket.name}", subject=f"objects/{blob.name}",
+              bucket=blob.bucket.name, id=uuid.uuid4().hex, data=_object_resource(ce["data"], blob))
+    return ce
+
+
+def notification_push(blob) -> dict:  # type: ignore[no-untyped-def]
+    """tests/data/pubsub_push_gcs_notification.json about `blob`: a GCS notification in a Pub/Sub push body."""
+    body = recorded("pubsub_push_gcs_notification.json")
+    msg = body["message"]
+    resource = json.loads(base64.b64decode(msg["data"]))
+    msg["attributes"].update(bucketId=blob.bucket.name, objectId=blob.name, objectGeneration=str(blob.generation))
+    msg["data"] = base64.b64encode(json.dumps(_object_resource(resource, blob)).encode()).decode()
+    msg["messageId"] = msg["message_id"] = uuid.uuid4().hex
+    return body
+
+
+def post_structured(c, ce: dict) -> int:  # type: ignore[no-untyped-def]
+    """The CloudEvent in structured mode: the whole event is the JSON body."""
+    return c.post("/", data=json.dumps(ce), headers={"Content-Type": "application/cloudevents+json"}).status_code
+
+
+def post_binary(c, ce: dict) -> int:  # type: ignore[no-untyped-def]
+    """The CloudEvent in binary mode (how Eventarc delivers over HTTP): attributes as ce-* headers, data the body."""
+    headers = {f"ce-{k}": str(v) for k, v in ce.items() if k not in ("data", "datacontenttype")}
+    headers["Content-Type"] = ce["datacontenttype"]
+    return c.post("/", data=json.dumps(ce["data"]), headers=headers).status_code
+
+
+def post_push(c, body: dict) -> int:  # type: ignore[no-untyped-def]
+    """A Pub/Sub push request's JSON body, not a CloudEvent (functions-framework converts it)."""
+    return c.post("/", json=body).status_code
+
+
+def _extract_args(run_api: RunApi) -> list[list[str]]:
+    return sorted(run_api.executions[e["name"].rsplit("/", 1)[-1]].args for e in launches(run_api, "bqx-ml-extract"))
+
+
+def test_recorded_eventarc_storage_events_start_extracts_in_both_modes(s, run_api) -> None:
+    c = client("trigger")
+    blobs = {}
+    for pair in ("eurusd", "gbpusd"):
+        upload(s, layout.request(pair), json.dumps({"pair": pair}).encode())
+        blobs[pair] = storage.get_blob(s, s.staging_bucket, layout.request(pair))
+    assert post_binary(c, eventarc_finalized(blobs["eurusd"])) == 200
+    assert post_structured(c, eventarc_finalized(blobs["gbpusd"])) == 200
+    assert _extract_args(run_api) == [["eurusd"], ["gbpusd"]]
+    # delivered again, in the other mode each: nothing more starts
+    assert post_structured(c, eventarc_finalized(blobs["eurusd"])) == 200
+    assert post_binary(c, eventarc_finalized(blobs["gbpusd"])) == 200
+    assert _extract_args(run_api) == [["eurusd"], ["gbpusd"]]
+
+
+def test_recorded_pubsub_push_and_eventarc_message_start_extracts(s, run_api) -> None:
+    c = client("trigger")
+    push = recorded("pubsub_push_request.json")
+    assert json.loads(base64.b64decode(push["message"]["data"])) == {"pair": "eurusd"}
+    assert post_push(c, push) == 200
+    assert _extract_args(run_api) == [["eurusd"]]
+    ce = recorded("eventarc_pubsub_published.json")
+    ce["data"]["message"]["data"] = base64.b64encode(b'{"pair": "usdjpy"}').decode()
+    assert post_binary(c, ce) == 200
+    assert _extract_args(run_api) == [["eurusd"], ["usdjpy"]]
+    assert post_structured(c, ce) == 200  # the same message again
+    assert post_push(c, push) == 200
+    assert _extract_args(run_api) == [["eurusd"], ["usdjpy"]]
+
+
+def test_recorded_storage_events_validate_checkpoints_from_their_object_resource(s, run_api) -> None:
+    from bqx.completion.validate import is_marked
+
+    run_id, objects = _run_with_checkpoints(s, 2)
+    c = client("completion")
+    for name in objects:
+        upload(s, name, checkpoint_bytes())
+    first, second = (storage.get_blob(s, s.staging_bucket, n) for n in objects)
+    assert not is_marked(first) and not is_marked(second)
+    assert post_binary(c, eventarc_finalized(first)) == 200
+    assert post_push(c, notification_push(second)) == 200
+    assert all(is_marked(storage.get_blob(s, s.staging_bucket, n)) for n in objects)
+    assert launches(run_api, "bqx-ml-merge") == []  # the extract has not reported its end

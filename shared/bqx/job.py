@@ -3,7 +3,7 @@
 Arguments: `<pair> [--force]` (extract), `<pair> [<run_id>] [--force]` (merge); `gcloud run jobs execute JOB
 --args=eurusd,--force` gives the container exactly those. The trigger and the completion function launch the jobs
 with `<pair>` and BQX_RUN_ID; started by hand (no BQX_RUN_ID), the jobs apply the same exactly-once rules
-themselves (see jobs/extract.py and jobs/merge.py).
+themselves (see bqx.extract.job and bqx.merge.job).
 
 Exit codes (Cloud Run marks an execution failed, and retries the task, on any non-zero exit):
   0  done; or nothing to do (a duplicate launch whose run another execution owns).
