@@ -111,3 +111,44 @@ def test_the_scanner_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     src.write_text("def f():\n    from bqx.local import stack\n    import bqx.gcp.storage\nfrom . import x\n")
     found = imports(src, "bqx.merge")
     assert {"bqx.local", "bqx.local.stack", "bqx.gcp.storage", "bqx.merge", "bqx.merge.x"} <= found
+
+
+def public(package: str) -> set[str]:
+    """The submodules a package's __init__ lists in __all__ (read from its source: importing it is not needed)."""
+    init = LIBRARY.parent / Path(*package.split(".")) / "__init__.py"
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return {f"{package}.{name}" for name in ast.literal_eval(node.value)}
+    raise AssertionError(f"{init} has no __all__")
+
+
+PACKAGES = sorted(module_name(p.parent / "__init__.py") for p in LIBRARY.glob("*/__init__.py"))
+
+
+def test_packages_say_what_is_public_and_others_use_only_that() -> None:
+    assert {"bqx.extract", "bqx.completion", "bqx.merge", "bqx.parquet", "bqx.gcp", "bqx.local"} <= set(PACKAGES)
+    users = {**library(), **{f"{p.parent.parent.name}/{p.parent.name}": imports(p, "")
+                             for p in [*(REPO / "functions").glob("*/main.py"), *(REPO / "jobs").glob("*/main.py")]}}
+    broken = []
+    for package in PACKAGES:
+        listed = public(package)
+        modules = {module_name(p) for p in (LIBRARY.parent / Path(*package.split("."))).glob("*.py")} - {package}
+        assert listed <= modules, f"{package}.__all__ names no module: {sorted(listed - modules)}"
+        for importer, imported in users.items():
+            if within(importer, package):
+                continue
+            broken += [f"{importer} imports {m}" for m in sorted(_real(imported) & (modules - listed))]
+    assert not broken, "private modules used outside their package (list them in its __all__ if public): " + \
+        ", ".join(broken)
+
+
+def test_importing_bqx_loads_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; before = set(sys.modules); import bqx; print(' '.join(sorted(set(sys.modules) - before)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    loaded = done.stdout.split()
+    assert "bqx" in loaded
+    heavy = ("pyarrow", "numpy", "duckdb", "polars", "google.cloud.", "google.api_core", "click", "rich", "matplotlib")
+    assert not [m for m in loaded if m.startswith(heavy)], loaded  # a Python API there must keep these lazy

@@ -1,2 +1,8 @@
 """Google Cloud clients and the semantics bqx builds on them: storage preconditions, exactly-once launches,
-the Run API call."""
+the Run API call.
+
+Public: `storage` (create-once, generations, listings), `claims` (launch_once, claim_own), `launch` (run_job),
+`clients` (one client per process; TRANSIENT_ERRORS), `objectfile` (ranged reads of one object generation).
+"""
+
+__all__ = ["claims", "clients", "launch", "objectfile", "storage"]

@@ -1,3 +1,10 @@
 """The merge stage: every method (stream, polars, bigquery) side by side, the shared types and sizing, and
 the one run that dispatches, verifies and publishes. Nothing here imports pyarrow at package import: the merge job
-tunes Arrow's allocator (allocator.py) before pyarrow loads."""
+tunes Arrow's allocator (allocator.py) before pyarrow loads.
+
+Public: `job` (the merge job's body, for jobs/merge/main.py), `publish` (merge_run: one run merged, verified and
+published), `allocator` (configure, before pyarrow loads), `stream` (the default method; local_inputs and merge for
+`bqx merge --from`). Private: the other methods (`bigquery`, `methods`) and `stitch`.
+"""
+
+__all__ = ["allocator", "job", "publish", "stream"]
