@@ -4,7 +4,8 @@ tunes Arrow's allocator (allocator.py) before pyarrow loads.
 
 Public: `job` (the merge job's body, for jobs/merge/main.py), `publish` (merge_run: one run merged, verified and
 published), `allocator` (configure, before pyarrow loads), `stream` (the default method; local_inputs and merge for
-`bqx merge --from`). Private: the other methods (`bigquery`, `methods`) and `stitch`.
+`bqx merge --from`), `compose` (aligned files laid end to end, for `bqx merge --from`). Private: the other methods
+(`bigquery`, `methods`) and `stitch`.
 """
 
-__all__ = ["allocator", "job", "publish", "stream"]
+__all__ = ["allocator", "compose", "job", "publish", "stream"]

@@ -1,5 +1,5 @@
-"""Merge methods other than the built-in streaming merge (`stream`, the default, which deploy/ sets for the cloud
-too): `bigquery` (the join done in BigQuery) and `polars`.
+"""Merge methods other than the built-in ones (`auto`, the default here and in deploy/, which composes an aligned
+run and streams any other; `stream`; `compose`): `bigquery` (the join done in BigQuery) and `polars`.
 
 `run(method, settings, manifest, temp_blob, metadata)` writes the merged Parquet to the GCS blob `temp_blob`
 and returns its MergeStats; bqx.merge.publish checks and publishes it. Every method produces the same file content
