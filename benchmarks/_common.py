@@ -3,6 +3,7 @@ polling the tree's peak RSS."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,9 +15,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx.catalog import KEY, targets_table
+from bqx.catalog import GRID_FILE_KEY, KEY, targets_table
 from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
 from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS
 
@@ -38,7 +41,7 @@ class BenchShape:
     def dir(self) -> Path:
         settings = zlib.crc32(json.dumps([WRITER_OPTIONS, CHECKPOINT_ROW_GROUP], sort_keys=True).encode())
         return CACHE / (f"{self.key}-r{self.rows}-c{self.value_columns or 'real'}-t{self.table_scale}"
-                        f"{'-aligned' if self.aligned else ''}-w{settings:08x}")
+                        f"{'-aligned-grid' if self.aligned else ''}-w{settings:08x}")
 
 
 SHAPES = {
@@ -48,6 +51,9 @@ SHAPES = {
     # The stretch case: checkpoints written aligned to the targets (the LEFT JOIN pushed down into extraction).
     "A": BenchShape("A", "10 cols x 100k rows, aligned", 100_000, 10, aligned=True),
     "C": BenchShape("C", "~17k cols x 20k rows, aligned", 20_000, None, aligned=True),
+    # The pipeline's default row count, aligned (issue 19's compose merge goal is measured here).
+    "D": BenchShape("D", "~17k cols x 2k rows, aligned", 2_000, None, aligned=True),
+    "E": BenchShape("E", "~17k cols x 100k rows, aligned", 100_000, None, aligned=True),
 }
 
 
@@ -59,6 +65,10 @@ def quick(shape: BenchShape) -> BenchShape:
 def _write_one(args: tuple[BenchShape, str | None]) -> int:
     shape, table = args
     ws = Shape(rows=shape.rows, seed=7, table_scale=shape.table_scale)
+    meta = {}
+    if shape.aligned:  # the grid's digest, as the aligned extract writes it (bqx.catalog.Grid)
+        keys = targets_arrow(PAIR, ws).column(KEY).cast(pa.int64()).to_numpy()
+        meta[GRID_FILE_KEY] = hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()
     if table is None:
         data, name = targets_arrow(PAIR, ws), targets_table(PAIR)
     else:
@@ -69,6 +79,8 @@ def _write_one(args: tuple[BenchShape, str | None]) -> int:
         if shape.aligned:
             keys = targets_arrow(PAIR, ws).select([KEY])
             data = keys.join(data, KEY, join_type="left outer").sort_by(KEY).select(data.column_names)
+    if meta:
+        data = data.replace_schema_metadata({**(data.schema.metadata or {}), **meta})
     tmp = shape.dir / f".{name}.parquet.tmp"
     pq.write_table(data, tmp, row_group_size=CHECKPOINT_ROW_GROUP, **WRITER_OPTIONS)
     tmp.replace(shape.dir / f"{name}.parquet")

@@ -1,10 +1,12 @@
 """Merge benchmark (issue 9): one command, one table.
 
     python benchmarks/merge.py [--shapes a,b,c] [--quick] [--timeout 600]
-                               [--contenders floor,copy,ours,ours-gcs,polars,duckdb]
+                               [--contenders floor,copy,ours,ours-gcs,compose,compose-gcs,polars,duckdb]
 
 Shapes: (a) 10 value columns x 100k rows x 667 tables + targets, (b) the same at 500k rows, (c) the warehouse's real
-column mix (~17,000 columns) x 20k rows. Inputs are generated once into benchmarks/.cache/ (one Parquet file per
+column mix (~17,000 columns) x 20k rows; A, C, D (2k rows), E (100k rows): the same, aligned (issue 19: each
+checkpoint LEFT-JOINed onto the targets' keys, carrying the grid's digest), which the compose contenders need.
+Inputs are generated once into benchmarks/.cache/ (one Parquet file per
 table, sorted by interval_time). Each contender runs in its own process; wall time and peak RSS are of its whole
 process tree (polled), scratch is the peak size of its scratch directory. A contender over --timeout or over
 --memory-cap is killed and reported as such.
@@ -31,9 +33,10 @@ sys.path.insert(0, str(HERE))
 from _common import PAIR, SHAPES, BenchShape, Result, ensure_data, gib, input_bytes, quick, run_tree  # noqa: E402
 
 KEY = "interval_time"
-CONTENDERS = ("floor", "copy", "ours", "ours-gcs", "polars", "duckdb")
+CONTENDERS = ("floor", "copy", "ours", "ours-gcs", "compose", "compose-gcs", "polars", "duckdb")
+GCS_CONTENDERS = ("ours-gcs", "compose-gcs")
 BUCKET = "bench-checkpoints"
-REPEATED = ("floor", "copy", "ours", "ours-gcs")
+REPEATED = ("floor", "copy", "ours", "ours-gcs", "compose", "compose-gcs")
 DISK_RESERVE = 4 << 30  # a contender whose output or scratch would leave less free disk than this is stopped
 PY = sys.executable
 
@@ -117,6 +120,53 @@ def run_ours_gcs(src: Path, dst: Path, scratch: Path) -> dict:
     return {"bytes": stats.bytes, "rows": stats.rows, "merge_seconds": round(stats.seconds, 2)}
 
 
+def _key_bytes(path: Path) -> int:
+    """Compressed bytes of a file's key column: what local_grid reads of the targets to check their digest."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    i = pq.read_schema(path).get_field_index(KEY)
+    return sum(md.row_group(r).column(i).total_compressed_size for r in range(md.num_row_groups))
+
+
+def run_compose(src: Path, dst: Path, scratch: Path) -> dict:
+    """The compose merge on local files (bqx merge --from on aligned checkpoints): the files appended with
+    copy_file_range and one new footer; it reads footers and the targets' key column."""
+    from bqx.merge import compose
+    from bqx.merge.stream import local_inputs
+
+    t, features = local_inputs(src, pair=PAIR)
+    grid = compose.local_grid(t)
+    if grid is None:
+        raise SystemExit("inputs are not aligned: use an aligned shape (A, C, D, E)")
+    with open(dst, "wb") as sink:
+        stats = compose.merge_local(t, features, sink, grid)
+    read = stats.bytes_read + _key_bytes(src / f"{t.table}.parquet")
+    return {"bytes": stats.bytes, "rows": stats.rows, "bytes_read": read, "read_share": read / input_bytes(src),
+            "merge_seconds": round(stats.seconds, 2)}
+
+
+def run_compose_gcs(src: Path, dst: Path, scratch: Path) -> dict:
+    """The compose merge against fake-gcs-server as the merge job runs it (bqx.merge.compose.merge_gcs): footers
+    read with one tail request each, the footer uploaded, the file composed in a tree in the bucket. The composed
+    object stays there (the parent downloads it to compare)."""
+    from bqx.catalog import Manifest
+    from bqx.config import Settings
+    from bqx.gcp import storage
+    from bqx.gcp.clients import storage_client
+    from bqx.merge import compose
+
+    settings = Settings.from_env()
+    settings = type(settings)(**{**settings.__dict__, "staging_bucket": BUCKET})
+    manifest = Manifest.from_json(storage.read_json(settings, BUCKET, "manifest.json")[0])
+    blobs = {b.name: b for b in storage_client(settings).list_blobs(BUCKET, prefix="checkpoints/")}
+    done = compose.merge_gcs(settings, manifest, blobs)
+    total = input_bytes(src)
+    return {"bytes": done.stats.bytes, "rows": done.stats.rows, "bytes_read": done.stats.bytes_read,
+            "read_share": done.stats.bytes_read / total, "merge_seconds": round(done.stats.seconds, 2),
+            "object": done.blob.name}
+
+
 class FakeGcs:
     """fake-gcs-server (filesystem backend) on a free loopback port, holding one shape's inputs in BUCKET."""
 
@@ -152,6 +202,40 @@ class FakeGcs:
         bucket = client.create_bucket(BUCKET)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda p: bucket.blob(p.name).upload_from_filename(str(p)), src.glob("*.parquet")))
+        self.client = client
+
+    def load_run(self, src: Path) -> None:
+        """The aligned inputs as an extracted run: checkpoints named as the layout does, tagged with the grid's
+        digest (object metadata), and a manifest with the grid (bucket/manifest.json)."""
+        import pyarrow.parquet as pq
+
+        from bqx import layout
+        from bqx.catalog import GRID_FILE_KEY, GRID_OBJECT_KEY, Column, Grid, Manifest, TableEntry
+        from bqx.parquet.conventions import type_name
+
+        bucket = self.client.bucket(BUCKET)
+        targets, features = _tables(src)
+        md = pq.read_metadata(targets)
+        digest = md.metadata[GRID_FILE_KEY.encode()].decode()
+        grid = Grid(md.num_rows, tuple(md.row_group(r).num_rows for r in range(md.num_row_groups)), digest)
+        entries = []
+        for p in [targets, *features]:
+            cp = layout.checkpoint(PAIR, "bench", p.stem)
+            entries.append(TableEntry(p.stem, "targets" if p == targets else "feature",
+                                      tuple(Column(f.name, type_name(f.type)) for f in pq.read_schema(p)), cp))
+
+        def up(pe: tuple[Path, TableEntry]) -> None:
+            b = bucket.blob(pe[1].checkpoint)
+            b.metadata = {GRID_OBJECT_KEY: digest}
+            b.upload_from_filename(str(pe[0]))
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(up, zip([targets, *features], entries, strict=True)))
+        manifest = Manifest(PAIR, "bench", tuple(entries), grid=grid)
+        bucket.blob("manifest.json").upload_from_string(json.dumps(manifest.to_json()))
+
+    def download(self, name: str, dst: Path) -> None:
+        self.client.bucket(BUCKET).blob(name).download_to_filename(str(dst))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -242,7 +326,7 @@ def compare(ours: Path, other: Path, sample: int = 300) -> str:
 def _child(args: argparse.Namespace) -> None:
     src, dst, scratch = Path(args.src), Path(args.dst), Path(args.scratch)
     fn = {"floor": run_floor, "copy": run_copy, "polars": run_polars, "duckdb": run_duckdb,
-          "ours-gcs": run_ours_gcs}[args.child]
+          "ours-gcs": run_ours_gcs, "compose": run_compose, "compose-gcs": run_compose_gcs}[args.child]
     t0 = time.time()
     report = fn(src, dst, scratch)
     report["inner_seconds"] = round(time.time() - t0, 2)
@@ -351,10 +435,12 @@ def main() -> None:
             dst = out_dir / f"{name}.parquet"
             gcs = None
             try:
-                if name == "ours-gcs":
-                    print("#   ours-gcs: loading the inputs into fake-gcs-server ...", file=sys.stderr, flush=True)
+                if name in GCS_CONTENDERS:
+                    print(f"#   {name}: loading the inputs into fake-gcs-server ...", file=sys.stderr, flush=True)
                     gcs = FakeGcs(out_dir / "gcs")
                     gcs.load(src)
+                    if name == "compose-gcs":
+                        gcs.load_run(src)
                 tries = []
                 for _ in range(args.repeat if name in REPEATED else 1):
                     # The same start for everyone: the last output deleted, dirty pages flushed, the page cache
@@ -370,11 +456,15 @@ def main() -> None:
                     if tries[-1][0].status != "ok":
                         break
                 res, scratch = median_of(tries)
+                if gcs and name == "compose-gcs" and res.status == "ok" and res.output:
+                    gcs.download(res.output["object"], dst)  # to compare with ours (not timed)
             finally:
                 if gcs:
                     gcs.stop()
             eq = "-"
-            if res.status == "ok" and name == "ours-gcs" and ours_path.exists():
+            if res.status == "ok" and name in ("compose", "compose-gcs") and ours_path.exists():
+                eq = compare(ours_path, dst, sample=10**6)  # every column: same values, other row groups
+            elif res.status == "ok" and name == "ours-gcs" and ours_path.exists():
                 import filecmp
 
                 eq = "same bytes" if filecmp.cmp(ours_path, dst, shallow=False) else compare(ours_path, dst)
@@ -383,6 +473,10 @@ def main() -> None:
             elif name == "ours" and res.status == "ok":
                 eq = "(ours)"
             results[name] = (res, scratch)
+            if res.status == "ok" and res.output and "bytes_read" in res.output:
+                res.detail = (f"read {res.output['bytes_read'] / 2**20:.1f} MiB = {res.output['read_share']:.2%} of "
+                              f"the inputs; merge {res.output['merge_seconds']} s" + (f"; {res.detail}" if res.detail
+                                                                                      else ""))
             print(f"#   {name}: {res.status} {res.seconds:.1f}s {gib(res.peak_rss)} {eq} {res.detail}",
                   file=sys.stderr, flush=True)
             rows.append((shape, name, res, scratch, eq))

@@ -275,7 +275,7 @@ def _footers(sources: list[Source], threads: int, progress: Callable[[int, int],
 def _stats(p: Plan, started: float) -> MergeStats:
     return MergeStats(rows=p.rows, columns=len(p.schema), tables=len(p.sources), row_groups=p.row_groups,
                       bytes=p.size, seconds=time.time() - started, group_rows=max(p.rows // max(p.row_groups, 1), 1),
-                      copied_tables=len(p.sources))
+                      copied_tables=len(p.sources), bytes_read=p.bytes_read)
 
 
 # ------------------------------------------------------------------------------------------------ local files
