@@ -364,7 +364,7 @@ def run_contender(name: str, src: Path, dst: Path, timeout: float, cap: int, bud
     scratch = Path(tempfile.mkdtemp(prefix=f"bqx-bench-{name}-", dir=dst.parent))
     if name == "ours":
         cmd = [str(Path(PY).with_name("bqx")), "merge", PAIR, "--from", str(src), "--to", str(dst),
-               "--memory-budget", budget, "--json"]
+               "--memory-budget", budget, "--json", "--method", "stream"]
     else:
         cmd = [PY, str(Path(__file__).resolve()), "--child", name, "--src", str(src), "--dst", str(dst),
                "--scratch", str(scratch)]
@@ -473,7 +473,7 @@ def main() -> None:
             elif name == "ours" and res.status == "ok":
                 eq = "(ours)"
             results[name] = (res, scratch)
-            if res.status == "ok" and res.output and "bytes_read" in res.output:
+            if res.status == "ok" and res.output and "read_share" in res.output:
                 res.detail = (f"read {res.output['bytes_read'] / 2**20:.1f} MiB = {res.output['read_share']:.2%} of "
                               f"the inputs; merge {res.output['merge_seconds']} s" + (f"; {res.detail}" if res.detail
                                                                                       else ""))
