@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -246,8 +248,33 @@ def _generate(s, pair: str, shape) -> None:  # type: ignore[no-untyped-def]
     from bqx.local.warehouse import Warehouse
 
     t0 = time.time()
-    n = Warehouse(Path(s.warehouse), s.dataset).generate(pair, shape)
+    with _generate_progress(pair) as progress:
+        n = Warehouse(Path(s.warehouse), s.dataset).generate(pair, shape, progress=progress)
     _echo(f"warehouse: {pair}: {n} tables ({shape.describe()}) in {time.time() - t0:.1f}s -> {s.warehouse}")
+
+
+@contextlib.contextmanager
+def _generate_progress(pair: str) -> Iterator[Any]:
+    """A progress bar (tables of 668, rows, elapsed) on a terminal; otherwise a line every 10 s and at the end."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        bar = Progress(TextColumn(f"generating {pair}"), BarColumn(), MofNCompleteColumn(), TextColumn("tables"),
+                       TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(), console=console)
+        with bar:
+            task = bar.add_task(pair, total=None, rows=0)
+            yield lambda p: bar.update(task, completed=p.tables, total=p.total, rows=p.rows)
+        return
+    last = [time.time()]
+
+    def line(p) -> None:  # type: ignore[no-untyped-def]
+        if time.time() - last[0] >= 10 or p.tables == p.total:
+            last[0] = time.time()
+            _echo(f"warehouse: {pair}: {p.tables}/{p.total} tables, {p.rows:,} rows, {p.seconds:.0f}s")
+
+    yield line
 
 
 @warehouse.command("touch")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,14 +87,78 @@ def table_specs(pair: str, shape: Shape) -> list[TableSpec]:
     return [TableSpec(n, f, int(c)) for (n, f), c in zip(names, cols, strict=True)]
 
 
+# Cells (rows x columns) generated at a time: a table wider or longer than this is generated in blocks of rows,
+# so memory stays bounded at any row count (a block's arrays are a few times 64 MB at most).
+BLOCK_CELLS = 8_000_000
+_HALO = 7  # the smoothing kernel's half-width: a block needs this many rows of its neighbours
+
+
+def _block_rows(columns: int, block_cells: int) -> int:
+    return max(64, block_cells // max(columns, 1))
+
+
+def _normals(rng: np.random.Generator, rows: int, columns: int, block: int) -> Iterator[np.ndarray]:
+    """rng.standard_normal((rows, columns)) in blocks of rows: the same numbers (a Generator fills row-major, one
+    value after another), never all at once."""
+    for a in range(0, rows, block):
+        yield rng.standard_normal((min(block, rows - a), columns))
+
+
+def _series_blocks(rng: np.random.Generator, rows: int, columns: int,
+                   block: int) -> tuple[np.ndarray, Callable[[], Iterator[np.ndarray]]]:
+    """Random walks, and every third column a smoothed indicator of one, as blocks of rows. Returns the walks'
+    offsets (drawn after every normal, as `_series` always did) and a function yielding the blocks. Values are
+    bit-identical to computing the whole table at once: the cumulative sum carries across blocks in the same
+    order, and each smoothed value is the same 15-term dot product (a block sees 7 rows of each neighbour)."""
+    if rows <= block:
+        normals = [rng.standard_normal((rows, columns))]
+        offset = rng.uniform(0.5, 2.0, columns)
+        again: Callable[[], Iterator[np.ndarray]] = lambda: iter(normals)  # noqa: E731
+    else:  # two passes over the same numbers: the offsets come after all of them in the stream
+        state = rng.bit_generator.state
+        for _ in _normals(rng, rows, columns, block):
+            pass
+        offset = rng.uniform(0.5, 2.0, columns)
+
+        def again() -> Iterator[np.ndarray]:
+            replay = np.random.Generator(type(rng.bit_generator)())
+            replay.bit_generator.state = state
+            return _normals(replay, rows, columns, block)
+
+    kernel = np.ones(15) / 15
+
+    def walks() -> Iterator[np.ndarray]:
+        carry = np.zeros(columns)
+        for chunk in again():
+            steps = chunk * 0.001
+            steps[0] += carry  # s[i] = s[i-1] + x[i], exactly as one cumsum over all rows
+            total = np.cumsum(steps, axis=0)
+            carry = total[-1].copy()
+            yield total + offset
+
+    def blocks() -> Iterator[np.ndarray]:
+        before = np.zeros((_HALO, columns))
+        it = walks()
+        cur = next(it, None)
+        while cur is not None:
+            nxt = next(it, None)
+            after = nxt[:_HALO] if nxt is not None else np.zeros((0, columns))
+            after = np.concatenate([after, np.zeros((_HALO - len(after), columns))])
+            out = cur.copy()
+            for j in range(0, columns, 3):
+                window = np.concatenate([before[:, j], cur[:, j], after[:, j]])
+                out[:, j] = np.convolve(window, kernel, mode="valid")
+            before = np.concatenate([before, cur])[-_HALO:]
+            yield np.round(out, 6)
+            cur = nxt
+
+    return offset, blocks
+
+
 def _series(rng: np.random.Generator, rows: int, columns: int) -> np.ndarray:
-    """Random walks, and every third column a smoothed indicator of one."""
-    walk = np.cumsum(rng.standard_normal((rows, columns)) * 0.001, axis=0) + rng.uniform(0.5, 2.0, columns)
-    smooth = walk.copy()
-    for j in range(0, columns, 3):
-        kernel = np.ones(15) / 15
-        smooth[:, j] = np.convolve(walk[:, j], kernel, mode="same")
-    return np.round(smooth, 6)
+    """Random walks, and every third column a smoothed indicator of one (all rows at once)."""
+    _, blocks = _series_blocks(rng, rows, columns, max(rows, 1))
+    return np.concatenate(list(blocks()))
 
 
 def _keys(rows: int, offset: int = 0) -> pa.Array:
@@ -101,32 +166,84 @@ def _keys(rows: int, offset: int = 0) -> pa.Array:
     return pa.array(values, type=pa.timestamp("us", tz="UTC"))
 
 
-def targets_arrow(pair: str, shape: Shape) -> pa.Table:
+def targets_batches(pair: str, shape: Shape, block_cells: int = BLOCK_CELLS) -> Iterator[pa.RecordBatch]:
     rng = _rng(shape.seed, "targets", pair)
-    data = _series(rng, shape.rows, len(TARGET_COLUMNS))
-    return pa.table({KEY: _keys(shape.rows), **{c: data[:, i] for i, c in enumerate(TARGET_COLUMNS)}})
+    block = _block_rows(len(TARGET_COLUMNS), block_cells)
+    _, blocks = _series_blocks(rng, shape.rows, len(TARGET_COLUMNS), block)
+    a = 0
+    for data in blocks():
+        keys = _keys(len(data), a)
+        a += len(data)
+        yield pa.record_batch({KEY: keys, **{c: data[:, i] for i, c in enumerate(TARGET_COLUMNS)}})
 
 
-def feature_arrow(pair: str, spec: TableSpec, shape: Shape) -> pa.Table:
+def targets_arrow(pair: str, shape: Shape) -> pa.Table:
+    return pa.Table.from_batches(list(targets_batches(pair, shape)))
+
+
+def feature_schema(spec: TableSpec) -> pa.Schema:
+    return pa.schema([(KEY, pa.timestamp("us", tz="UTC")),
+                      *((f"f{j:03d}", pa.int64() if spec.family == "regime" and j == 0 else pa.float64())
+                        for j in range(spec.columns))])
+
+
+def feature_batches(pair: str, spec: TableSpec, shape: Shape,
+                    block_cells: int = BLOCK_CELLS) -> Iterator[pa.RecordBatch]:
     rng = _rng(shape.seed, "table", spec.name)
     lead = int(rng.integers(0, 30)) if rng.random() < 0.3 else 0  # some tables start earlier
     rows = shape.rows + lead
     keep = np.ones(rows, dtype=bool)
     if rng.random() < 0.4:  # gaps: missing bars
         keep &= rng.random(rows) > rng.uniform(0.005, 0.05)
-    data = _series(rng, rows, spec.columns)
-    columns: dict[str, pa.Array] = {KEY: _keys(rows, -lead).filter(pa.array(keep))}
-    for j in range(spec.columns):
-        col = data[keep, j]
-        mask = None
-        if j % 7 == 3:  # nulls in some columns
-            mask = rng.random(col.size) < 0.02
-        name = f"f{j:03d}"
-        if spec.family == "regime" and j == 0:
-            columns[name] = pa.array((col * 1000).astype(np.int64) % 4, mask=mask)
-        else:
-            columns[name] = pa.array(col, mask=mask)
-    return pa.table(columns)
+    _, blocks = _series_blocks(rng, rows, spec.columns, _block_rows(spec.columns, block_cells))
+    kept = int(keep.sum())
+    # nulls in some columns: drawn after the values, column by column over every kept row (a byte a row each)
+    masks = {j: rng.random(kept) < 0.02 for j in range(spec.columns) if j % 7 == 3}
+    schema = feature_schema(spec)
+    a = at = 0  # first row of the block; first kept row of the block
+    for data in blocks():
+        sel = keep[a:a + len(data)]
+        n = int(sel.sum())
+        columns: dict[str, pa.Array] = {KEY: _keys(len(data), a - lead).filter(pa.array(sel))}
+        values = data[sel]
+        for j in range(spec.columns):
+            col = values[:, j]
+            mask = masks[j][at:at + n] if j in masks else None
+            name = f"f{j:03d}"
+            if spec.family == "regime" and j == 0:
+                columns[name] = pa.array((col * 1000).astype(np.int64) % 4, mask=mask)
+            else:
+                columns[name] = pa.array(col, mask=mask)
+        a += len(data)
+        at += n
+        yield pa.record_batch(columns, schema=schema)
+
+
+def feature_arrow(pair: str, spec: TableSpec, shape: Shape) -> pa.Table:
+    return pa.Table.from_batches(list(feature_batches(pair, spec, shape)), feature_schema(spec))
+
+
+GENERATE_MEMORY = "512MB"
+
+
+@dataclass
+class Progress:
+    """A generation's progress, passed to its callback after each table."""
+
+    tables: int
+    total: int
+    rows: int
+    started: float
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self.started
+
+
+def _counting(batches: Iterator[pa.RecordBatch], state: Progress) -> Iterator[pa.RecordBatch]:
+    for b in batches:
+        state.rows += b.num_rows
+        yield b
 
 
 class Warehouse:
@@ -160,28 +277,45 @@ class Warehouse:
             con.close()
         return dict(rows)
 
-    def generate(self, pair: str, shape: Shape, progress=None) -> int:  # type: ignore[no-untyped-def]
-        """(Re)create the pair's tables; returns how many tables were written."""
+    def generate(self, pair: str, shape: Shape, progress: Callable[[Progress], None] | None = None,
+                 block_cells: int = BLOCK_CELLS) -> int:
+        """(Re)create the pair's tables; returns how many tables were written.
+
+        Streams: each table is generated in blocks of rows (bounded memory at any row count) and committed on its
+        own with its new version, so DuckDB never holds more than one table's uncheckpointed rows. The pair is
+        marked generated only after its last table: an interrupted generation leaves it listed as not generated
+        (`pairs()`), and `bqx run` generates it again."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = self._connect(read_only=False)
         try:
+            con.execute(f"SET memory_limit='{GENERATE_MEMORY}'")  # DuckDB's buffers spill past this, never grow
             q = f'"{self.dataset}"'
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
             con.execute("CREATE TABLE IF NOT EXISTS _bqx_generated (pair VARCHAR PRIMARY KEY, shape VARCHAR)")
             _create_versions(con)
+            con.execute("DELETE FROM _bqx_generated WHERE pair = ?", [pair])
             specs = table_specs(pair, shape)
             tables = [(targets_table(pair), None), *((s.name, s) for s in specs)]
-            con.execute("BEGIN")
-            for i, (name, spec) in enumerate(tables):
-                arrow = targets_arrow(pair, shape) if spec is None else feature_arrow(pair, spec, shape)
-                con.register("_incoming", arrow)
+            state = Progress(0, len(tables), 0, time.time())
+            for name, spec in tables:
+                if spec is None:
+                    schema = pa.schema([(KEY, pa.timestamp("us", tz="UTC")),
+                                        *((c, pa.float64()) for c in TARGET_COLUMNS)])
+                    batches = targets_batches(pair, shape, block_cells)
+                else:
+                    schema, batches = feature_schema(spec), feature_batches(pair, spec, shape, block_cells)
+                counted = _counting(batches, state)
+                con.register("_incoming", pa.RecordBatchReader.from_batches(schema, counted))
+                con.execute("BEGIN")
                 con.execute(f'CREATE OR REPLACE TABLE {q}."{name}" AS SELECT * FROM _incoming')
+                _bump(con, self.dataset, [name])
+                con.execute("COMMIT")
                 con.unregister("_incoming")
+                state.tables += 1
                 if progress:
-                    progress(i + 1, len(tables))
+                    progress(state)
             con.execute("INSERT OR REPLACE INTO _bqx_generated VALUES (?, ?)", [pair, shape.describe()])
-            _bump(con, self.dataset, [name for name, _ in tables])
-            con.execute("COMMIT")
+            con.execute("CHECKPOINT")
             return len(tables)
         finally:
             con.close()
