@@ -102,8 +102,8 @@ def run_ours_gcs(src: Path, dst: Path, scratch: Path) -> dict:
     allocator.configure(int(os.environ["BQX_MEMORY_BUDGET_BYTES"]))
     from bqx.config import Settings
     from bqx.gcp import storage
-    from bqx.merge.publish import object_opener
-    from bqx.merge.stream import MergeInput, merge
+    from bqx.merge.plan import MergeInput, object_opener
+    from bqx.merge.stream import merge
 
     settings = Settings.from_env()
     bucket = storage.bucket(settings, BUCKET)

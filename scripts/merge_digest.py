@@ -8,7 +8,7 @@ as the pipeline does. Then, each printed with its sha256:
   - `bqx merge --from DIR --to FILE` (the stream method, in its own process) over the run's checkpoints, at a
     large budget (one row group) and a small one (split row groups, column slices);
   - the same over checkpoints written aligned to the targets' keys (the path that copies encoded chunks);
-  - the stream method reading the checkpoints from GCS (bqx.merge.publish.gcs_inputs);
+  - the stream method reading the checkpoints from GCS (bqx.merge.plan.gcs_inputs);
   - the polars method (reads the checkpoints from GCS through pyarrow's filesystem).
 """
 
@@ -52,6 +52,7 @@ def main() -> int:
     from bqx.gcp import storage
     from bqx.local.warehouse import Shape
     from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS
+
     from fakes import merge_world
 
     shape = Shape(rows=args.rows, seed=7, table_scale=args.table_scale)
@@ -77,7 +78,7 @@ def main() -> int:
             rows.append((f"bqx merge --from aligned (copy) {budget}",
                          cli_merge(aligned, Path(tmp) / "out.parquet", budget)))
 
-        from bqx.merge.publish import gcs_inputs
+        from bqx.merge.plan import gcs_inputs
         from bqx.merge.stream import merge
 
         sink = io.BytesIO()
@@ -85,10 +86,10 @@ def main() -> int:
         merge(targets, features, sink, memory_budget=2 << 20, workers=2, metadata={"bqx.method": "stream"})
         rows.append(("stream from GCS 2MiB", sha(sink.getvalue())))
         try:
-            from bqx.merge import methods
+            from bqx.merge import polars
 
             sink = io.BytesIO()
-            methods.polars_merge(settings, manifest, sink, {"bqx.method": "polars"}, max_group_columns=200)
+            polars.polars_merge(settings, manifest, sink, {"bqx.method": "polars"}, max_group_columns=200)
             rows.append(("polars from GCS 2MiB", sha(sink.getvalue())))
         except ImportError as exc:
             rows.append(("polars", f"not run: {exc}"))

@@ -55,7 +55,7 @@ def bq(world: dict) -> Iterator[tuple[FakeBigQuery, FakeBigQueryServer]]:
 
 def run_plan(world: dict, server: FakeBigQueryServer, limits: Limits = LIMITS) -> tuple[pa.Table, object]:
     sink = io.BytesIO()
-    stats = bigquery_plan.run(world["settings"], world["manifest"], sink, server.client(), {"bqx.method": "bigquery"},
+    stats = bigquery_plan.merge(world["settings"], world["manifest"], sink, server.client(), {"bqx.method": "bigquery"},
                               limits=limits)
     assert stats.bytes == len(sink.getvalue())
     return pq.read_table(io.BytesIO(sink.getvalue())), stats
@@ -122,7 +122,7 @@ def test_bigquery_method_end_to_end_matches_local_merge(world: dict, bq) -> None
         assert cfg["sourceFormat"] == "PARQUET" and cfg["writeDisposition"] == "WRITE_TRUNCATE"
         assert cfg["destinationTable"]["datasetId"] == s.temp_dataset
         table = cfg["sourceUris"][0].rsplit("/", 1)[1].removesuffix(".parquet")
-        assert cfg["destinationTable"]["tableId"] == bigquery_plan.temp_table_name(PAIR, manifest.run_id, table)
+        assert cfg["destinationTable"]["tableId"] == layout.bigquery_temp_table(PAIR, manifest.run_id, table)
         assert b["jobReference"]["jobId"].startswith(f"bqx_{PAIR}_{manifest.run_id}_load_{table}_")
         assert b["jobReference"]["jobId"].endswith("_a0")
 
@@ -141,7 +141,7 @@ def test_bigquery_method_end_to_end_matches_local_merge(world: dict, bq) -> None
     # Cleanup: every temp table deleted, none left; the exports deleted after the stitch.
     assert sorted(fake.deleted_tables()) == sorted(ld.temp_table for ld in plan.loads)
     assert fake.table_names(s.temp_dataset) == []
-    assert storage.list_names(s, s.staging_bucket, bigquery_plan.export_root(PAIR, manifest.run_id)) == {}
+    assert storage.list_names(s, s.staging_bucket, layout.bigquery_exports(PAIR, manifest.run_id)) == {}
 
 
 def test_failure_deletes_temp_tables_and_retry_resumes_without_paying_twice(world: dict, bq) -> None:  # type: ignore[no-untyped-def]
@@ -155,7 +155,7 @@ def test_failure_deletes_temp_tables_and_retry_resumes_without_paying_twice(worl
         run_plan(world, server)
     assert sorted(fake.deleted_tables()) == sorted(ld.temp_table for ld in plan.loads)
     assert fake.table_names(s.temp_dataset) == []
-    exported = storage.list_names(s, s.staging_bucket, bigquery_plan.export_root(PAIR, manifest.run_id))
+    exported = storage.list_names(s, s.staging_bucket, layout.bigquery_exports(PAIR, manifest.run_id))
     assert exported and all(doomed.export_prefix not in n for n in exported)  # finished stages kept for a retry
 
     fake.fail_job = None
@@ -170,7 +170,7 @@ def test_failure_deletes_temp_tables_and_retry_resumes_without_paying_twice(worl
         (plan.job_id("stage001", doomed.key, 0), 409), (plan.job_id("stage001", doomed.key, 1), 200)]
     loaded = {r.body["configuration"]["load"]["destinationTable"]["tableId"] for r in fake.requests
               if r.method == "POST" and r.path.endswith("/jobs") and "load" in r.body["configuration"]}
-    assert loaded == {bigquery_plan.temp_table_name(PAIR, manifest.run_id, n)
+    assert loaded == {layout.bigquery_temp_table(PAIR, manifest.run_id, n)
                       for n in (targets_table(PAIR), *(f.name for f in doomed.features))}
     assert [d["query"]["query"] for d in fake.dry_runs()] == [doomed.select_sql]  # only what will be billed
     assert fake.table_names(s.temp_dataset) == []

@@ -36,7 +36,8 @@ from bqx.cli import main as cli
 from bqx.errors import TerminalError
 from bqx.gcp import storage
 from bqx.merge import compose, publish
-from bqx.merge.stream import local_inputs, merge
+from bqx.merge.plan import local_inputs
+from bqx.merge.stream import merge
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, type_name
 
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings, validate_all

@@ -21,7 +21,8 @@ from bqx.catalog import KEY
 from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
 from bqx.layout import prefix_of
 from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
-from bqx.merge.stream import local_inputs, merge
+from bqx.merge.plan import local_inputs
+from bqx.merge.stream import merge
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 
 PAIR = "eurusd"
@@ -203,7 +204,8 @@ CHILD = textwrap.dedent("""
     from dataclasses import replace
     from pathlib import Path
     from bqx.layout import prefix_of
-    from bqx.merge.stream import local_inputs, merge
+    from bqx.merge.plan import local_inputs
+    from bqx.merge.stream import merge
 
     def rss():
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))

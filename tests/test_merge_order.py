@@ -16,7 +16,8 @@ import pytest
 from bqx import layout
 from bqx.errors import DuplicateKeys
 from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
-from bqx.merge.stream import MergeInput, local_inputs, merge
+from bqx.merge.plan import MergeInput, local_inputs
+from bqx.merge.stream import merge
 
 
 def _inputs(directory: Path) -> tuple[MergeInput, list[MergeInput]]:

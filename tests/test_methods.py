@@ -1,10 +1,11 @@
-"""Merge methods `polars` and `bigquery` through bqx.merge.methods.run (and bqx.merge.publish.merge_run): the same
+"""Merge methods `polars` and `bigquery` through bqx.merge.publish.write_output (and publish.merge_run): the same
 content as the local streaming merge; an unknown method is a clear error before any work starts."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,8 @@ from bqx.config import Settings
 from bqx.errors import ConfigError
 from bqx.gcp import storage
 from bqx.local.warehouse import Shape
-from bqx.merge import methods, publish
+from bqx.merge import bigquery, polars, publish
+from bqx.merge.plan import MergeJob
 from bqx.merge.stitch import Stitcher
 
 from fakes import apply_env, gcs_env, merge_world
@@ -46,7 +48,7 @@ def read_blob(blob) -> pq.ParquetFile:  # type: ignore[no-untyped-def]
 def test_polars_method_matches_local_merge(world: dict) -> None:
     s, manifest, ref = world["settings"], world["manifest"], world["reference"]
     blob = temp_blob(s)
-    stats = methods.run("polars", s, manifest, blob, {"bqx.method": "polars"})
+    stats = publish.write_output("polars", MergeJob(s, manifest, s.memory_budget, {"bqx.method": "polars"}), blob)
     data = blob.download_as_bytes()
     f = pq.ParquetFile(io.BytesIO(data))
     got = f.read()
@@ -69,7 +71,7 @@ def test_polars_memory_is_bounded_by_row_slices_and_column_groups(world: dict, m
 
     monkeypatch.setattr(Stitcher, "add", spy)
     sink = io.BytesIO()
-    methods.polars_merge(s, manifest, sink, max_group_columns=40)
+    polars.polars_merge(s, manifest, sink, max_group_columns=40)
     assert pq.read_table(io.BytesIO(sink.getvalue())).equals(ref)
     widest_table = max(len(t.value_columns) for t in manifest.features)
     # Each collect holds one row slice of one column group (a group grows past 40 only by one table).
@@ -83,8 +85,9 @@ def test_bigquery_method_via_methods_run(world: dict) -> None:
     fake = FakeBigQuery(s.project, gcs=StorageGcs(world["endpoint"], s.project), export_rows_per_file=500)
     with FakeBigQueryServer(fake) as server:
         blob = temp_blob(s)
-        stats = methods.run("bigquery", s, manifest, blob, {"bqx.method": "bigquery"},
-                            bigquery_client=server.client())
+        bq = replace(s, bigquery_api_endpoint=server.endpoint)  # the client bqx.gcp.clients makes, pointed at it
+        stats = publish.write_output("bigquery", MergeJob(bq, manifest, bq.memory_budget, {"bqx.method": "bigquery"}),
+                                     blob)
     assert read_blob(blob).read().equals(ref)
     assert stats.stages == 1 and stats.estimated_cost_usd > 0  # default limits: this small pair fits one stage
     assert len(fake.jobs_of("load")) == len(manifest.tables) and len(fake.jobs_of("query")) == 1
@@ -96,8 +99,7 @@ def test_merge_run_publishes_with_each_method(world: dict, method: str, monkeypa
     s, manifest, ref = world["settings"], world["manifest"], world["reference"]
     fake = FakeBigQuery(s.project, gcs=StorageGcs(world["endpoint"], s.project))
     with FakeBigQueryServer(fake) as server:
-        monkeypatch.setattr(methods, "make_bigquery_client", lambda settings: server.client())
-        summary = publish.merge_run(s, manifest, method, "exec-1")
+        summary = publish.merge_run(replace(s, bigquery_api_endpoint=server.endpoint), manifest, method, "exec-1")
     out = storage.bucket(s, s.output_bucket).blob(layout.output(PAIR))
     f = read_blob(out)
     assert f.read().equals(ref)
@@ -117,10 +119,10 @@ class Untouchable:
 def test_unknown_method_is_a_clear_error_before_any_work(world: dict) -> None:
     s, manifest = world["settings"], world["manifest"]
     with pytest.raises(ConfigError, match="unknown merge method 'spark'.*auto, stream, compose, polars, bigquery"):
-        methods.run("spark", s, manifest, Untouchable(), {})
-    with pytest.raises(ConfigError, match="runs in bqx.merge.publish"):
-        methods.run("stream", s, manifest, Untouchable(), {})
-    assert methods.check("bigquery") == "bigquery"
+        publish.write_output("spark", MergeJob(s, manifest, s.memory_budget), Untouchable())
+    with pytest.raises(ConfigError, match="unknown merge method 'spark'"):  # before it reads anything
+        publish.merge_run(replace(s, staging_bucket="no-such-bucket"), manifest, "spark")
+    assert publish.method("bigquery") is bigquery.run
 
 
 def test_merge_method_env_selects_and_validates(monkeypatch) -> None:  # type: ignore[no-untyped-def]

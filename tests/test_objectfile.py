@@ -15,8 +15,8 @@ from bqx.config import Settings
 from bqx.errors import TransientError
 from bqx.gcp import storage
 from bqx.gcp.objectfile import ObjectFile
-from bqx.merge.publish import object_opener
-from bqx.merge.stream import MergeInput, merge
+from bqx.merge.plan import MergeInput, object_opener
+from bqx.merge.stream import merge
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 
 

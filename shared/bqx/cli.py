@@ -634,7 +634,7 @@ def merge(pair: str | None, src: Path | None, dst: Path | None, targets: str | N
 
     allocator.configure(budget)  # before pyarrow loads
     if src is not None:
-        from bqx.merge.stream import local_inputs
+        from bqx.merge.plan import local_inputs
         from bqx.merge.stream import merge as do_merge
 
         if dst is None:

@@ -59,6 +59,13 @@ MERGE_METHODS = ("auto", "stream", "compose", "polars", "bigquery")
 MEMORY_BUDGET = "1GiB"  # the merge's default budget, as text (names.json's merge job sets the same, a test checks)
 
 
+def check_merge_method(method: str) -> str:
+    """The method, or a clear ConfigError (from the settings, and before a merge does any work)."""
+    if method not in MERGE_METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; choose one of: {', '.join(MERGE_METHODS)}")
+    return method
+
+
 def default_home() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "bqx"
@@ -255,10 +262,7 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.merge_method not in MERGE_METHODS:
-            raise ConfigError(
-                f"unknown merge method {self.merge_method!r}; choose one of: {', '.join(MERGE_METHODS)}"
-            )
+        check_merge_method(self.merge_method)
         if self.extract_concurrency < 1 or self.extract_retries < 1:
             raise ConfigError("BQX_EXTRACT_CONCURRENCY and BQX_EXTRACT_RETRIES must be >= 1")
         if self.max_active_extracts < 1:

@@ -11,6 +11,7 @@ Staging bucket:
     runs/<pair>/<run_id>/compose/...              the compose merge's footer, parts and composed file (deleted after)
     checkpoints/<pair>/<run_id>/<table>.parquet   one table's rows, sorted by interval_time
     quarantine/<pair>/<run_id>/<table>.parquet    a checkpoint set aside because it was bad
+    runs/<pair>/<run_id>/bigquery/stage-<i>-<key>/part-*.parquet   the bigquery merge method's exports (scratch)
 Output bucket:
     training_<pair>.parquet, training_<pair>.summary.json, tmp/<run_id>/training_<pair>.parquet
 """
@@ -163,6 +164,30 @@ def summary(pair: str) -> str:
 
 def output_temp(pair: str, run_id: str) -> str:
     return f"tmp/{_run(run_id)}/training_{_pair(pair)}.parquet"
+
+
+def bigquery_exports(pair: str, run_id: str) -> str:
+    """Prefix of the bigquery merge method's stage exports (deleted after a successful stitch)."""
+    return f"{run_prefix(pair, run_id)}bigquery/"
+
+
+def bigquery_stage_exports(pair: str, run_id: str, stage: int, key: str) -> str:
+    """Prefix of one stage's export files; `key` is the digest of the stage's SQL."""
+    return f"{bigquery_exports(pair, run_id)}stage-{stage:03d}-{key}/"
+
+
+def _bigquery_id(run_id: str) -> str:
+    return _run(run_id).replace("-", "_")  # BigQuery table and job ids allow no '-'
+
+
+def bigquery_temp_table(pair: str, run_id: str, table: str) -> str:
+    """The temp table (in the temp dataset) the bigquery merge method loads one checkpoint into."""
+    return f"bqx_{_pair(pair)}_{_bigquery_id(run_id)}_{_table(table)}"
+
+
+def bigquery_job_id(pair: str, run_id: str, step: str, config_key: str, attempt: int) -> str:
+    """A bigquery merge job's deterministic id: a retried merge reattaches to the job instead of paying twice."""
+    return f"bqx_{_pair(pair)}_{_bigquery_id(run_id)}_{step}_{config_key}_a{attempt}"
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def local_settings(home: Path, gcs_endpoint: str, **overrides: object):  # type:
 
     port = int(gcs_endpoint.rsplit(":", 1)[1])
     base = {"project": "bqx-test", "staging_bucket": "bqx-test-staging", "output_bucket": "bqx-test-output",
-            "local": True, "home": home, "ports": Ports(gcs=port)}
+            "local": True, "home": home, "ports": Ports(gcs=port), "storage_emulator_host": gcs_endpoint}
     return Settings(**{**base, **overrides})  # type: ignore[arg-type]
 
 
@@ -95,7 +95,7 @@ def merge_world(root: Path, shape, pair: str = "eurusd", run_id: str = "rplan", 
     from bqx.extract.sources import DuckDBSource
     from bqx.gcp import storage
     from bqx.local.warehouse import Warehouse
-    from bqx.merge.publish import gcs_inputs
+    from bqx.merge.plan import gcs_inputs
     from bqx.merge.stream import merge
 
     warehouse = root / "warehouse.duckdb"

@@ -13,14 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bqx.catalog import KEY, TableEntry
-from bqx.errors import DuplicateKeys, TransientError
+from bqx.errors import BadCheckpoint, DuplicateKeys, TransientError
 from bqx.gcp.objectfile import TAIL, ObjectFile, download
 from bqx.parquet.conventions import KEY_TYPE, type_name
+from bqx.parquet.footer import NotParquet, footer_length
+from bqx.parquet.keys import check_row_group_order, key_micros
 
 WHOLE_BELOW = 1 << 20  # a checkpoint up to this size is read whole, in the request that reads its footer
 KEY_READ_LIMIT = 32 * 1024 * 1024  # compressed key-column bytes read to check every key; above: statistics only
@@ -41,10 +42,11 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
     # The footer, in one read up to ~1,000 columns; a small checkpoint (most, at 2,000 rows) whole in that read.
     tail = download(blob, 0 if size <= WHOLE_BELOW else max(0, size - TAIL), size)
     reads = 1
-    if tail[-4:] != b"PAR1":
+    try:
+        footer = footer_length(tail)
+    except NotParquet:
         return Verdict(False, f"truncated or not Parquet: no footer magic in the last bytes ({size} bytes)",
                        "BadCheckpoint", reads)
-    footer = int.from_bytes(tail[-8:-4], "little")
     if footer + 12 > size:
         return Verdict(False, f"truncated: footer of {footer} bytes does not fit in {size} bytes", "BadCheckpoint",
                        reads)
@@ -117,27 +119,13 @@ def _check_keys(pf: pq.ParquetFile, meta: pq.FileMetaData, table: str) -> tuple[
     """(error_type, reason) when keys are null, unsorted or duplicated; None when fine."""
     idx = pf.schema_arrow.get_field_index(KEY)
     key_bytes = sum(meta.row_group(i).column(idx).total_compressed_size for i in range(meta.num_row_groups))
-    if key_bytes > KEY_READ_LIMIT:  # too big to read on every arrival: row group statistics must be ordered
-        last = None
-        for i in range(meta.num_row_groups):
-            st = meta.row_group(i).column(idx).statistics
-            if st is None or not st.has_min_max:
-                continue
-            if st.null_count:
-                return "BadCheckpoint", f"table {table!r} has null {KEY} values"
-            lo, hi = st.min, st.max
-            if last is not None and lo <= last:
-                return "BadCheckpoint", f"table {table!r}: row group {i} keys overlap the previous row group's"
-            last = hi
-        return None
-    keys = pf.read(columns=[KEY]).column(KEY)
-    if keys.null_count:
-        return "BadCheckpoint", f"table {table!r} has null {KEY} values"
-    k = keys.cast(pa.int64()).to_numpy()
-    d = np.diff(k)
-    if d.size and (d <= 0).any():
-        i = int(np.flatnonzero(d <= 0)[0])
-        if d[i] == 0:
-            return "DuplicateKeys", str(DuplicateKeys(table, np.datetime64(int(k[i + 1]), "us")))
-        return "BadCheckpoint", f"table {table!r} is not sorted by {KEY} (row {i + 1})"
+    try:
+        if key_bytes > KEY_READ_LIMIT:  # too big to read on every arrival: row group statistics must be ordered
+            check_row_group_order(table, meta, idx)
+        else:
+            key_micros(table, pf.read(columns=[KEY]).column(KEY))
+    except DuplicateKeys as exc:
+        return "DuplicateKeys", str(exc)
+    except BadCheckpoint as exc:
+        return "BadCheckpoint", str(exc)
     return None

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
@@ -25,11 +24,12 @@ from google.api_core import exceptions as gexc
 from bqx import layout, runs
 from bqx.catalog import KEY, Column, Manifest, TableEntry
 from bqx.config import Settings
-from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError, TransientError
+from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.extract.sources import Source, SourceTable, open_source
 from bqx.gcp import storage
 from bqx.logs import Log
 from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS, arrow_type, schema_of, type_name
+from bqx.parquet.keys import key_micros
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # multiple of 256 KiB, as resumable uploads require
 COPY_CONCURRENCY = 16  # server-side copies at once, beside the reads: each is one request's latency and no CPU here
@@ -114,24 +114,6 @@ def ensure_manifest(settings: Settings, manifest: Manifest) -> Manifest:
     return found
 
 
-def check_keys(table: str, keys: pa.Array, previous: int | None) -> int | None:
-    """Keys must be non-null and strictly increasing (the read is ordered, so a repeat is a duplicate)."""
-    if len(keys) == 0:
-        return previous
-    if keys.null_count:
-        raise BadCheckpoint(f"table {table!r} has null {KEY} values")
-    k = keys.cast(pa.int64()).to_numpy()
-    if previous is not None:
-        k = np.concatenate([[previous], k])
-    d = np.diff(k)
-    if d.size and (d <= 0).any():
-        i = int(np.flatnonzero(d <= 0)[0])
-        if d[i] == 0:
-            raise DuplicateKeys(table, np.datetime64(int(k[i + 1]), "us"))
-        raise BadCheckpoint(f"table {table!r} is not ordered by {KEY}")
-    return int(k[-1])
-
-
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, table: str) -> pa.RecordBatch:
     if batch.schema.names != schema.names:
         raise BadCheckpoint(f"table {table!r} columns {batch.schema.names[:5]}... differ from its manifest")
@@ -162,7 +144,8 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
             try:
                 for batch in source.read(entry.name, manifest.row_limit):
                     batch = _conform(batch, schema, entry.name)
-                    previous = check_keys(entry.name, batch.column(KEY), previous)
+                    keys = key_micros(entry.name, batch.column(KEY), previous)
+                    previous = int(keys[-1]) if keys.size else previous
                     pending.append(batch)
                     pending_rows += batch.num_rows
                     if pending_rows >= CHECKPOINT_ROW_GROUP:

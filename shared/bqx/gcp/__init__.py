@@ -2,7 +2,8 @@
 the Run API call.
 
 Public: `storage` (create-once, generations, listings), `claims` (launch_once, claim_own), `launch` (run_job),
-`clients` (one client per process; TRANSIENT_ERRORS), `objectfile` (ranged reads of one object generation).
+`clients` (one client per process; is_transient, the one classifier of provider errors), `objectfile` (ranged
+reads of one object generation).
 """
 
 __all__ = ["claims", "clients", "launch", "objectfile", "storage"]

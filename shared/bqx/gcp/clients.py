@@ -23,6 +23,22 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+# BigQuery job error reasons worth another try (https://cloud.google.com/bigquery/docs/error-messages): a failed
+# job's HTTP status says less than its reason (a rate limit comes back as 403).
+TRANSIENT_REASONS = frozenset({"backendError", "internalError", "rateLimitExceeded", "jobRateLimitExceeded",
+                               "jobBackendError", "jobInternalError", "quotaExceeded", "tableUnavailable"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: one of TRANSIENT_ERRORS, any 5xx, or a BigQuery transient reason.
+    The one classifier of provider errors: everything else is terminal (or a bug)."""
+    if isinstance(exc, (*TRANSIENT_ERRORS, gexc.ServerError)):
+        return True
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code >= 500:  # an API error of a status google-api-core has no class for
+        return True
+    reasons = {e.get("reason") for e in (getattr(exc, "errors", None) or []) if isinstance(e, dict)}
+    return bool(reasons & TRANSIENT_REASONS)
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials

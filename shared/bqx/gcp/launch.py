@@ -6,7 +6,7 @@ from google.api_core import exceptions as gexc
 
 from bqx.config import Settings
 from bqx.errors import LaunchFailed, LaunchRefused
-from bqx.gcp.clients import TRANSIENT_ERRORS, jobs_client
+from bqx.gcp.clients import TRANSIENT_ERRORS, is_transient, jobs_client
 
 
 def job_path(settings: Settings, job: str) -> str:
@@ -36,10 +36,7 @@ def run_job(
         if not name:
             name = operation.operation.name
         return str(name)
-    except TRANSIENT_ERRORS as exc:
-        raise LaunchFailed(f"could not start {job}: {exc}") from exc
-    except gexc.GoogleAPICallError as exc:
-        code = getattr(exc, "code", None)
-        if code is not None and int(code) >= 500:
+    except (*TRANSIENT_ERRORS, gexc.GoogleAPICallError) as exc:
+        if is_transient(exc):
             raise LaunchFailed(f"could not start {job}: {exc}") from exc
         raise LaunchRefused(f"Cloud Run refused to start {job}: {exc}") from exc

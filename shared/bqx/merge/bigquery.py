@@ -25,7 +25,6 @@ finished stage is never paid for twice; a finished stage whose export files exis
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,11 +41,13 @@ from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.extract.sources import quote_bigquery
 from bqx.gcp import storage
+from bqx.gcp.clients import bigquery_client, is_transient
 from bqx.ids import digest
 from bqx.logs import Log
+from bqx.merge.plan import CountingWriter, MergeJob, MergeStats, output_schema, stitch_group_rows, targets_rows
 from bqx.merge.stitch import Stitcher
-from bqx.merge.stream import CountingWriter, MergeStats
-from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, from_type_name
+from bqx.parquet.conventions import WRITER_OPTIONS
+from bqx.parquet.keys import key_micros
 from bqx.pricing import BIGQUERY_PER_TIB_SCANNED, TIB
 
 log = Log("bqx.bigquery")
@@ -66,12 +67,6 @@ STAGE_CONCURRENCY = 4
 JOB_ATTEMPTS = 5  # attempt suffixes tried when an existing job with the same id failed or lost its output
 READ_CHUNK = 4 * 1024 * 1024
 READ_BUFFER = 1 << 20
-MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
-BYTES_PER_CELL_IN_FLIGHT = 8 * 5  # decoded input + re-cut copy + encoder buffers + compressed output
-
-# Error reasons that another attempt may fix; every other job error is terminal.
-TRANSIENT_REASONS = frozenset({"backendError", "internalError", "rateLimitExceeded", "jobRateLimitExceeded",
-                               "jobBackendError", "jobInternalError", "quotaExceeded", "tableUnavailable"})
 
 
 @dataclass(frozen=True)
@@ -132,7 +127,7 @@ class Plan:
         return [s for st in self.stages for s in (st.select_sql, st.export_sql)]
 
     def job_id(self, step: str, config_key: str, attempt: int) -> str:
-        return f"bqx_{self.pair}_{_safe(self.run_id)}_{step}_{config_key}_a{attempt}"
+        return layout.bigquery_job_id(self.pair, self.run_id, step, config_key, attempt)
 
 
 @dataclass
@@ -145,42 +140,8 @@ class BigQueryMergeStats(MergeStats):
     job_ids: list[str] = field(default_factory=list)
 
 
-def rows_per_group(budget: int, widest: int, rows: int) -> int:
-    """Rows per output row group so that one group of the widest column group fits the memory budget."""
-    r = budget // max(widest * BYTES_PER_CELL_IN_FLIGHT, 1)
-    r = int(min(max(r, MIN_GROUP_ROWS), MAX_GROUP_ROWS))
-    groups = max(1, -(-rows // r))  # even groups, so the last one is not a sliver
-    return -(-rows // groups) if rows else r
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", text)
-
-
 def _sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def temp_table_name(pair: str, run_id: str, table: str) -> str:
-    return f"bqx_{pair}_{_safe(run_id)}_{table}"
-
-
-def export_root(pair: str, run_id: str) -> str:
-    return f"{layout.run_prefix(pair, run_id)}bigquery/"
-
-
-def output_schema(manifest: Manifest) -> pa.Schema:
-    """The merged file's schema: key, the targets' columns, then each feature table's, prefixed (as merge)."""
-    pair = manifest.pair
-    fields = [pa.field(KEY, KEY_TYPE)]
-    fields += [pa.field(c.name, from_type_name(c.type)) for c in manifest.targets.value_columns]
-    for t in manifest.features:
-        prefix = layout.prefix_of(pair, t.name)
-        fields += [pa.field(f"{prefix}_{c.name}", from_type_name(c.type)) for c in t.value_columns]
-    schema = pa.schema(fields)
-    if len(set(schema.names)) != len(schema.names):
-        raise TerminalError("merged column names collide; table prefixes must be unique")
-    return schema
 
 
 def batch_features(manifest: Manifest, limits: Limits) -> list[list[TableEntry]]:
@@ -206,7 +167,8 @@ def build_plan(settings: Settings, manifest: Manifest, project: str, limits: Lim
     pair, run_id, dataset = manifest.pair, manifest.run_id, settings.temp_dataset
     bucket = settings.staging_bucket
     loads = tuple(
-        Load(t, f"gs://{bucket}/{t.checkpoint}", temp_table_name(pair, run_id, t.name)) for t in manifest.tables
+        Load(t, f"gs://{bucket}/{t.checkpoint}", layout.bigquery_temp_table(pair, run_id, t.name))
+        for t in manifest.tables
     )
     temp = {ld.table.name: f"{quote_bigquery(project)}.{quote_bigquery(dataset)}.{quote_bigquery(ld.temp_table)}"
             for ld in loads}
@@ -231,7 +193,7 @@ def build_plan(settings: Settings, manifest: Manifest, project: str, limits: Lim
             + "".join(j + "\n" for j in joins) + f"ORDER BY t.{q(KEY)}"
         )
         key = digest("stage", select_sql, length=12)
-        prefix = f"{export_root(pair, run_id)}stage-{i:03d}-{key}/"
+        prefix = layout.bigquery_stage_exports(pair, run_id, i, key)
         uri = f"gs://{bucket}/{prefix}part-*.parquet"
         export_sql = (
             f"EXPORT DATA OPTIONS (uri = {_sql_string(uri)}, format = 'PARQUET', overwrite = true) AS\n"
@@ -247,12 +209,7 @@ def build_plan(settings: Settings, manifest: Manifest, project: str, limits: Lim
 
 
 def _classify(exc: Exception, what: str) -> Exception:
-    from google.api_core import exceptions as gexc
-
-    reasons = {e.get("reason") for e in (getattr(exc, "errors", None) or []) if isinstance(e, dict)}
-    if reasons & TRANSIENT_REASONS or isinstance(exc, gexc.ServerError | gexc.TooManyRequests | ConnectionError):
-        return TransientError(f"{what}: {exc}")
-    return TerminalError(f"{what}: {exc}")
+    return (TransientError if is_transient(exc) else TerminalError)(f"{what}: {exc}")
 
 
 class Runner:
@@ -407,17 +364,11 @@ def _groups(batches: Iterator[pa.RecordBatch], bounds: list[tuple[int, int]], wh
         raise BadCheckpoint(f"{what}: more rows than the targets' {bounds[-1][1]}")
 
 
-def _key_ints(arr: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
-    if arr.null_count:
-        raise BadCheckpoint(f"{what}: null {KEY}")
-    return np.asarray(arr.cast(KEY_TYPE).cast(pa.int64()).to_numpy(), dtype=np.int64)
-
-
 def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_budget: int,
            metadata: dict[str, str] | None = None) -> tuple[int, int]:
     """Stage exports -> one Parquet file in `sink`. Returns (bytes, rows per row group)."""
     widest = max(len(st.columns) for st in plan.stages)
-    group = rows_per_group(memory_budget, widest, rows)
+    group = stitch_group_rows(memory_budget, widest, rows)
     bounds = [(s, min(s + group, rows)) for s in range(0, rows, group)]
     counting = CountingWriter(sink)
     md = {"bqx.rows": str(rows), **(metadata or {})}
@@ -434,31 +385,22 @@ def stitch(settings: Settings, plan: Plan, rows: int, sink: BinaryIO, memory_bud
         stream = _batches(settings, files, list(st.columns), min(group, 65_536))
         for g, part in enumerate(_groups(stream, bounds, what)):
             s, e = bounds[g]
-            k = _key_ints(part.column(KEY), what)
             if keys is None:
                 keys = np.empty(rows, dtype=np.int64)
             if st.index == 0:
-                if (np.diff(k) <= 0).any() or (s and k[0] <= keys[s - 1]):
-                    raise BadCheckpoint(f"{what} is not strictly ordered by {KEY}")
-                keys[s:e] = k
+                keys[s:e] = key_micros(what, part.column(KEY), int(keys[s - 1]) if s else None)
                 stitcher.add(g, part)
             else:
-                if not np.array_equal(k, keys[s:e]):
+                if not np.array_equal(key_micros(what, part.column(KEY)), keys[s:e]):
                     raise BadCheckpoint(f"{what}: keys differ from the targets' in rows {s}..{e}")
                 stitcher.add(g, part.drop_columns([KEY]))
     stitcher.close(md)
     return counting.size, group
 
 
-def _targets_rows(settings: Settings, manifest: Manifest) -> int:
-    blob = storage.bucket(settings, settings.staging_bucket).blob(manifest.targets.checkpoint)
-    with blob.open("rb", chunk_size=READ_CHUNK) as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 def delete_exports(settings: Settings, plan: Plan) -> None:
     bucket = storage.bucket(settings, settings.staging_bucket)
-    for name in storage.list_names(settings, settings.staging_bucket, export_root(plan.pair, plan.run_id)):
+    for name in storage.list_names(settings, settings.staging_bucket, layout.bigquery_exports(plan.pair, plan.run_id)):
         try:
             bucket.blob(name).delete()
         except Exception as exc:  # noqa: BLE001 - leftovers are harmless scratch
@@ -468,8 +410,17 @@ def delete_exports(settings: Settings, plan: Plan) -> None:
 # ------------------------------------------------------------------------------------------ the method
 
 
-def run(settings: Settings, manifest: Manifest, sink: BinaryIO, client: Any, metadata: dict[str, str] | None = None,
-        limits: Limits | None = None, location: str | None = None) -> BigQueryMergeStats:
+def run(job: MergeJob, sink: BinaryIO) -> BigQueryMergeStats:
+    """The method (bqx.merge.plan's contract), with the process's BigQuery client (bqx.gcp.clients)."""
+    s = job.settings
+    return merge(s, job.manifest, sink, bigquery_client(s), job.metadata, location=s.bigquery_location or None,
+                 budget=job.budget)
+
+
+def merge(settings: Settings, manifest: Manifest, sink: BinaryIO, client: Any, metadata: dict[str, str] | None = None,
+          limits: Limits | None = None, location: str | None = None, budget: int | None = None
+          ) -> BigQueryMergeStats:
+    """`budget`: bytes the stitch may hold (default: settings.memory_budget)."""
     started = time.time()
     plan = build_plan(settings, manifest, client.project, limits)
     runner = Runner(client, plan, settings, location)
@@ -504,10 +455,10 @@ def run(settings: Settings, manifest: Manifest, sink: BinaryIO, client: Any, met
         runner.delete_tables([ld.temp_table for ld in loads])
     stats.job_ids = list(runner.job_ids)
 
-    rows = _targets_rows(settings, manifest)
+    rows = targets_rows(settings, manifest)
     stats.rows, stats.row_groups = rows, 0
-    stats.bytes, stats.group_rows = stitch(settings, plan, rows, sink, settings.memory_budget,
-                                                         metadata)
+    stats.bytes, stats.group_rows = stitch(settings, plan, rows, sink,
+                                           settings.memory_budget if budget is None else budget, metadata)
     stats.row_groups = -(-rows // stats.group_rows) if stats.group_rows else 0
     delete_exports(settings, plan)
     stats.seconds = time.time() - started

@@ -40,8 +40,8 @@ from bqx import layout
 from bqx.catalog import GRID_FILE_KEY, GRID_OBJECT_KEY, KEY, Grid, Manifest
 from bqx.errors import BadCheckpoint, TerminalError
 from bqx.logs import Log
+from bqx.merge.plan import CountingWriter, MergeInput, MergeStats
 from bqx.merge.stitch import MAGIC, FileRange, FooterGroup, column_signature, encode_footer, footer_template
-from bqx.merge.stream import CountingWriter, MergeInput, MergeStats
 from bqx.parquet.chunks import Chunk
 from bqx.parquet.chunks import row_groups as chunks_of
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS

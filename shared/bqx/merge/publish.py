@@ -1,4 +1,5 @@
-"""Merge a run's checkpoints from GCS and publish training_<pair>.parquet with its summary.
+"""Merge a run's checkpoints from GCS and publish training_<pair>.parquet with its summary: the one place that
+picks the method (METHODS), gives it the output's sink, verifies what it wrote and publishes it.
 
 The output is written to a temporary object, checked (rows == targets rows, columns == manifest), then
 copied to its final name in one server-side rewrite, so readers never see it half-written.
@@ -14,44 +15,48 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict
-from typing import Any, BinaryIO
+from dataclasses import asdict, replace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
 
 from bqx import layout
-from bqx.catalog import KEY, Manifest
-from bqx.config import Settings
-from bqx.errors import BadCheckpoint, TerminalError, TransientError
+from bqx.catalog import Manifest
+from bqx.config import Settings, check_merge_method
+from bqx.errors import BadCheckpoint, ConfigError, TerminalError, TransientError
 from bqx.gcp import storage
-from bqx.gcp.objectfile import ObjectFile
 from bqx.logs import Log
-from bqx.merge.stream import MergeInput, MergeStats, merge
+from bqx.merge.plan import MergeJob, MergeStats, Method, targets_rows, upload_chunk
 
 READ_CHUNK = 4 * 1024 * 1024
-WRITE_CHUNK = 128 * 1024 * 1024  # the output's resumable upload pieces, at most 1/8 of the memory budget (below)
 log = Log("bqx.merge.publish")
 
-
-def gcs_inputs(settings: Settings, manifest: Manifest,
-               versions: dict[str, tuple[int, int]] | None = None) -> tuple[MergeInput, list[MergeInput]]:
-    """The run's checkpoints as merge inputs, each read at the size and generation it was listed with."""
-    if versions is None:
-        versions = verify_checkpoints(settings, manifest)
-    bucket = storage.bucket(settings, settings.staging_bucket)
-    t = manifest.targets
-    targets = MergeInput(t.name, "", object_opener(bucket, t.checkpoint, *versions[t.checkpoint]), remote=True)
-    features = [MergeInput(f.name, layout.prefix_of(manifest.pair, f.name),
-                           object_opener(bucket, f.checkpoint, *versions[f.checkpoint]), remote=True)
-                for f in manifest.features]
-    return targets, features
+# The merge methods that write the output to a sink, by name: their module's `run(job, sink)` (bqx.merge.plan's
+# contract). Imported when chosen: polars and the BigQuery client load only for their method. `compose` builds the
+# output in the staging bucket from the checkpoints themselves (no sink), and `auto` picks compose or stream:
+# merge_run handles both (choose_method).
+METHODS = {"stream": "bqx.merge.stream", "polars": "bqx.merge.polars", "bigquery": "bqx.merge.bigquery"}
 
 
-def object_opener(bucket: Any, name: str, size: int, generation: int) -> Callable[[], BinaryIO]:
-    return lambda: ObjectFile(bucket.blob(name, generation=generation), size)  # type: ignore[return-value]
+def method(name: str) -> Method:
+    """The sink method called `name`, or a clear ConfigError before any work starts."""
+    import importlib
+
+    check_merge_method(name)
+    if name not in METHODS:
+        raise ConfigError(f"merge method {name!r} writes no sink: bqx.merge.publish.merge_run runs it")
+    return importlib.import_module(METHODS[name]).run  # type: ignore[no-any-return]
+
+
+def write_output(name: str, job: MergeJob, blob: Any) -> MergeStats:
+    """Run method `name` into the GCS object `blob`. The upload's piece is held outside the method: `job.budget`
+    less it is what the method is given."""
+    run = method(name)
+    chunk = upload_chunk(job.budget)
+    with blob.open("wb", chunk_size=chunk, ignore_flush=True, content_type="application/vnd.apache.parquet") as sink:
+        return run(replace(job, budget=job.budget - chunk), sink)
 
 
 def expected_columns(manifest: Manifest) -> int:
@@ -119,15 +124,16 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     (None: as the run's request said, recorded in its extract claim)."""
     pair, run_id = manifest.pair, manifest.run_id
     started = time.time()
-    targets_rows = _targets_rows(settings, manifest)
-    if targets_rows == 0:
+    check_merge_method(method)
+    rows = targets_rows(settings, manifest)
+    if rows == 0:
         raise TerminalError(f"run {run_id}'s targets table {manifest.targets.name} has 0 rows (a table being "
                             "refreshed?): nothing merged, the pair's published training file is left as it is")
     if accept_drift is None:
         claim = storage.read_json(settings, settings.staging_bucket, layout.claim(pair, run_id, "extract"))
         accept_drift = bool(claim and claim[0].get("accept_drift"))
     if not accept_drift:
-        check_drift(settings, manifest, targets_rows, expected_columns(manifest))
+        check_drift(settings, manifest, rows, expected_columns(manifest))
     check_newest(settings, manifest)  # an older run is not even merged (publish checks again)
     listed: dict[str, Any] = {}
     versions = verify_checkpoints(settings, manifest, validated=True, listed=listed)
@@ -145,19 +151,9 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
         # Built in the staging bucket from the checkpoints themselves; published from there like a temp object.
         composed = compose.merge_gcs(settings, manifest, listed, md, progress)
         stats, temp = composed.stats, composed.blob
-    elif method == "stream":
-        targets, features = gcs_inputs(settings, manifest, versions)
-        # Few large pieces: each is a request (and on fake-gcs-server a copy of everything uploaded so far: a
-        # 276 MB file took 15.6 s of its CPU in 16 MiB pieces, 4.7 s in 128 MiB ones).
-        chunk = max(1 << 20, min(WRITE_CHUNK, settings.memory_budget // 8)) // (256 << 10) * (256 << 10)
-        with temp.open("wb", chunk_size=chunk, ignore_flush=True,
-                       content_type="application/vnd.apache.parquet") as sink:
-            stats = merge(targets, features, sink, memory_budget=settings.memory_budget - chunk, metadata=md,
-                          progress=progress)  # the upload's piece is held outside the merge: its budget less it
     else:
-        from bqx.merge import methods
-
-        stats = methods.run(method, settings, manifest, temp, md)
+        stats = write_output(method, MergeJob(settings, manifest, settings.memory_budget, md, progress, versions),
+                             temp)
     progress(features_total, features_total, "publishing", force=True)
     temp.reload()
     if temp.size != stats.bytes:
@@ -167,10 +163,10 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     else:
         with temp.open("rb", chunk_size=READ_CHUNK) as f:
             meta = pq.ParquetFile(f).metadata
-    if meta.num_rows != targets_rows or meta.num_columns != expected_columns(manifest):
+    if meta.num_rows != rows or meta.num_columns != expected_columns(manifest):
         raise TerminalError(
             f"merged file has {meta.num_rows} rows x {meta.num_columns} columns; expected "
-            f"{targets_rows} x {expected_columns(manifest)} - not published"
+            f"{rows} x {expected_columns(manifest)} - not published"
         )
     summary = build_summary(settings, manifest, stats, method, execution, started)
     # GCS's own checksums of what it stored (base64, as `gcloud storage hash` prints them): the merge does not hash.
@@ -271,8 +267,6 @@ def choose_method(method: str, manifest: Manifest, listed: dict[str, Any]) -> st
 def _cost(settings: Settings, manifest: Manifest, merge_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's cost at list prices, from measured durations, and what it reused (checkpoints copied from earlier
     runs, bqx.report.Timeline.reuse_json). Best effort: never blocks publishing."""
-    from dataclasses import replace
-
     from bqx import report
 
     try:
@@ -302,15 +296,6 @@ def check_drift(settings: Settings, manifest: Manifest, rows: int, columns: int)
             f"run {manifest.run_id} of {manifest.pair} not published: against the published run "
             f"{prev.get('run_id')}, {'; '.join(problems)}. If that is intended: bqx merge {manifest.pair} "
             f"--run-id {manifest.run_id} --accept-drift (or request with \"accept_drift\": true)")
-
-
-def _targets_rows(settings: Settings, manifest: Manifest) -> int:
-    blob = storage.bucket(settings, settings.staging_bucket).blob(manifest.targets.checkpoint)
-    with blob.open("rb", chunk_size=READ_CHUNK) as f:
-        pf = pq.ParquetFile(f)
-        if KEY not in pf.schema_arrow.names:
-            raise BadCheckpoint(f"{manifest.targets.name}: no {KEY}")
-        return pf.metadata.num_rows
 
 
 def build_summary(settings: Settings, manifest: Manifest, stats: MergeStats, method: str, execution: str,

@@ -23,18 +23,11 @@ import pyarrow.parquet as pq
 
 from bqx.errors import BadCheckpoint
 from bqx.parquet import thrift
-from bqx.parquet.chunks import Chunk, Moved, encode_fields, fields, row_groups
-from bqx.parquet.thrift import I16, I64, LIST, STRUCT, Raw
+from bqx.parquet.chunks import Chunk, Moved, row_groups
+from bqx.parquet.footer import MAGIC, footer_start
+from bqx.parquet.thrift import I16, I64, LIST, STRUCT, Raw, encode_fields, fields
 
-MAGIC = b"PAR1"
 DETACHED_RANGE_COST = 256 << 10  # a copied range waiting for its turn holds a descriptor, not its bytes
-
-
-def footer_start(data: bytes | memoryview) -> int:
-    """Offset where a whole Parquet file's encoded FileMetaData starts (it ends 8 bytes before the file does)."""
-    if bytes(data[-4:]) != MAGIC:
-        raise ValueError("not a Parquet file")
-    return len(data) - 8 - struct.unpack("<I", bytes(data[-8:-4]))[0]
 
 
 class FileRange:
@@ -111,16 +104,14 @@ def encode_footer(template: dict[int, tuple[int, bytes]], groups: list[FooterGro
     template's key-values plus `metadata`."""
     rgs = [{1: (LIST, (STRUCT, [Raw(c) for c in g.columns])), 2: (I64, g.uncompressed), 3: (I64, g.rows),
             5: (I64, g.file_offset), 6: (I64, g.compressed), 7: (I16, i)} for i, g in enumerate(groups)]
-    kv = thrift.Reader(template[5][1]).value(LIST)[1] if 5 in template else []
+    kv = thrift.decode_value(template[5][1], LIST)[1] if 5 in template else []
     for k, v in (metadata or {}).items():
         kv.append({1: (thrift.BINARY, k.encode()), 2: (thrift.BINARY, v.encode())})
     changed = {3: (I64, sum(g.rows for g in groups)), 4: (LIST, (STRUCT, rgs)), 5: (LIST, (STRUCT, kv))}
     items = []
     for fid in sorted({*template, *changed} - {8, 9}):  # 8, 9: encryption, which the output does not use
         if fid in changed:
-            w = thrift.Writer()
-            w.value(*changed[fid])
-            items.append((fid, changed[fid][0], bytes(w.out)))
+            items.append((fid, changed[fid][0], thrift.encode_value(*changed[fid])))
         else:
             items.append((fid, *template[fid]))
     return encode_fields(items)

@@ -16,7 +16,7 @@ turn waits (bounded by the budget; an aligned local checkpoint's ranges wait as 
 thread at a time writes what is ready outside the lock. The output schema, needed only by the footer, is read from
 the checkpoints' footers in the background meanwhile.
 
-Memory is therefore set by the budget (BYTES_PER_CELL_IN_FLIGHT x rows x columns of a slice per worker), never by
+Memory is therefore set by the budget (STREAM_COPIES x BYTES_PER_CELL x rows x columns of a slice per worker), never by
 the number of tables, their width or the number of rows, and nothing is staged on local disk.
 """
 
@@ -29,114 +29,40 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx import layout
 from bqx.catalog import KEY
-from bqx.errors import BadCheckpoint, DuplicateKeys, TerminalError
+from bqx.errors import BadCheckpoint
 from bqx.logs import Log
 from bqx.merge import allocator
+from bqx.merge.plan import (
+    BYTES_PER_CELL,
+    STREAM_COPIES,
+    CountingWriter,
+    MergeInput,
+    MergeJob,
+    MergeStats,
+    assemble_schema,
+    gcs_inputs,
+    stream_sizing,
+)
 from bqx.merge.stitch import FileRange, Stitcher
 from bqx.merge.stitch import column_signature as _column_signature
-from bqx.pairs import PAIRS
-from bqx.parquet.chunks import Chunk
 from bqx.parquet.chunks import row_groups as chunks_of
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
+from bqx.parquet.footer import read_footer
+from bqx.parquet.keys import check_row_group_order, key_micros
 
 log = Log("bqx.merge.stream")
 
 READ_BUFFER = 262144  # stream column chunks
-MIN_GROUP_ROWS, MAX_GROUP_ROWS = 1_024, 1 << 17
 COALESCE_BELOW = 16_384  # targets row groups smaller than this are merged into bigger output row groups
-BYTES_PER_CELL_IN_FLIGHT = 8 * 8  # decoded input (2 row groups), aligned copy, encoder, output, allocator slack
-MIN_SLICE_COLUMNS = 8
 SWITCH_INTERVAL = 0.0002  # seconds; see merge()
 PLAN_THREADS = 16  # checkpoints whose schemas are read at once, in the background (object-store latency)
-
-
-@dataclass(frozen=True)
-class MergeInput:
-    table: str
-    prefix: str  # "" for the targets: its columns keep their names
-    open: Callable[[], BinaryIO | str]
-    remote: bool = False  # in an object store: footers are read many at once (latency); locally, one at a time
-
-
-@dataclass
-class MergeStats:
-    rows: int = 0
-    columns: int = 0
-    tables: int = 0
-    row_groups: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    group_rows: int = 0
-    workers: int = 1
-    copied_tables: int = 0  # tables whose column chunks were copied as they are (already aligned)
-    memory_releases: int = 0  # times the process reached its budget and gave the allocator's free pages back
-    bytes_read: int = 0  # of the checkpoints, when the method counts them (compose: their footers)
-    table_seconds: dict[str, float] = field(default_factory=dict)
-
-
-class CountingWriter:
-    """Counts what passes through to the real sink. The output is not hashed here: GCS computes its CRC32C and
-    MD5 on upload, and publishing records those (hashing 2-3 GB in Python cost ~20% of the merge's CPU)."""
-
-    def __init__(self, sink: BinaryIO) -> None:
-        self.sink, self.size = sink, 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        n = self.sink.write(data)
-        n = len(memoryview(data).cast("B")) if n is None else n
-        self.size += n
-        return n
-
-    def copy_range(self, r: FileRange) -> None:
-        """Write `r`'s bytes: between two local files with copy_file_range (the kernel moves page-cache pages, the
-        bytes never enter Python), otherwise read and written in pieces."""
-        done = 0
-        try:
-            src, dst = r.f.fileno(), self.sink.fileno()
-            self.sink.flush()
-            while done < r.length:
-                n = os.copy_file_range(src, dst, r.length - done, r.start + done)
-                if not n:
-                    break
-                done += n
-        except (AttributeError, OSError, ValueError):  # not two OS files, or the kernel declines: plain copy
-            pass
-        self.size += done
-        if done < r.length:  # (a seek is a system call: each costs a GIL handoff, ~0.2 ms next to a busy worker)
-            for piece in r.read_from(done):
-                self.write(piece)
-
-
-def local_inputs(directory: Path, targets: str | None = None,
-                 pair: str | None = None) -> tuple[MergeInput, list[MergeInput]]:
-    """DIR with one Parquet file per table -> (targets, features). Targets: the file named `targets*`. Columns are
-    prefixed as in the pipeline's file (layout.prefix_of: the table's name less the pair), the pair being `pair` or
-    the one a `targets_<pair>` file names; files of no known pair keep their whole name as prefix."""
-    files = sorted(p for p in Path(directory).glob("*.parquet") if p.is_file())
-    if not files:
-        raise TerminalError(f"no .parquet files in {directory}")
-    chosen = [p for p in files if (p.stem == targets if targets else p.stem.startswith("targets"))]
-    if len(chosen) != 1:
-        raise TerminalError(
-            f"need exactly one targets file in {directory} (matching {targets or 'targets*'}), found {len(chosen)}"
-        )
-    t = chosen[0]
-    if pair is None:
-        named = t.stem.split("_", 1)[1] if "_" in t.stem else ""
-        pair = named if named in PAIRS else None
-    features = [MergeInput(p.stem, layout.prefix_of(pair, p.stem) if pair else p.stem, (lambda p=p: str(p)))
-                for p in files if p != t]
-    return MergeInput(t.stem, "", lambda: str(t)), features
 
 
 def _open(inp: MergeInput) -> tuple[pq.ParquetFile, BinaryIO | None]:
@@ -169,9 +95,6 @@ def _names(inp: MergeInput, schema: pa.Schema) -> tuple[list[str], list[str]]:
 
 
 def _output_schema(targets: pa.Schema, features: list[MergeInput], stop: threading.Event) -> pa.Schema:
-    fields: list[pa.Field] = [pa.field(KEY, KEY_TYPE)]
-    fields += [f for f in targets if f.name != KEY]
-
     def schema_of(inp: MergeInput) -> pa.Schema:
         if stop.is_set():  # the merge failed: read no more
             raise RuntimeError("merge abandoned")
@@ -182,36 +105,8 @@ def _output_schema(targets: pa.Schema, features: list[MergeInput], stop: threadi
     with ThreadPoolExecutor(threads, thread_name_prefix="merge-plan") as pool:
         schemas = list(pool.map(schema_of, features))
     for inp, schema in zip(features, schemas, strict=True):
-        names, out_names = _names(inp, schema)
-        fields += [pa.field(o, schema.field(c).type) for c, o in zip(names, out_names, strict=True)]
-    out = pa.schema(fields)
-    if len(set(out.names)) != len(out.names):
-        raise TerminalError("merged column names collide; table prefixes must be unique")
-    return out
-
-
-def _keys_int(table: str, arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    if arr.null_count:
-        raise BadCheckpoint(f"{table}: null {KEY}")
-    if arr.type != KEY_TYPE:
-        if not pa.types.is_timestamp(arr.type):
-            raise BadCheckpoint(f"{table}: {KEY} is {arr.type}, expected {KEY_TYPE}")
-        arr = arr.cast(KEY_TYPE)  # a ms or ns key is converted by its declared unit, never reinterpreted
-    return np.asarray(arr.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
-def _check_increasing(table: str, keys: np.ndarray, previous: int | None) -> None:
-    if previous is not None and keys.size and keys[0] <= previous:
-        if keys[0] == previous:
-            raise DuplicateKeys(table, np.datetime64(int(previous), "us"))
-        raise BadCheckpoint(f"{table}: not ordered by {KEY}")
-    if keys.size > 1:
-        d = np.diff(keys)
-        if (d <= 0).any():
-            i = int(np.flatnonzero(d <= 0)[0])
-            if d[i] == 0:
-                raise DuplicateKeys(table, np.datetime64(int(keys[i]), "us"))
-            raise BadCheckpoint(f"{table}: not ordered by {KEY}")
+        _names(inp, schema)  # each has a key column
+    return assemble_schema(targets, ((inp.prefix, schema) for inp, schema in zip(features, schemas, strict=True)))
 
 
 def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out_names: list[str], keys: np.ndarray,
@@ -223,7 +118,7 @@ def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out
     md = pf.metadata
     rg_rows = max((md.row_group(i).num_rows for i in range(md.num_row_groups)), default=0)
     group_rows = max(e - s for s, e in bounds)
-    width = max(1, worker_budget // (max(rg_rows, group_rows, 1) * BYTES_PER_CELL_IN_FLIGHT))
+    width = max(1, worker_budget // (max(rg_rows, group_rows, 1) * STREAM_COPIES * BYTES_PER_CELL))
     for c0 in range(0, len(names), width):
         sub, sub_out = names[c0 : c0 + width], out_names[c0 : c0 + width]
         parts = (pf.read_row_group(r, columns=[KEY, *sub], use_threads=False) for r in range(md.num_row_groups))
@@ -235,23 +130,6 @@ def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out
             stitcher.add(g, part)
             del part
             govern()
-
-
-def _check_row_group_order(table: str, pf: pq.ParquetFile) -> None:
-    """Row groups in key order by their statistics, so disorder is caught even in rows the merge never decodes."""
-    md = pf.metadata
-    i = pf.schema_arrow.get_field_index(KEY)
-    previous = None
-    for r in range(md.num_row_groups):
-        st = md.row_group(r).column(i).statistics
-        if st is None or not st.has_min_max or not md.row_group(r).num_rows:
-            previous = None
-            continue
-        if previous is not None and st.min <= previous:
-            if st.min == previous:
-                raise DuplicateKeys(table, st.min)
-            raise BadCheckpoint(f"{table}: not ordered by {KEY} (row group {r})")
-        previous = st.max
 
 
 def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, names: list[str],
@@ -277,7 +155,7 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
     else:  # a local path: a descriptor of our own (copy_file_range can use it), closed once its ranges are out
         f, detached = _own_file(inp), True
     try:
-        groups = _footer_chunks(f)
+        groups = chunks_of(read_footer(f))
         position = {name: i for i, name in enumerate(theirs.names)}
         out_of = dict(zip(names, out_names, strict=True))
         if with_key:
@@ -293,7 +171,7 @@ def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, 
                 f.seek(cc.start)
                 if f.read(cc.compressed) == key_chunks[r]:
                     continue
-            if not np.array_equal(_keys_int(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY)), keys[s:e]):
+            if not np.array_equal(key_micros(inp.table, pf.read_row_group(r, columns=[KEY]).column(KEY)), keys[s:e]):
                 return False
         plan = []
         for rg in groups:  # check every chunk before copying any: a refusal writes nothing
@@ -339,7 +217,7 @@ def _key_chunks(targets: MergeInput, tfile: pq.ParquetFile, reader: BinaryIO | N
     f = reader if reader is not None else _own_file(targets)
     try:
         out = []
-        for rg in _footer_chunks(f):
+        for rg in chunks_of(read_footer(f)):
             cc = next(c for c in rg if c.path == KEY)
             f.seek(cc.start)
             out.append(f.read(cc.compressed))
@@ -354,14 +232,6 @@ def _own_file(inp: MergeInput) -> BinaryIO:
     can use)."""
     src = inp.open()
     return open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115 - the caller closes it
-
-
-def _footer_chunks(f: BinaryIO) -> list[list[Chunk]]:
-    """The column chunks of every row group of the Parquet file `f`, from its footer's bytes."""
-    f.seek(-8, os.SEEK_END)
-    n = int.from_bytes(f.read(4), "little")
-    f.seek(-8 - n, os.SEEK_END)
-    return chunks_of(f.read(n))
 
 
 def _copy_run(f: BinaryIO, group: int, run: list, stitcher: Stitcher, detached: bool) -> None:
@@ -389,8 +259,7 @@ class Aligner:
         except StopIteration:
             self.done = True
             return False
-        keys = _keys_int(self.name, batch.column(KEY))
-        _check_increasing(self.name, keys, self.last)
+        keys = key_micros(self.name, batch.column(KEY), self.last)
         if keys.size:
             self.last = int(keys[-1])
         values = batch.select(self.value_names)
@@ -417,16 +286,6 @@ class Aligner:
         self.buf = self.buf.slice(cut)
         self.buf_keys = bk[cut:]
         return out
-
-
-def group_rows_for(budget: int, workers: int, rows: int) -> int:
-    """Most rows per output row group: enough that a slice of MIN_SLICE_COLUMNS columns fits a worker's share."""
-    per_worker = budget // max(workers, 1)
-    r = per_worker // (MIN_SLICE_COLUMNS * BYTES_PER_CELL_IN_FLIGHT)
-    r = int(min(max(r, MIN_GROUP_ROWS), MAX_GROUP_ROWS))
-    # Even groups so the last one is not a sliver.
-    groups = max(1, -(-rows // r))
-    return -(-rows // groups) if rows else r
 
 
 def group_bounds(tfile: pq.ParquetFile, cap: int, n: int) -> list[tuple[int, int]]:
@@ -472,9 +331,8 @@ def merge(
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         tfile, t_reader = _open(targets)
         cleanup.callback(tfile.close, force=True)  # its source too: a failed merge holds no checkpoint open
-        _check_row_group_order(targets.table, tfile)
-        keys = _keys_int(targets.table, tfile.read(columns=[KEY]).column(KEY))
-        _check_increasing(targets.table, keys, None)
+        check_row_group_order(targets.table, tfile.metadata, tfile.schema_arrow.get_field_index(KEY))
+        keys = key_micros(targets.table, tfile.read(columns=[KEY]).column(KEY))
 
         # The output schema needs every checkpoint's schema, but only the footer needs it: it is read in the
         # background (many at once: object-store latency) while the merge runs.
@@ -486,11 +344,10 @@ def merge(
         cleanup.callback(stop_plan.set)  # ... and after a failure the plan stops early
 
         n = int(keys.size)
-        rows_per_group = group_rows_for(memory_budget, workers, n)
-        worker_budget = memory_budget // workers
-        bounds = group_bounds(tfile, rows_per_group, n)
+        size = stream_sizing(memory_budget, workers, n)
+        bounds = group_bounds(tfile, size.group_rows, n)
         counting = CountingWriter(sink)
-        governor = allocator.MemoryGovernor(int(memory_budget * allocator.GOVERNOR_SHARE))
+        governor = allocator.MemoryGovernor(size.governor_limit)
         md = {"bqx.rows": str(n), **(metadata or {})}
         if n == 0:
             out_schema = planned.result()
@@ -500,17 +357,17 @@ def merge(
             return MergeStats(rows=0, columns=len(out_schema), tables=len(features) + 1, bytes=counting.size,
                               seconds=time.time() - started)
         stitcher = Stitcher(counting, planned, [e - s for s, e in bounds],  # type: ignore[arg-type]
-                            reorder_limit=max(memory_budget // 16, 1 << 20), **WRITER_OPTIONS)
-        stats = MergeStats(rows=n, tables=len(features) + 1, row_groups=len(bounds), group_rows=rows_per_group,
+                            reorder_limit=size.held_encoded, **WRITER_OPTIONS)
+        stats = MergeStats(rows=n, tables=len(features) + 1, row_groups=len(bounds), group_rows=size.group_rows,
                            workers=workers)
 
         # The targets first (their key column leads each row group): already aligned, just cut into the row groups.
-        key_chunks = _key_chunks(targets, tfile, t_reader, bounds, memory_budget // 16)
+        key_chunks = _key_chunks(targets, tfile, t_reader, bounds, size.held_encoded)
         t_names = [f.name for f in tfile.schema_arrow if f.name != KEY]
         with stitcher.turn(0):
             if not _copy_encoded(targets, tfile, t_reader, t_names, t_names, keys, bounds, stitcher, key_chunks,
                                  with_key=True):
-                _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, memory_budget,
+                _align_and_encode(targets, tfile, t_names, t_names, keys, bounds, stitcher, size.targets_budget,
                                   with_key=True)
 
         done = [0]
@@ -524,10 +381,10 @@ def merge(
                 pf, reader = _open(inp)
                 try:
                     names, out_names = _names(inp, pf.schema_arrow)
-                    _check_row_group_order(inp.table, pf)
+                    check_row_group_order(inp.table, pf.metadata, pf.schema_arrow.get_field_index(KEY))
                     copied = _copy_encoded(inp, pf, reader, names, out_names, keys, bounds, stitcher, key_chunks)
                     if not copied:
-                        _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, worker_budget,
+                        _align_and_encode(inp, pf, names, out_names, keys, bounds, stitcher, size.worker_budget,
                                           govern=governor.check)
                 finally:
                     # Its source too. Copied ranges have a descriptor of their own, or were read from it already.
@@ -561,3 +418,10 @@ def merge(
         stats.memory_releases = governor.releases
         stats.seconds = time.time() - started
         return stats
+
+
+def run(job: MergeJob, sink: BinaryIO) -> MergeStats:
+    """The `stream` method (bqx.merge.plan's contract): the run's checkpoints read from GCS at the listed
+    generations."""
+    targets, features = gcs_inputs(job.settings, job.manifest, job.versions)
+    return merge(targets, features, sink, memory_budget=job.budget, metadata=job.metadata, progress=job.progress)

@@ -1,8 +1,9 @@
-"""Parquet at the byte level: one Thrift compact-protocol codec, footers, column chunks, the file conventions
-checkpoints and training files share.
+"""Parquet at the byte level: one Thrift compact-protocol codec and walker, footers, column chunks, the key column,
+the file conventions checkpoints and training files share.
 
 Public: `conventions` (the writer options, types and row groups both files use), `chunks` (column chunks copied and
-their metadata rewritten), `thrift` (the compact-protocol codec).
+their metadata rewritten), `thrift` (the compact-protocol codec and walker), `footer` (a file's tail: where its
+footer is), `keys` (the key column in microseconds, checked sorted and unique: every reader of checkpoints uses it).
 """
 
-__all__ = ["chunks", "conventions", "thrift"]
+__all__ = ["chunks", "conventions", "footer", "keys", "thrift"]

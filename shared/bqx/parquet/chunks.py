@@ -11,25 +11,20 @@ from __future__ import annotations
 
 from bqx.parquet.thrift import (
     BINARY,
-    BYTE,
-    DOUBLE,
-    FALSE,
-    I16,
-    I32,
-    I64,
     LIST,
-    MAP,
-    SET,
     STOP,
     STRUCT,
-    TRUE,
+    Field,
+    field,
+    fields,
+    list_header,
     put_field_header,
     put_varint,
-    unzigzag,
-    zigzag,
+    read_i64,
+    skip,
+    varint,
+    zigzag_varint,
 )
-
-Field = tuple[int, int, bytes]  # (field id, wire type, encoded value); booleans live in the wire type
 
 # ColumnChunk fields
 CC_FILE_OFFSET, CC_META = 2, 3
@@ -41,129 +36,6 @@ MD_OFFSETS = (MD_DATA_PAGE, MD_INDEX_PAGE, MD_DICT_PAGE, MD_BLOOM_OFFSET)
 MD_NO_BLOOM = frozenset({MD_BLOOM_OFFSET, MD_BLOOM_LENGTH})
 # FileMetaData / RowGroup fields
 FMD_ROW_GROUPS, RG_COLUMNS = 4, 1
-
-
-def varint(data: bytes, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def zigzag_varint(n: int) -> bytes:
-    out = bytearray()
-    put_varint(out, zigzag(n) & 0xFFFFFFFFFFFFFFFF)
-    return bytes(out)
-
-
-def read_i64(raw: bytes) -> int:
-    return unzigzag(varint(raw, 0)[0])
-
-
-def skip(data: bytes, pos: int, ttype: int) -> int:
-    """Position just after the value of type `ttype` starting at `pos` (a struct field's value, not its header)."""
-    if ttype in (TRUE, FALSE):
-        return pos
-    if ttype == BYTE:
-        return pos + 1
-    if ttype in (I16, I32, I64):
-        while data[pos] & 0x80:
-            pos += 1
-        return pos + 1
-    if ttype == DOUBLE:
-        return pos + 8
-    if ttype == BINARY:
-        n, pos = varint(data, pos)
-        return pos + n
-    if ttype in (LIST, SET):
-        etype, size, pos = _list_items(data, pos)
-        if etype in (TRUE, FALSE):  # list booleans take one byte each
-            return pos + size
-        if etype == I64 or etype == I32 or etype == I16:  # noqa: PLR1714 - inline: lists of ints are common
-            for _ in range(size):
-                while data[pos] & 0x80:
-                    pos += 1
-                pos += 1
-            return pos
-        for _ in range(size):
-            pos = skip(data, pos, etype)
-        return pos
-    if ttype == MAP:
-        size, pos = varint(data, pos)
-        if not size:
-            return pos
-        kv = data[pos]
-        pos += 1
-        for _ in range(size):
-            pos = skip(data, skip(data, pos, kv >> 4), kv & 0x0F)
-        return pos
-    if ttype == STRUCT:
-        while True:
-            head = data[pos]
-            pos += 1
-            t = head & 0x0F
-            if t == STOP:
-                return pos
-            if not head >> 4:
-                _, pos = varint(data, pos)
-            if t == I64 or t == I32 or t == I16:  # noqa: PLR1714
-                while data[pos] & 0x80:
-                    pos += 1
-                pos += 1
-            elif t != TRUE and t != FALSE:  # noqa: PLR1714
-                pos = skip(data, pos, t)
-    raise ValueError(f"unknown thrift type {ttype}")
-
-
-def fields(data: bytes, pos: int) -> tuple[list[Field], int]:
-    """The fields of the struct at `pos`, each with its encoded value, and the position after the struct."""
-    out: list[Field] = []
-    last = 0
-    while True:
-        head = data[pos]
-        pos += 1
-        t = head & 0x0F
-        if t == STOP:
-            return out, pos
-        fid, pos = _field_id(head, last, data, pos)
-        # The common scalars inline (this loop is most of what a wide footer costs); the rest through skip().
-        if t == I64 or t == I32 or t == I16:  # noqa: PLR1714 - ints: cheaper than a tuple lookup here
-            end = pos
-            while data[end] & 0x80:
-                end += 1
-            end += 1
-        elif t == BINARY:
-            n, end = varint(data, pos)
-            end += n
-        else:
-            end = skip(data, pos, t)
-        out.append((fid, t, data[pos:end]))
-        pos, last = end, fid
-
-
-def encode_fields(items: list[Field]) -> bytes:
-    out = bytearray()
-    last = 0
-    for fid, t, raw in items:
-        put_field_header(out, fid, last, t)
-        out += raw
-        last = fid
-    out.append(STOP)
-    return bytes(out)
-
-
-def _list_items(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(element type, count, position of the first element) of the list value at `pos`."""
-    head = data[pos]
-    pos += 1
-    size, etype = head >> 4, head & 0x0F
-    if size == 15:
-        size, pos = varint(data, pos)
-    return etype, size, pos
 
 
 class Chunk:
@@ -178,7 +50,7 @@ class Chunk:
         self.uncompressed = self.compressed = 0
         for fid, _, raw in meta:
             if fid == MD_PATH:
-                etype, n, p = _list_items(raw, 0)
+                etype, n, p = list_header(raw, 0)
                 parts = []
                 for _ in range(n):
                     size, p = varint(raw, p)
@@ -195,27 +67,12 @@ class Chunk:
 
     @classmethod
     def parse(cls, data: bytes, pos: int) -> tuple[Chunk, int]:
-        """The ColumnChunk at `pos` and the position after it; its bytes are walked once."""
-        top: list[Field] = []
-        meta: list[Field] | None = None
-        last = 0
-        while True:
-            head = data[pos]
-            pos += 1
-            t = head & 0x0F
-            if t == STOP:
-                break
-            fid, pos = _field_id(head, last, data, pos)
-            if fid == CC_META and t == STRUCT:
-                meta, end = fields(data, pos)
-                top.append((fid, t, b""))  # re-encoded from `meta` by encode()
-            else:
-                end = skip(data, pos, t)
-                top.append((fid, t, data[pos:end]))
-            pos, last = end, fid
+        """The ColumnChunk at `pos` and the position after it."""
+        top, end = fields(data, pos)
+        meta = next((fields(raw, 0)[0] for fid, t, raw in top if fid == CC_META and t == STRUCT), None)
         if meta is None:
             raise ValueError("column chunk without inline metadata (encrypted or external): cannot be moved")
-        return cls(top, meta), pos
+        return cls(top, meta), end
 
     @property
     def start(self) -> int:
@@ -298,47 +155,19 @@ class Moved:
 
 def row_groups(footer: bytes) -> list[list[Chunk]]:
     """The column chunks of every row group of an encoded FileMetaData (read up to the end of its row groups)."""
-    pos = last = 0
-    while True:
-        head = footer[pos]
-        pos += 1
-        t = head & 0x0F
-        if t == STOP:
-            return []
-        fid, pos = _field_id(head, last, footer, pos)
-        if fid == FMD_ROW_GROUPS and t == LIST:
-            _, n, pos = _list_items(footer, pos)
-            out = []
-            for _ in range(n):
-                chunks, pos = _row_group(footer, pos)
-                out.append(chunks)
-            return out
-        pos, last = skip(footer, pos, t), fid
-
-
-def _row_group(data: bytes, pos: int) -> tuple[list[Chunk], int]:
-    chunks: list[Chunk] = []
-    last = 0
-    while True:
-        head = data[pos]
-        pos += 1
-        t = head & 0x0F
-        if t == STOP:
-            return chunks, pos
-        fid, pos = _field_id(head, last, data, pos)
-        if fid == RG_COLUMNS and t == LIST:
-            _, m, pos = _list_items(data, pos)
+    found = field(footer, 0, FMD_ROW_GROUPS)
+    if found is None or found[0] != LIST:
+        return []
+    _, n, pos = list_header(footer, found[1])
+    out = []
+    for _ in range(n):
+        columns = field(footer, pos, RG_COLUMNS)
+        chunks: list[Chunk] = []
+        if columns is not None and columns[0] == LIST:
+            _, m, p = list_header(footer, columns[1])
             for _ in range(m):
-                c, pos = Chunk.parse(data, pos)
+                c, p = Chunk.parse(footer, p)
                 chunks.append(c)
-        else:
-            pos = skip(data, pos, t)
-        last = fid
-
-
-def _field_id(head: int, last: int, data: bytes, pos: int) -> tuple[int, int]:
-    """(field id, position after it) of the field header byte `head` (short form: a delta from `last`)."""
-    if head >> 4:
-        return last + (head >> 4), pos
-    z, pos = varint(data, pos)
-    return unzigzag(z), pos
+        out.append(chunks)
+        pos = skip(footer, pos, STRUCT)
+    return out
