@@ -133,7 +133,7 @@ def run_compose(src: Path, dst: Path, scratch: Path) -> dict:
     """The compose merge on local files (bqx merge --from on aligned checkpoints): the files appended with
     copy_file_range and one new footer; it reads footers and the targets' key column."""
     from bqx.merge import compose
-    from bqx.merge.stream import local_inputs
+    from bqx.merge.plan import local_inputs
 
     t, features = local_inputs(src, pair=PAIR)
     grid = compose.local_grid(t)
