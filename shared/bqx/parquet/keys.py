@@ -13,9 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx.catalog import KEY
 from bqx.errors import BadCheckpoint, DuplicateKeys
-from bqx.parquet.conventions import KEY_TYPE
+from bqx.parquet.conventions import KEY, KEY_TYPE  # (the column model is catalog's, pending its move here)
 
 
 def key_micros(table: str, keys: pa.Array | pa.ChunkedArray, previous: int | None = None) -> np.ndarray:
