@@ -1,10 +1,12 @@
 """Checkpoint inspection: is one object generation a whole, well-formed checkpoint of its manifest entry?
 
 Reads the Parquet footer with one small ranged read of the tail (a small checkpoint whole, in that read), then:
+  - the bounds: what the footer declares (its own size, rows, rows per row group, the key chunks' sizes) is within
+    what validation reads in a function's memory (MAX_*), checked before anything it describes is read;
   - the file is whole: footer magic and length, every column chunk inside the data area, row counts add up;
   - the schema: the manifest's column names in order, their types, `interval_time` as timestamp[us, tz=UTC];
-  - the keys: non-null, strictly increasing (sorted and unique). Only the key column is read (8 bytes a row,
-    a few ranged reads); past KEY_READ_LIMIT compressed bytes the row groups' statistics are used instead.
+  - the keys: non-null, strictly increasing (sorted and unique). Only the key column is read (8 bytes a row, one
+    row group at a time); past KEY_READ_LIMIT compressed bytes the row groups' statistics are used instead.
 Pure inspection: what to do with a bad checkpoint (quarantine, error.json) is bqx.completion.validate's.
 """
 
@@ -19,12 +21,21 @@ import pyarrow.parquet as pq
 from bqx.catalog import KEY, TableEntry
 from bqx.errors import BadCheckpoint, DuplicateKeys, TransientError
 from bqx.gcp.objectfile import TAIL, ObjectFile, download
-from bqx.parquet.conventions import KEY_TYPE, type_name
+from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, KEY_TYPE, type_name
 from bqx.parquet.footer import NotParquet, footer_length
 from bqx.parquet.keys import check_row_group_order, key_micros
 
 WHOLE_BELOW = 1 << 20  # a checkpoint up to this size is read whole, in the request that reads its footer
 KEY_READ_LIMIT = 32 * 1024 * 1024  # compressed key-column bytes read to check every key; above: statistics only
+
+# Bounds on what a checkpoint's footer may declare, checked before anything it describes is read: a function has
+# 512 MB, and a small file can declare a lot (100 M delta-encoded keys fit in 758 KB; a footer length can claim the
+# whole object). What exceeds them is quarantined with the reason. The extract writes row groups of 65,536 rows and
+# footers of a few KB per column, so each bound is far above a real checkpoint.
+MAX_FOOTER = 4 << 20  # bytes of the footer (the parsed footer costs a multiple of it)
+MAX_GROUP_ROWS = 1 << 20  # rows of one row group: the keys are read one row group at a time (~24 bytes a row)
+MAX_ROWS = 1 << 26  # rows of the whole checkpoint (the work of reading every key)
+MAX_KEY_CHUNK = 64 << 20  # declared uncompressed bytes of one row group's key column chunk (one page read at once)
 
 
 @dataclass
@@ -50,6 +61,9 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
     if footer + 12 > size:
         return Verdict(False, f"truncated: footer of {footer} bytes does not fit in {size} bytes", "BadCheckpoint",
                        reads)
+    if footer > MAX_FOOTER:
+        return Verdict(False, f"footer of {footer} bytes is over the validation limit of {MAX_FOOTER} bytes "
+                              f"(a checkpoint's footer is a few KB per column); not read", "BadCheckpoint", reads)
     if footer + 8 > len(tail):
         tail = download(blob, size - footer - 8, size)
         reads += 1
@@ -60,7 +74,7 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
         meta, schema = pf.metadata, pf.schema_arrow
     except (pa.ArrowException, OSError, ValueError) as exc:
         return Verdict(False, f"unreadable Parquet footer: {exc}", "BadCheckpoint", reads)
-    reason = _check_layout(meta, size - footer - 8) or _check_schema(schema, entry)
+    reason = _check_bounds(meta, schema) or _check_layout(meta, size - footer - 8) or _check_schema(schema, entry)
     if reason:
         return Verdict(False, reason, "BadCheckpoint", reads)
     try:
@@ -72,6 +86,25 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
     if bad:
         return Verdict(False, bad[1], bad[0], reads + f.fetches)
     return Verdict(True, reads=reads + f.fetches)
+
+
+def _check_bounds(meta: pq.FileMetaData, schema: pa.Schema) -> str:
+    """What the footer declares, against the bounds validation reads within (before any data is read)."""
+    if meta.num_rows > MAX_ROWS:
+        return f"declares {meta.num_rows} rows, over the validation limit of {MAX_ROWS}; not read"
+    idx = schema.get_field_index(KEY)
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        if rg.num_rows > MAX_GROUP_ROWS:
+            return (f"row group {i} declares {rg.num_rows} rows, over the validation limit of {MAX_GROUP_ROWS} "
+                    f"(checkpoints are written in row groups of {CHECKPOINT_ROW_GROUP}); not read")
+        if idx >= 0 and idx < rg.num_columns:
+            col = rg.column(idx)
+            if col.total_uncompressed_size > MAX_KEY_CHUNK or col.num_values > rg.num_rows:
+                return (f"row group {i}'s {KEY} chunk declares {col.num_values} values, "
+                        f"{col.total_uncompressed_size} bytes uncompressed, for {rg.num_rows} rows (limit "
+                        f"{MAX_KEY_CHUNK} bytes); not read")
+    return ""
 
 
 def _check_layout(meta: pq.FileMetaData, data_end: int) -> str:
@@ -122,8 +155,12 @@ def _check_keys(pf: pq.ParquetFile, meta: pq.FileMetaData, table: str) -> tuple[
     try:
         if key_bytes > KEY_READ_LIMIT:  # too big to read on every arrival: row group statistics must be ordered
             check_row_group_order(table, meta, idx)
-        else:
-            key_micros(table, pf.read(columns=[KEY]).column(KEY))
+        else:  # one row group at a time (_check_bounds bounds its rows), each after the previous one's last key
+            previous = None
+            for i in range(meta.num_row_groups):
+                keys = key_micros(table, pf.read_row_group(i, columns=[KEY]).column(KEY), previous)
+                previous = int(keys[-1]) if keys.size else previous
+                del keys
     except DuplicateKeys as exc:
         return "DuplicateKeys", str(exc)
     except BadCheckpoint as exc:
