@@ -8,6 +8,7 @@ read back, in pyarrow, DuckDB and Polars, exactly as the stream merge of the sam
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -36,8 +37,9 @@ from bqx.cli import main as cli
 from bqx.errors import TerminalError
 from bqx.gcp import storage
 from bqx.merge import compose, publish
-from bqx.merge.plan import local_inputs
+from bqx.merge.plan import MergeInput, local_inputs
 from bqx.merge.stream import merge
+from bqx.parquet.chunks import row_groups
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, type_name
 
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings, validate_all
@@ -242,6 +244,64 @@ def test_cli_merges_aligned_files_by_compose_and_others_by_stream(local: dict, t
     r = CliRunner().invoke(cli, ["merge", "--from", str(local["dir"]), "--to", str(out), "--method", "stream"])
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == local["stream"]
+
+
+# The composed bytes of fixed inputs before the light footer walk (issue 19, making the compose merge fast): the walk
+# must encode byte for byte what the pyarrow + Chunk.prepare reading did. Recorded with pyarrow 26.0.1 (its version
+# is in the checkpoints' and the output's created_by).
+COMPOSED_SHA256 = {
+    (12, 2000, 700, 1): "4a409ca3362c3c4c6ecf6bd93e3d7bfd767d6c106dd2f7e6fcb24ec59bfe9c0f",
+    (40, 3000, 1000, 7): "27b1facb4a2814629400564014885cfe61913e9087928cffbee745dc15331de0",
+}
+
+
+@pytest.mark.skipif(pa.__version__ != "26.0.1", reason="the recorded bytes were written by pyarrow 26.0.1")
+@pytest.mark.parametrize("shape", sorted(COMPOSED_SHA256))
+def test_composed_bytes_are_those_recorded_before_the_light_footer_walk(shape: tuple, tmp_path: Path) -> None:
+    tables, rows, row_group, seed = shape
+    build(tmp_path, tables=tables, rows=rows, row_group=row_group, seed=seed)
+    data = composed_local(tmp_path)
+    assert hashlib.sha256(data).hexdigest() == COMPOSED_SHA256[shape]
+
+
+@pytest.mark.parametrize("options", [{}, {"write_statistics": True}, {"write_page_index": True},
+                                     {"use_dictionary": True, "write_statistics": True}])
+def test_light_footer_walk_encodes_what_chunk_prepare_does(options: dict, tmp_path: Path) -> None:
+    """Every column chunk moved by the light walk is byte for byte bqx.parquet.chunks' Chunk.prepare(name).at(delta),
+    whatever the writer put in it (statistics of every column, page indexes, dictionary pages)."""
+    t = _targets(1500, 3)
+    f = _aligned(t.select([KEY]), _feature(t.column(KEY).combine_chunks(), 9))
+    path = tmp_path / "f.parquet"
+    pq.write_table(f, path, row_group_size=400, **{**WRITER_OPTIONS, **options})
+    src = compose.local_source(MergeInput("f", "p", lambda: str(path)))
+    fp = compose.read_footer(src)
+    assert fp.elements, "read by the light walk, not the general one"
+    data = path.read_bytes()
+    footer = data[-8 - int.from_bytes(data[-8:-4], "little") : -8]
+    reference = row_groups(footer)
+    assert [len(g) for g in fp.groups] == [len(g) for g in reference] == [5, 5, 5, 5]
+    for mine, theirs in zip(fp.groups, reference, strict=True):
+        for c, chunk in zip(mine, theirs, strict=True):
+            assert (c.path, c.start, c.uncompressed, c.compressed) == \
+                   (chunk.path, chunk.start, chunk.uncompressed, chunk.compressed)
+            for name, delta in (("p_" + c.path, 123_456_789), (c.path, 0), ("x" * 200, 7)):
+                assert c.encode(name, delta) == chunk.prepare(name).at(delta)
+
+
+def test_checkpoints_the_light_walk_does_not_read_compose_the_general_way(tmp_path: Path) -> None:
+    """A checkpoint without a stored Arrow schema (another writer's shape) is read by pyarrow instead: the composed
+    file still reads back as the stream merge."""
+    grid, paths = build(tmp_path, tables=3, rows=500, row_group=200)
+    f = pq.read_table(paths[2])
+    kv = {k.decode(): v.decode() for k, v in (f.schema.metadata or {}).items() if k != b"ARROW:schema"}
+    with pq.ParquetWriter(paths[2], f.schema, store_schema=False, **WRITER_OPTIONS) as w:
+        w.write_table(f, row_group_size=200)
+        w.add_key_value_metadata(kv)
+    assert set(pq.read_metadata(paths[2]).metadata) == {b"bqx.pair", b"bqx.table", GRID_FILE_KEY.encode()}
+    src = compose.local_source(local_inputs(tmp_path, pair=PAIR)[1][1])
+    assert not compose.read_footer(src).elements  # the general reading
+    composed = pq.read_table(io.BytesIO(composed_local(tmp_path)))
+    assert_same_values(composed, pq.read_table(io.BytesIO(stream_reference(tmp_path))))
 
 
 @pytest.mark.parametrize("how", ["row_groups", "digest", "no_digest"])

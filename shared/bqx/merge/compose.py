@@ -23,6 +23,7 @@ is value for value the stream merge's output of the same checkpoints.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import struct
@@ -42,9 +43,23 @@ from bqx.errors import BadCheckpoint, TerminalError
 from bqx.logs import Log
 from bqx.merge.plan import CountingWriter, MergeInput, MergeStats
 from bqx.merge.stitch import MAGIC, FileRange, FooterGroup, column_signature, encode_footer, footer_template
+from bqx.parquet import thrift
 from bqx.parquet.chunks import Chunk
 from bqx.parquet.chunks import row_groups as chunks_of
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
+from bqx.parquet.thrift import (
+    BINARY,
+    I64,
+    LIST,
+    STOP,
+    STRUCT,
+    fields,
+    list_header,
+    put_varint,
+    skip,
+    varint,
+    zigzag_varint,
+)
 
 log = Log("bqx.merge.compose")
 
@@ -69,6 +84,315 @@ def keys_digest(keys: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(keys, dtype="<i8").tobytes()).hexdigest()
 
 
+# ------------------------------------------------------------------------------------------------ light footer walk
+# A checkpoint's footer is walked once, here, rather than parsed by pyarrow and again into Chunk objects (668 footers,
+# ~17,000 column chunks: that was most of the merge's time). What the merge needs of a ColumnChunk is where its bytes
+# are and, inside them, the few values a move changes (its name, its byte offsets); it is rewritten as the slices
+# between those, which is byte for byte what Chunk.prepare(name).at(delta) encodes for pyarrow's footers. A footer
+# in any other shape (long field headers, nested columns, encryption, no stored Arrow schema) raises _Slow and is
+# read the general way (_general_footer).
+_MOVED_OFFSETS = frozenset({9, 10, 11, 14})  # ColumnMetaData: data, index, dictionary page and bloom filter offsets
+_DICT_PAGE, _DATA_PAGE = 11, 9
+
+
+class _Slow(Exception):
+    """The footer is not in the shape the light walk reads."""
+
+
+class Column:
+    """One ColumnChunk of a checkpoint, ready to be moved: encode(name, delta) is its ColumnChunk renamed and its
+    offsets shifted by `delta`, less page-index fields."""
+
+    __slots__ = ("path", "pieces", "uncompressed", "compressed", "start", "stats")
+
+    def __init__(self, path: str, pieces: list[bytes | int | None], uncompressed: int, compressed: int,
+                 start: int, stats: tuple[int, int] | None) -> None:
+        self.path, self.pieces = path, pieces  # kept slices; None: the path's value; an int: an offset
+        self.uncompressed, self.compressed = uncompressed, compressed
+        self.start = start  # where its bytes begin in the checkpoint (dictionary page, else first data page)
+        self.stats = stats  # (start, end) of its Statistics struct in the footer, if any
+
+    def encode(self, name: str, delta: int) -> bytes:
+        out = []
+        for p in self.pieces:
+            if p is None:
+                b = name.encode()
+                out.append(bytes((0x18, len(b))) + b if len(b) < 0x80 else _path_value(b))
+            elif p.__class__ is int:
+                out.append(zigzag_varint(p + delta))  # type: ignore[operator]
+            else:
+                out.append(p)  # type: ignore[arg-type]
+        return b"".join(out)  # type: ignore[arg-type]
+
+
+class _Moved(Column):
+    """A Column read the general way (bqx.parquet.chunks.Chunk)."""
+
+    __slots__ = ("chunk",)
+
+    def __init__(self, chunk: Chunk) -> None:
+        super().__init__(chunk.path, [], chunk.uncompressed, chunk.compressed, chunk.start, None)
+        self.chunk = chunk
+
+    def encode(self, name: str, delta: int) -> bytes:
+        return self.chunk.prepare(name).at(delta)
+
+
+def _path_value(name: bytes) -> bytes:
+    """path_in_schema's value: a list of one string."""
+    out = bytearray([(1 << 4) | BINARY])
+    put_varint(out, len(name))
+    return bytes(out + name)
+
+
+def _int(data: bytes, pos: int) -> tuple[int, int]:
+    """A zigzag varint (i16/i32/i64) at `pos` and the position after it."""
+    n, pos = varint(data, pos)
+    return (n >> 1) ^ -(n & 1), pos
+
+
+def _header(data: bytes, pos: int, last: int) -> tuple[int, int, int]:
+    """(field id, wire type, position of the value) of the field header at `pos`; fid 0: the struct's end."""
+    head = data[pos]
+    t = head & 0x0F
+    if t == STOP:
+        return 0, STOP, pos + 1
+    if not head >> 4:
+        raise _Slow("long field header")
+    return last + (head >> 4), t, pos + 1
+
+
+def _column(data: bytes, pos: int, seen: dict[int, list[bytes]]) -> tuple[Column, int]:
+    """The ColumnChunk at `pos`, and the position after it. `seen`: values of skipped metadata fields met before
+    (by field id; most columns' encoding stats and size statistics are the same bytes)."""
+    pieces: list[bytes | int | None] = []
+    cut = pos  # where the next kept slice starts
+    path = ""
+    sizes = [0, 0]
+    offsets = {}
+    stats = None
+    dropped = -1  # where the first field not carried over starts (page index, encryption)
+    last = 0
+    while True:
+        hpos = pos
+        fid, t, pos = _header(data, pos, last)
+        if not fid:
+            break
+        if fid > 3:
+            if dropped < 0:
+                dropped = hpos
+            pos = skip(data, pos, t)
+        elif dropped >= 0:
+            raise _Slow("a kept field after a dropped one")
+        elif fid == 3 and t == STRUCT:  # meta_data: the header inlined (~20 fields a chunk, 17k chunks)
+            mfid = 0
+            while True:
+                head = data[pos]
+                pos += 1
+                mt = head & 0x0F
+                if mt == STOP:
+                    break
+                if not head >> 4:
+                    raise _Slow("long field header")
+                mfid += head >> 4
+                if mt == I64:
+                    vstart = pos
+                    shift = value = 0
+                    while True:
+                        b = data[pos]
+                        pos += 1
+                        value |= (b & 0x7F) << shift
+                        if b < 0x80:
+                            break
+                        shift += 7
+                    value = (value >> 1) ^ -(value & 1)
+                    if mfid in _MOVED_OFFSETS:
+                        pieces.append(data[cut:vstart])
+                        pieces.append(value)
+                        cut = pos
+                        offsets[mfid] = value
+                    elif mfid == 6:
+                        sizes[0] = value
+                    elif mfid == 7:
+                        sizes[1] = value
+                elif mt == 5:  # i32: type, codec
+                    while data[pos] & 0x80:
+                        pos += 1
+                    pos += 1
+                elif mfid == 3 and mt == LIST:  # path_in_schema
+                    if data[pos] != 0x18:  # a list of one string: flat schemas only
+                        raise _Slow("nested column")
+                    n, end = varint(data, pos + 1)
+                    path = data[end : end + n].decode()
+                    pieces.append(data[cut:pos])
+                    pieces.append(None)
+                    pos = cut = end + n
+                else:
+                    # A value met before is skipped by comparing bytes: an encoded Thrift value is self-delimiting,
+                    # so bytes that start with a whole value are that value.
+                    known = seen.get(mfid)
+                    if known is None:
+                        known = seen[mfid] = []
+                    for v in known:
+                        if data.startswith(v, pos):
+                            end = pos + len(v)
+                            break
+                    else:
+                        end = _skip_struct(data, pos) if mt == STRUCT else skip(data, pos, mt)
+                        if len(known) < 8:
+                            known.append(data[pos:end])
+                    if mfid == 12 and mt == STRUCT:
+                        stats = (pos, end)
+                    pos = end
+        elif fid == 2 and t == I64:  # file_offset: moved with the chunk when set
+            vstart = pos
+            value, pos = _int(data, pos)
+            if value:
+                pieces.append(data[cut:vstart])
+                pieces.append(value)
+                cut = pos
+        else:
+            pos = skip(data, pos, t)
+        last = fid
+    if not path or _DATA_PAGE not in offsets:
+        raise _Slow("column chunk without inline metadata")
+    pieces.append(data[cut : (dropped if dropped >= 0 else pos - 1)] + b"\x00")
+    d = offsets.get(_DICT_PAGE, 0)
+    return Column(path, pieces, sizes[0], sizes[1], d if d > 0 else offsets[_DATA_PAGE], stats), pos
+
+
+def _skip_struct(data: bytes, pos: int) -> int:
+    """skip() of a struct whose fields are mostly ints and lists of ints (size statistics), without a call a field."""
+    while True:
+        head = data[pos]
+        pos += 1
+        t = head & 0x0F
+        if t == STOP:
+            return pos
+        if not head >> 4:
+            _, pos = varint(data, pos)
+        if t == I64 or t == 5 or t == 4:  # noqa: PLR1714
+            while data[pos] & 0x80:
+                pos += 1
+            pos += 1
+        elif t == LIST and data[pos] & 0x0F in (4, 5, 6) and data[pos] >> 4 != 15:  # a short list of ints
+            n = data[pos] >> 4
+            pos += 1
+            for _ in range(n):
+                while data[pos] & 0x80:
+                    pos += 1
+                pos += 1
+        elif t != 1 and t != 2:  # noqa: PLR1714 - booleans live in the header
+            pos = skip(data, pos, t)
+
+
+def _elements(data: bytes, pos: int) -> tuple[list[tuple[str, bytes]], int]:
+    """The leaf SchemaElements of a flat schema list at `pos`: (name, its encoded bytes less the name field)."""
+    etype, n, pos = list_header(data, pos)
+    if etype != STRUCT or not n:
+        raise _Slow("no schema")
+    out = []
+    for i in range(n):
+        start, last, name, cut = pos, 0, None, (pos, pos)
+        while True:
+            hpos = pos
+            fid, t, pos = _header(data, pos, last)
+            if not fid:
+                break
+            if fid == 4 and t == BINARY:
+                size, vpos = varint(data, pos)
+                name = data[vpos : vpos + size].decode()
+                pos = vpos + size
+                cut = (hpos, pos)
+            elif fid == 5 and i:  # num_children of a leaf: a nested schema
+                raise _Slow("nested schema")
+            elif t == 5:
+                while data[pos] & 0x80:
+                    pos += 1
+                pos += 1
+            else:
+                pos = skip(data, pos, t)
+            last = fid
+        if name is None:
+            raise _Slow("schema element without a name")
+        if i:
+            out.append((name, data[start : cut[0]] + data[cut[1] : pos]))
+    return out, pos
+
+
+def _light_footer(src: Source, footer: bytes, got: int) -> Footer:
+    data = footer
+    pos = last = 0
+    elements: list[tuple[str, bytes]] = []
+    groups: list[list[Column]] = []
+    rows: list[int] = []
+    kv: dict[bytes, bytes] = {}
+    seen: dict[int, list[bytes]] = {}
+    while True:
+        fid, t, pos = _header(data, pos, last)
+        if not fid:
+            break
+        if fid == 2 and t == LIST:
+            elements, pos = _elements(data, pos)
+        elif fid == 4 and t == LIST:
+            _, n, pos = list_header(data, pos)
+            for _ in range(n):
+                cols: list[Column] = []
+                nrows = glast = 0
+                while True:
+                    gfid, gt, pos = _header(data, pos, glast)
+                    if not gfid:
+                        break
+                    if gfid == 1 and gt == LIST:
+                        _, m, pos = list_header(data, pos)
+                        for _ in range(m):
+                            c, pos = _column(data, pos, seen)
+                            cols.append(c)
+                    elif gfid == 3 and gt == I64:
+                        nrows, pos = _int(data, pos)
+                    else:
+                        pos = skip(data, pos, gt)
+                    glast = gfid
+                groups.append(cols)
+                rows.append(nrows)
+        elif fid == 5 and t == LIST:
+            _, n, pos = list_header(data, pos)
+            for _ in range(n):
+                item, pos = fields(data, pos)
+                pair = {f[0]: thrift.decode_value(f[2], BINARY) for f in item if f[1] == BINARY}
+                kv[pair.get(1, b"")] = pair.get(2, b"")
+        elif fid in (8, 9):
+            raise _Slow("encrypted footer")
+        else:
+            pos = skip(data, pos, t)
+        last = fid
+    stored = kv.get(b"ARROW:schema")
+    if stored is None:
+        raise _Slow("no stored Arrow schema")
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(stored)))
+    names = [e[0] for e in elements]
+    if schema.names != names:
+        raise _Slow("the stored Arrow schema is not the Parquet schema")
+    if KEY not in names:
+        raise BadCheckpoint(f"{src.table}: no {KEY} column")
+    k = names.index(KEY)
+    stats: list[tuple[Any, Any] | None] = []
+    for cols in groups:
+        key = cols[k] if len(cols) > k and cols[k].path == KEY else next((c for c in cols if c.path == KEY), None)
+        stats.append(_min_max(data, key.stats) if key is not None and key.stats else None)
+    return Footer(src, schema, [e[1] for e in elements], rows, stats, kv.get(GRID_FILE_KEY.encode(), b"").decode(),
+                  groups, got, footer)
+
+
+def _min_max(data: bytes, span: tuple[int, int]) -> tuple[int, int] | None:
+    """(min, max) of an int64 column's Statistics (min_value/max_value, else the legacy min/max)."""
+    st = thrift.decode_struct(data[span[0] : span[1]])
+    for lo, hi in ((6, 5), (2, 1)):
+        if lo in st and hi in st and len(st[lo][1]) == 8 == len(st[hi][1]):
+            return struct.unpack("<q", st[lo][1])[0], struct.unpack("<q", st[hi][1])[0]
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ footers
 @dataclass(frozen=True)
 class Source:
@@ -88,16 +412,17 @@ class Footer:
 
     source: Source
     schema: pa.Schema
-    signatures: list[tuple]
+    elements: list[bytes]  # per column: its encoded SchemaElement less its name (how its chunks are encoded)
     rows: list[int]  # per row group
     key_stats: list[tuple[Any, Any] | None]  # (min, max) of the key per row group, if recorded
     grid: str  # its GRID_FILE_KEY
-    groups: list[list[Chunk]]
+    groups: list[list[Column]]
     bytes_read: int
+    raw: bytes  # the encoded FileMetaData
 
 
 def read_footer(src: Source) -> Footer:
-    """`src`'s footer, in one tail request when `tail_guess` covers it (else one more for the rest)."""
+    """`src`'s footer, in one tail request when `tail_guess` covers it (else one more for exactly the rest)."""
     n = min(src.size, src.tail_guess or 8)
     tail = src.read(src.size - n, src.size)
     got = len(tail)
@@ -112,8 +437,19 @@ def read_footer(src: Source) -> Footer:
         tail = more + tail
     footer = tail[len(tail) - 8 - length : len(tail) - 8]
     try:
-        pf = pq.ParquetFile(pa.BufferReader(footer + tail[-8:]))  # the footer alone is a readable "file" of it
-        meta, schema, pschema = pf.metadata, pf.schema_arrow, pf.schema
+        return _light_footer(src, footer, got)
+    except _Slow:
+        pass  # not pyarrow's shape: the general (slower) reading below
+    except (IndexError, ValueError, UnicodeDecodeError, pa.ArrowInvalid) as exc:
+        raise BadCheckpoint(f"{src.table}: unreadable Parquet footer ({exc})") from exc
+    return _general_footer(src, footer, got)
+
+
+def _general_footer(src: Source, footer: bytes, got: int) -> Footer:
+    """read_footer through pyarrow and bqx.parquet.chunks: any flat Parquet footer."""
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(footer + struct.pack("<I", len(footer)) + MAGIC))
+        meta, schema = pf.metadata, pf.schema_arrow
     except (pa.ArrowInvalid, OSError) as exc:
         raise BadCheckpoint(f"{src.table}: unreadable Parquet footer ({exc})") from exc
     if KEY not in schema.names:
@@ -122,11 +458,11 @@ def read_footer(src: Source) -> Footer:
     stats = []
     for r in range(meta.num_row_groups):
         st = meta.row_group(r).column(k).statistics
-        stats.append((st.min, st.max) if st is not None and st.has_min_max else None)
+        stats.append((st.min_raw, st.max_raw) if st is not None and st.has_min_max else None)
     kv = meta.metadata or {}
-    return Footer(src, schema, [column_signature(pschema, i) for i in range(len(pschema))],
-                  [meta.row_group(r).num_rows for r in range(meta.num_row_groups)], stats,
-                  kv.get(GRID_FILE_KEY.encode(), b"").decode(), chunks_of(footer), got)
+    groups: list[list[Column]] = [[_Moved(c) for c in g] for g in chunks_of(footer)]
+    return Footer(src, schema, [], [meta.row_group(r).num_rows for r in range(meta.num_row_groups)], stats,
+                  kv.get(GRID_FILE_KEY.encode(), b"").decode(), groups, got, footer)
 
 
 def check_aligned(fp: Footer, grid: Grid, targets: Footer | None = None) -> None:
@@ -146,8 +482,12 @@ def check_aligned(fp: Footer, grid: Grid, targets: Footer | None = None) -> None
     if targets is not None:
         for r, (mine, theirs) in enumerate(zip(fp.key_stats, targets.key_stats, strict=True)):
             if mine is not None and theirs is not None and mine != theirs:
-                raise Misaligned(table, f"row group {r} spans keys {mine[0]}..{mine[1]}, the targets' "
-                                        f"{theirs[0]}..{theirs[1]}")
+                raise Misaligned(table, f"row group {r} spans keys {_when(mine[0])}..{_when(mine[1])}, the "
+                                        f"targets' {_when(theirs[0])}..{_when(theirs[1])}")
+
+
+def _when(micros: int) -> str:
+    return str(np.datetime64(micros, "us"))
 
 
 def _sizes(rows: Any) -> str:
@@ -190,53 +530,85 @@ def plan(targets: Footer, features: list[Footer], grid: Grid, metadata: dict[str
     for fp in [targets, *features]:
         check_aligned(fp, grid, targets)
     schema = output_schema(targets.schema, [(f.source.prefix, f.schema) for f in features])
-    expected = _expected_signatures(schema)
-    out_signature = dict(zip(schema.names, expected, strict=True))
-    # Each table's encoded chunks must be exactly what the output's schema declares for these columns.
-    for fp in [targets, *features]:
-        for name, sig in zip(fp.schema.names, fp.signatures, strict=True):
-            if fp.source.prefix and name == KEY:
-                continue  # not carried over
-            out = f"{fp.source.prefix}_{name}" if fp.source.prefix else name
-            if out_signature[out] != sig:
-                raise Misaligned(fp.source.table, f"column {name} is encoded as {sig}, the output declares "
-                                                  f"{out_signature[out]}")
-    groups = []
+    template = footer_template(schema, FOOTER_OPTIONS)
+    _check_encodings(targets, features, schema, template)
     base = targets.source.size
-    offsets = [0]
+    offsets = []
     for fp in features:
         offsets.append(base)
         base += fp.source.size
+    tnames = [KEY, *(n for n in targets.schema.names if n != KEY)]
+    groups = []
     for g, rows in enumerate(grid.row_groups):
         if not rows:
             continue
         encoded: list[bytes] = []
-        sizes = [0, 0]
-        by_path = {c.path: c for c in targets.groups[g]}
-        key = by_path.get(KEY)
-        if key is None or len(by_path) != len(targets.schema):
-            raise BadCheckpoint(f"{targets.source.table}: row group {g}'s column chunks do not match its schema")
-        for name in [KEY, *(n for n in targets.schema.names if n != KEY)]:
-            c = by_path[name]
-            encoded.append(c.prepare(name).at(0))
-            sizes[0] += c.uncompressed
-            sizes[1] += c.compressed
-        for fp, delta in zip(features, offsets[1:], strict=True):
-            by_path = {c.path: c for c in fp.groups[g]}
-            if len(by_path) != len(fp.schema) or set(by_path) != set(fp.schema.names):
-                raise Misaligned(fp.source.table, f"row group {g}'s column chunks do not match its schema")
-            for name in fp.schema.names:
+        unc = comp = 0
+        by_name = dict(zip(targets.schema.names, _in_order(targets, g, BadCheckpoint), strict=True))
+        for name in tnames:
+            c = by_name[name]
+            encoded.append(c.encode(name, 0))
+            unc += c.uncompressed
+            comp += c.compressed
+        for fp, delta in zip(features, offsets, strict=True):
+            prefix = fp.source.prefix
+            for name, c in zip(fp.schema.names, _in_order(fp, g, Misaligned), strict=True):
                 if name == KEY:
                     continue  # the targets' key leads the row group: this one is dead bytes
-                c = by_path[name]
-                encoded.append(c.prepare(f"{fp.source.prefix}_{name}").at(delta))
-                sizes[0] += c.uncompressed
-                sizes[1] += c.compressed
-        groups.append(FooterGroup(encoded, rows, key.start, sizes[0], sizes[1]))
-    footer = encode_footer(footer_template(schema, FOOTER_OPTIONS), groups,
-                           {"bqx.rows": str(grid.rows), **(metadata or {})})
+                encoded.append(c.encode(f"{prefix}_{name}", delta))
+                unc += c.uncompressed
+                comp += c.compressed
+        groups.append(FooterGroup(encoded, rows, by_name[KEY].start, unc, comp))
+    footer = encode_footer(template, groups, {"bqx.rows": str(grid.rows), **(metadata or {})})
     return Plan([targets.source, *(f.source for f in features)], footer + struct.pack("<I", len(footer)) + MAGIC,
                 schema, grid.rows, len(groups), sum(f.bytes_read for f in [targets, *features]))
+
+
+def _in_order(fp: Footer, g: int, error: type[BadCheckpoint]) -> list[Column]:
+    """Row group `g`'s column chunks of `fp`, in its schema's order (pyarrow writes them so)."""
+    cols, names = fp.groups[g], fp.schema.names
+    if len(cols) == len(names) and all(c.path == n for c, n in zip(cols, names, strict=True)):
+        return cols
+    by_path = {c.path: c for c in cols}
+    if len(by_path) != len(cols) or set(by_path) != set(names):
+        if error is Misaligned:
+            raise Misaligned(fp.source.table, f"row group {g}'s column chunks do not match its schema")
+        raise BadCheckpoint(f"{fp.source.table}: row group {g}'s column chunks do not match its schema")
+    return [by_path[n] for n in names]
+
+
+def _check_encodings(targets: Footer, features: list[Footer], schema: pa.Schema,
+                     template: dict[int, tuple[int, bytes]]) -> None:
+    """Each table's encoded chunks must be exactly what the output's schema declares for these columns. Their
+    schema elements (less the names) equal to the output's say so at once; a table whose elements differ (another
+    writer) is compared the general way, by column_signature."""
+    expected = [e for _, e in _elements(template[2][1], 0)[0]] if 2 in template else []
+    at = 1 + sum(1 for n in targets.schema.names if n != KEY)
+    mine, nxt = [], 1  # where each of the targets' columns is in the output (the key first)
+    for n in targets.schema.names:
+        mine.append(0 if n == KEY else nxt)
+        nxt += n != KEY
+    spans = [(targets, targets.elements, [expected[i] for i in mine] if expected else [])]
+    for fp in features:
+        n = len(fp.schema) - 1
+        spans.append((fp, [e for name, e in zip(fp.schema.names, fp.elements, strict=True) if name != KEY]
+                      if fp.elements else [], expected[at : at + n]))
+        at += n
+    out_signature: dict[str, tuple] | None = None
+    for fp, have, want in spans:
+        if have and have == want:
+            continue
+        if out_signature is None:
+            out_signature = dict(zip(schema.names, _expected_signatures(schema), strict=True))
+        pschema = pq.ParquetFile(pa.BufferReader(fp.raw + struct.pack("<I", len(fp.raw)) + MAGIC)).schema
+        for i, name in enumerate(fp.schema.names):
+            if fp.source.prefix and name == KEY:
+                continue  # not carried over
+            out = f"{fp.source.prefix}_{name}" if fp.source.prefix else name
+            sig = column_signature(pschema, i)
+            if out_signature[out] != sig:
+                raise Misaligned(fp.source.table, f"column {name} is encoded as {sig}, the output declares "
+                                                  f"{out_signature[out]}")
 
 
 _SIGNATURES: dict[tuple, tuple] = {}
