@@ -361,3 +361,46 @@ def test_local_inputs_name_columns_as_the_pipeline_does(tmp_path: Path) -> None:
     (tmp_path / "targets_eurusd.parquet").rename(tmp_path / "targets.parquet")
     _, features = local_inputs(tmp_path)
     assert {f.prefix for f in features} == {"mom_eurusd_000", "cov_eurusd_eurgbp_w45"}
+
+
+HISTORY_ROWS = 3_000_000  # a feature's rows before the targets' first key (years of history the targets lack)
+
+
+def test_item9_long_history_before_the_targets_stays_within_budget(tmp_path: Path) -> None:
+    """Issue 17, item 9: one 16-column feature with 3 M rows before the targets' first key (~370 MiB decoded) must
+    be merged within the budget (+ALLOWANCE over the warmed-up process, as test_peak_memory_stays_under_budget):
+    its rows before the targets are never buffered (row groups wholly before them are not even read)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    minute = 60_000_000
+    start = 1_500_000_000_000_000  # the targets' first key
+    n = 20_000
+    keys = pa.array(start + np.arange(n, dtype=np.int64) * minute, KEY_TYPE)
+    pq.write_table(pa.table({KEY: keys, "y": np.linspace(0, 1, n)}), src / f"targets_{PAIR}.parquet",
+                   row_group_size=n, **WRITER_OPTIONS)
+    history = HISTORY_ROWS + n  # the feature: 3 M rows of history, then the targets' span
+    first = start - HISTORY_ROWS * minute
+    path = src / f"ret_{PAIR}_w1.parquet"
+    schema = pa.schema([pa.field(KEY, KEY_TYPE), *(pa.field(f"c{i}", pa.float64()) for i in range(16))])
+    values = {f"c{i}": np.tile(np.arange(64, dtype=np.float64) + i, 65_536 // 64) for i in range(16)}
+    with pq.ParquetWriter(path, schema, compression="snappy") as w:  # dictionary-encoded: a small file
+        for s in range(0, history, 65_536):
+            m = min(65_536, history - s)
+            k = pa.array(first + (s + np.arange(m, dtype=np.int64)) * minute, KEY_TYPE)
+            w.write_table(pa.table({KEY: k, **{c: v[:m] for c, v in values.items()}}, schema=schema))
+    for i in range(2):  # two small tables the child warms up with
+        pq.write_table(pa.table({KEY: keys, "v": np.arange(n, dtype=np.float64)}), src / f"a{i}_{PAIR}.parquet",
+                       **WRITER_OPTIONS)
+    decoded = history * 17 * 8
+    assert decoded > 4 * BUDGET
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out.parquet"), str(BUDGET)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = r["peak"] - r["baseline"]
+    assert growth < BUDGET + ALLOWANCE, (
+        f"peak RSS grew {growth / 2**20:.0f} MiB over a {r['baseline'] / 2**20:.0f} MiB baseline; "
+        f"budget {BUDGET / 2**20:.0f} MiB (+{ALLOWANCE / 2**20:.0f} MiB allowance)")
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.num_rows == n
+    assert out.column("ret_w1_c3").to_pylist()[:3] == [3.0 + (HISTORY_ROWS + j) % 65_536 % 64 for j in range(3)]

@@ -114,14 +114,17 @@ def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out
                       with_key: bool = False, govern: Callable[[], None] = lambda: None) -> None:
     """Decode, align and encode one table. Arrow's Parquet reader holds a whole row group of the columns it reads
     (whatever the batch size), so the table is read in slices of columns narrow enough that a slice of one input
-    row group plus one output row group fits the worker's share of the budget: one pass per slice."""
+    row group plus one output row group fits the worker's share of the budget: one pass per slice. Row groups that
+    end before the targets' first key (history the targets lack) are not read at all."""
     md = pf.metadata
-    rg_rows = max((md.row_group(i).num_rows for i in range(md.num_row_groups)), default=0)
+    first = _first_row_group(md, pf.schema_arrow.get_field_index(KEY), int(keys[0]))
+    rg_rows = max((md.row_group(i).num_rows for i in range(first, md.num_row_groups)), default=0)
     group_rows = max(e - s for s, e in bounds)
-    width = max(1, worker_budget // (max(rg_rows, group_rows, 1) * STREAM_COPIES * BYTES_PER_CELL))
-    for c0 in range(0, len(names), width):
-        sub, sub_out = names[c0 : c0 + width], out_names[c0 : c0 + width]
-        parts = (pf.read_row_group(r, columns=[KEY, *sub], use_threads=False) for r in range(md.num_row_groups))
+    per_row = worker_budget // (max(rg_rows, group_rows, 1) * STREAM_COPIES)  # bytes of a slice's row
+    for sub_names in _slices(names, _cell_bytes(pf, names), per_row):
+        c0 = names.index(sub_names[0])
+        sub, sub_out = names[c0 : c0 + len(sub_names)], out_names[c0 : c0 + len(sub_names)]
+        parts = (pf.read_row_group(r, columns=[KEY, *sub], use_threads=False) for r in range(first, md.num_row_groups))
         cursor = Aligner(inp.table, parts, pa.schema([pf.schema_arrow.field(n) for n in sub]))
         for g, (s, e) in enumerate(bounds):
             part = cursor.align(keys[s:e]).rename_columns(sub_out)
@@ -130,6 +133,58 @@ def _align_and_encode(inp: MergeInput, pf: pq.ParquetFile, names: list[str], out
             stitcher.add(g, part)
             del part
             govern()
+
+
+def _first_row_group(md: pq.FileMetaData, key_index: int, first_key: int) -> int:
+    """The first row group that may hold a key at or after `first_key`, by the key column's statistics (the row
+    groups are in key order: check_row_group_order); 0 when a row group before it has no statistics."""
+    for r in range(md.num_row_groups):
+        rg = md.row_group(r)
+        st = rg.column(key_index).statistics if rg.num_rows else None
+        if st is None or not st.has_min_max:
+            return r  # the ones before end before `first_key`; this one may not
+        if _micros(st.max) >= first_key:
+            return r
+    return md.num_row_groups
+
+
+def _micros(value: object) -> int:
+    """A key statistic (a datetime, or an integer for an int64-typed key) in microseconds since the epoch."""
+    return int(value) if isinstance(value, int) else int(pa.scalar(value, type=KEY_TYPE).value)  # type: ignore[arg-type]
+
+
+def _cell_bytes(pf: pq.ParquetFile, names: list[str]) -> list[int]:
+    """Decoded bytes of one cell of each column: a fixed-width type's width (at least a byte), or for strings and
+    binaries the widest row group's declared bytes per row plus the offset Arrow keeps for each value."""
+    md, schema = pf.metadata, pf.schema_arrow
+    out = []
+    for name in names:
+        t = schema.field(name).type
+        try:
+            out.append(max(1, t.bit_width // 8))
+            continue
+        except ValueError:  # not fixed-width
+            pass
+        i = schema.get_field_index(name)
+        per_row = max((md.row_group(r).column(i).total_uncompressed_size / md.row_group(r).num_rows
+                       for r in range(md.num_row_groups) if md.row_group(r).num_rows), default=0.0)
+        offset = 8 if pa.types.is_large_string(t) or pa.types.is_large_binary(t) else 4
+        out.append(max(BYTES_PER_CELL, int(per_row) + 1 + offset))
+    return out
+
+
+def _slices(names: list[str], widths: list[int], row_bytes: int) -> Iterator[list[str]]:
+    """Consecutive columns whose cells together take at most `row_bytes` a row (at least one column a slice)."""
+    sub: list[str] = []
+    used = 0
+    for name, w in zip(names, widths, strict=True):
+        if sub and used + w > row_bytes:
+            yield sub
+            sub, used = [], 0
+        sub.append(name)
+        used += w
+    if sub:
+        yield sub
 
 
 def _copy_encoded(inp: MergeInput, pf: pq.ParquetFile, reader: BinaryIO | None, names: list[str],
@@ -253,6 +308,15 @@ class Aligner:
         self.last: int | None = None
         self.done = False
 
+    def _drop_before(self, key: int) -> None:
+        """Let go of the buffered rows before `key` (a slice of them would still hold their buffers: all of them
+        are dropped outright)."""
+        cut = int(np.searchsorted(self.buf_keys, key, side="left"))
+        if not cut:
+            return
+        self.buf = None if cut == self.buf_keys.size else self.buf.slice(cut)  # type: ignore[union-attr]
+        self.buf_keys = self.buf_keys[cut:]
+
     def _pull(self) -> bool:
         try:
             batch = next(self.batches)
@@ -270,6 +334,7 @@ class Aligner:
     def align(self, keys: np.ndarray) -> pa.Table:
         while not self.done and (not self.buf_keys.size or self.buf_keys[-1] < keys[-1]):
             self._pull()
+            self._drop_before(int(keys[0]))  # rows before the slice are never wanted: held at most one row group
         bk = self.buf_keys
         if self.buf is None:
             return pa.table({f.name: pa.nulls(len(keys), type=f.type) for f in self.values})
