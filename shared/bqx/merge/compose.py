@@ -41,7 +41,7 @@ from bqx import layout
 from bqx.catalog import GRID_FILE_KEY, GRID_OBJECT_KEY, KEY, Grid, Manifest
 from bqx.errors import BadCheckpoint, TerminalError
 from bqx.logs import Log
-from bqx.merge.plan import CountingWriter, MergeInput, MergeStats
+from bqx.merge.plan import CountingWriter, MergeInput, MergeStats, assemble_schema
 from bqx.merge.stitch import MAGIC, FileRange, FooterGroup, column_signature, encode_footer, footer_template
 from bqx.parquet import thrift
 from bqx.parquet.chunks import Chunk
@@ -517,15 +517,9 @@ class Plan:
 
 
 def output_schema(targets: pa.Schema, features: list[tuple[str, pa.Schema]]) -> pa.Schema:
-    """The stream merge's output schema (bqx.merge.stream._output_schema): the key, the targets' columns, then each
+    """The stream merge's output schema (bqx.merge.plan.assemble_schema): the key, the targets' columns, then each
     feature table's value columns named `<prefix>_<column>`."""
-    fields = [pa.field(KEY, KEY_TYPE), *(f for f in targets if f.name != KEY)]
-    for prefix, schema in features:
-        fields += [pa.field(f"{prefix}_{f.name}", f.type) for f in schema if f.name != KEY]
-    out = pa.schema(fields)
-    if len(set(out.names)) != len(out.names):
-        raise TerminalError("merged column names collide; table prefixes must be unique")
-    return out
+    return assemble_schema(targets, features)
 
 
 def plan(targets: Footer, features: list[Footer], grid: Grid, metadata: dict[str, str] | None = None) -> Plan:
