@@ -4,6 +4,7 @@ the dataset's __TABLES__, and a table whose fingerprint is unchanged since the p
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bqx import layout
-from bqx.catalog import Manifest
+from bqx.catalog import KEY, Manifest
 from bqx.errors import TerminalError
 from bqx.extract import run as extract
 from bqx.extract.sources import BigQuerySource, DuckDBSource
@@ -81,9 +82,17 @@ def test_checkpoints_identical_to_duckdb_source(world: dict) -> None:
         assert q["queryParameters"] == [
             {"name": "pattern", "parameterType": {"type": "STRING"}, "parameterValue": {"value": f"%{PAIR}%"}}]
         assert q["parameterMode"] == "NAMED" and q["useLegacySql"] is False
+    # Every read is as of the run's snapshot (the manifest's), and every feature is LEFT JOINed onto the targets' keys.
     reads = sorted(q["query"] for q in queries if q not in discovery)
-    assert reads == sorted(
-        f"SELECT * FROM `{s.project}`.`{s.dataset}`.`{t.name}` ORDER BY `interval_time`" for t in m_bq.tables)
+    ds, k = f"`{s.project}`.`{s.dataset}`", "`interval_time`"
+    as_of = f" FOR SYSTEM_TIME AS OF TIMESTAMP_MICROS({round(m_bq.snapshot_at * 1e6)})"
+    targets = f"{ds}.`{m_bq.targets.name}`{as_of}"
+    assert m_bq.snapshot_at > 0 and m_bq.grid is not None
+    assert reads == sorted([f"SELECT {k} FROM {targets} ORDER BY {k}",  # the grid, when the manifest was built
+                            f"SELECT * FROM {targets} ORDER BY {k}",
+                            *(f"SELECT t.* REPLACE (k.{k} AS {k}) FROM (SELECT {k} FROM {targets} ORDER BY {k}) AS k "
+                              f"LEFT JOIN {ds}.`{t.name}` AS t{as_of} ON t.{k} = k.{k} ORDER BY k.{k}"
+                              for t in m_bq.features)])
     pages = [r for r in fake.requests if "/queries/" in r.path and r.params.get("maxResults") != "0"]
     assert pages and all(r.params.get("formatOptions.useInt64Timestamp", "").lower() == "true" for r in pages)
     assert len(pages) > len(m_bq.tables)  # tables of 240 rows at 100 rows a page: several pages each
@@ -147,8 +156,9 @@ def test_unchanged_tables_are_copied_from_the_published_run_not_read(world: dict
     def publish(run_id: str) -> None:  # what the merge leaves behind that matters here: the summary naming the run
         storage.write_json(s, s.output_bucket, layout.summary(PAIR), {"pair": PAIR, "run_id": run_id})
 
-    def reads() -> list[str]:
-        return [c["query"]["query"] for c in fake.jobs_of("query") if c["query"]["query"].startswith("SELECT * FROM")]
+    def reads() -> list[str]:  # the queries that read a table's rows (not discovery, not the grid's key read)
+        return [c["query"]["query"] for c in fake.jobs_of("query")
+                if c["query"]["query"].startswith(("SELECT * FROM", "SELECT t.*"))]
 
     first = extract.run(s, PAIR, "rfp1", source=bq)
     assert first.reused == 0
@@ -157,11 +167,12 @@ def test_unchanged_tables_are_copied_from_the_published_run_not_read(world: dict
     fake.touch(s.dataset, touched)
     fake.requests.clear()
     second = extract.run(s, PAIR, "rfp2", source=bq)
-    assert reads() == [bq.read_sql(touched)]  # the warehouse is read for the touched table only
+    m2 = Manifest.from_json(storage.read_json(s, s.staging_bucket, layout.manifest(PAIR, "rfp2"))[0])
+    # the warehouse is read for the touched table only
+    assert reads() == [bq.aligned_sql(touched, m2.targets.name, 0, m2.snapshot_at)]
     assert {t.table for t in second.tables if not t.reused} == {touched}
     assert second.reused == len(second.tables) - 1 and all(t.reused_from == "rfp1" for t in second.tables
                                                             if t.reused)
-    m2 = Manifest.from_json(storage.read_json(s, s.staging_bucket, layout.manifest(PAIR, "rfp2"))[0])
     assert {t.name for t in m2.tables if not t.reused_from} == {touched}
     assert all(t.fingerprint for t in m2.tables)
     bucket = storage.bucket(s, s.staging_bucket)
@@ -169,7 +180,7 @@ def test_unchanged_tables_are_copied_from_the_published_run_not_read(world: dict
         assert read_checkpoint(s, t.checkpoint).equals(read_checkpoint(s, layout.checkpoint(PAIR, "rfp1", t.name)))
         if t.reused_from:  # the copy carries metadata of its own: not the source's validation marker
             assert bucket.get_blob(t.checkpoint).metadata == {"run_id": "rfp2", "table": t.name,
-                                                              "reused_from": "rfp1"}
+                                                              "reused_from": "rfp1", "bqx_grid": m2.grid.keys_sha256}
 
     # A checkpoint to reuse that is gone by the time it is copied: the table is extracted instead.
     m_gone = Manifest("eurusd", "rfp3", tuple(
@@ -186,3 +197,42 @@ def test_unchanged_tables_are_copied_from_the_published_run_not_read(world: dict
     legacy = Manifest.from_json({**m2.to_json(), "tables": [
         {k: v for k, v in t.items() if k not in ("fingerprint", "reused_from")} for t in m2.to_json()["tables"]]})
     assert not any(t.fingerprint or t.reused_from for t in legacy.tables)
+
+    # Aligned checkpoints are reused only onto the same grid: the published run's digest must equal the new one.
+    same = extract.plan_reuse(s, extract.build_manifest(PAIR, "rfp5", bq.discover(PAIR), bq.name, 0, m2.grid))
+    assert all(t.reused_from == "rfp2" for t in same.tables)
+    other = dataclasses.replace(m2.grid, keys_sha256="0" * 64)
+    moved = extract.plan_reuse(s, extract.build_manifest(PAIR, "rfp6", bq.discover(PAIR), bq.name, 0, other))
+    assert not any(t.reused_from for t in moved.tables)
+    unaligned = extract.plan_reuse(s, extract.build_manifest(PAIR, "rfp7", bq.discover(PAIR), bq.name, 0, None))
+    assert not any(t.reused_from for t in unaligned.tables)  # aligned checkpoints are not an unaligned run's
+
+
+def test_item10_every_bigquery_read_is_as_of_the_manifest_snapshot_and_limited_by_the_targets(world: dict) -> None:
+    """With a row limit: one snapshot time in the manifest, in every query that reads a table (the grid's key read,
+    the targets', each feature's join), and each feature limited to the targets' first keys, not its own first rows
+    (a table that starts earlier than the targets shares none of its first rows' keys with them)."""
+    s, fake, server = world["settings"], world["fake"], world["server"]
+    bq = BigQuerySource(s, client=server.client())
+    limited = dataclasses.replace(s, row_limit=20)
+    fake.requests.clear()
+    extract.run(limited, PAIR, "ritem10", source=bq)
+    m = Manifest.from_json(storage.read_json(s, s.staging_bucket, layout.manifest(PAIR, "ritem10"))[0])
+    assert m.row_limit == 20 and m.grid is not None and m.grid.rows == 20 and m.snapshot_at > 0
+    as_of = f"FOR SYSTEM_TIME AS OF TIMESTAMP_MICROS({round(m.snapshot_at * 1e6)})"
+    reads = [c["query"]["query"] for c in fake.jobs_of("query")
+             if "INFORMATION_SCHEMA" not in c["query"]["query"] and "__TABLES__" not in c["query"]["query"]]
+    assert len(reads) == len(m.tables) + 1
+    for q in reads:  # every table reference of every read carries the snapshot
+        assert q.count(" FOR SYSTEM_TIME AS OF ") == q.count(f"`{s.dataset}`.") and as_of in q, q
+    targets = read_checkpoint(s, m.targets.checkpoint)
+    early = 0
+    for t in m.features:
+        cp = read_checkpoint(s, t.checkpoint)
+        own = pa.Table.from_batches(list(DuckDBSource(s.warehouse, s.dataset).read(t.name, row_limit=20)))
+        assert cp.column(KEY).equals(targets.column(KEY)), t.name
+        if own.column(KEY)[0].as_py() < targets.column(KEY)[0].as_py():  # starts earlier than the targets
+            early += 1
+            value = cp.column(cp.schema.names[1])
+            assert value.null_count < cp.num_rows, t.name  # joined values, not an all-null column
+    assert early > 0  # the shape has tables that start earlier

@@ -43,13 +43,19 @@ def test_extract_writes_manifest_and_every_checkpoint_then_resumes(isolated) -> 
     names = storage.list_names(s, s.staging_bucket, layout.checkpoints_prefix("eurusd", run_id))
     assert set(names) == manifest.expected_objects() and report.written == len(manifest.tables)
     con = duckdb.connect(s.warehouse, read_only=True)
+    con.execute("SET TimeZone='UTC'")
+    targets = con.execute(f'SELECT count(*) FROM "{s.dataset}"."{manifest.targets.name}"').fetchall()[0][0]
+    assert manifest.grid is not None and manifest.grid.rows == targets and manifest.snapshot_at > 0
     for entry in manifest.tables[:6]:
         t = _read(s, entry.checkpoint)
         assert t.schema.field(KEY).type == pa.timestamp("us", tz="UTC")
         keys = t.column(KEY).cast(pa.int64()).to_pylist()
         assert keys == sorted(set(keys))
-        rows = con.execute(f'SELECT count(*) FROM "{s.dataset}"."{entry.name}"').fetchone()[0]
-        assert t.num_rows == rows
+        # aligned: the table LEFT JOINed onto the targets' keys, exactly the targets' rows
+        expected = con.sql(f'SELECT t.* REPLACE (k.interval_time AS interval_time) FROM "{s.dataset}".'
+                           f'"{manifest.targets.name}" k LEFT JOIN "{s.dataset}"."{entry.name}" t '
+                           'USING (interval_time) ORDER BY k.interval_time').to_arrow_table()
+        assert t.num_rows == targets and t.equals(expected.cast(t.schema))
         assert [c.name for c in entry.columns] == t.schema.names
     again = extract.run(s, "eurusd", run_id)
     assert again.written == 0 and len(again.tables) == len(manifest.tables)

@@ -89,6 +89,14 @@ GRID_FILE_KEY = "bqx.grid"  # the same digest in the checkpoint's Parquet key-va
 
 
 @dataclass(frozen=True)
+class IgnoredTable:
+    """A table of the pair's dataset that the run leaves out, and why (logged, listed in the manifest and report)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     pair: str
     run_id: str
@@ -97,7 +105,11 @@ class Manifest:
     row_limit: int = 0
     created_at: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
-    grid: Grid | None = None  # None: an unaligned run (older runs, local files): the stream merge
+    grid: Grid | None = None  # None: an unaligned run (older runs, local files, BQX_EXTRACT_ALIGNED=0): stream merge
+    # Every warehouse read of the run is as of this time (epoch seconds; BigQuery FOR SYSTEM_TIME AS OF), so tables
+    # refreshed mid-extract do not mix. 0: not pinned (manifests written before it).
+    snapshot_at: float = 0.0
+    ignored_tables: tuple[IgnoredTable, ...] = ()
 
     @property
     def targets(self) -> TableEntry:
@@ -121,6 +133,7 @@ class Manifest:
             del d["grid"]
         else:
             d["grid"] = self.grid.to_json()
+        d["ignored_tables"] = [{"name": t.name, "reason": t.reason} for t in self.ignored_tables]
         return d
 
     @classmethod
@@ -133,7 +146,8 @@ class Manifest:
             )
             m = cls(d["pair"], d["run_id"], tables, d.get("source", ""), int(d.get("row_limit", 0)),
                     float(d.get("created_at", 0.0)), dict(d.get("extra") or {}),
-                    Grid.from_json(d["grid"]) if d.get("grid") else None)
+                    Grid.from_json(d["grid"]) if d.get("grid") else None, float(d.get("snapshot_at") or 0.0),
+                    tuple(IgnoredTable(str(t["name"]), str(t["reason"])) for t in d.get("ignored_tables") or ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise BadCheckpoint(f"malformed manifest: {exc}") from exc
         if sum(t.role == "targets" for t in tables) != 1:

@@ -592,6 +592,8 @@ def report(pair: str, run_id: str | None, out_dir: Path | None, cloud: bool) -> 
     click.echo(f"{html_path}\n{png_path}")
     _echo(f"{len(tl.tables)} tables, extract {tl.extract_seconds:.1f}s, handoff "
           f"{'-' if tl.handoff_seconds is None else f'{tl.handoff_seconds:.2f}s'}, est. cost ${cost.total_usd:.4f}")
+    for t in tl.ignored_tables:
+        _echo(f"ignored: {t.name} ({t.reason})")
 
 
 # ---------------------------------------------------------------------------------------------- merge

@@ -39,6 +39,15 @@ def _env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    raw = _env(name, "1" if default else "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 def parse_bytes(text: str) -> int:
     """'1GiB', '512MiB', '2GB', '1048576' -> bytes."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
@@ -144,9 +153,11 @@ class Settings:
     task_max_retries: int = 3
     """Cloud Run task retries; the last attempt records its failure for `bqx status`."""
     row_limit: int = 0
-    """Rows read per table (0 = all); the original runs sampled ~100k."""
+    """Rows of the targets read (0 = all); every table is limited to those keys. The original runs sampled ~100k."""
     warehouse_rows: int = 0
     """Local: rows per table when bqx generates the synthetic warehouse (0: bqx.local.warehouse's default)."""
+    extract_aligned: bool = True
+    """Extract every checkpoint LEFT JOINed onto the targets' keys, on the manifest's grid (issue 19)."""
     claim_lease_seconds: float = 60.0
     """After this long without a recorded execution, a claim may be taken over."""
     max_row_drop: float = 0.1
@@ -228,6 +239,7 @@ class Settings:
             task_max_retries=_env_int("BQX_TASK_MAX_RETRIES", d.task_max_retries),
             row_limit=_env_int("BQX_ROW_LIMIT", d.row_limit),
             warehouse_rows=_env_int("BQX_WAREHOUSE_ROWS", d.warehouse_rows),
+            extract_aligned=_env_flag("BQX_EXTRACT_ALIGNED", d.extract_aligned),
             claim_lease_seconds=_env_float("BQX_CLAIM_LEASE_SECONDS", d.claim_lease_seconds),
             max_row_drop=_env_float("BQX_MAX_ROW_DROP", d.max_row_drop),
             active_run_max_seconds=_env_float("BQX_ACTIVE_RUN_MAX_SECONDS", d.active_run_max_seconds),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bqx import layout, pricing, runs
+from bqx.catalog import IgnoredTable
 from bqx.config import Settings
 from bqx.errors import TerminalError
 from bqx.gcp import storage
@@ -42,6 +43,7 @@ class Timeline:
     summary: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     bigquery_bytes: int = 0
+    ignored_tables: list[IgnoredTable] = field(default_factory=list)  # the pair's tables the run left out, and why
 
     @property
     def reused(self) -> list[TableSpan]:
@@ -87,6 +89,7 @@ def load(settings: Settings, pair: str, run_id: str | None = None) -> Timeline:
     manifest = runs.load_manifest(s, pair, run_id)
     if manifest:
         tl.manifest_at = manifest.created_at
+        tl.ignored_tables = list(manifest.ignored_tables)
     spans: dict[str, TableSpan] = {}
     tasks: dict[int, float] = {}
     for name in storage.list_names(s, s.staging_bucket, layout.extract_reports_prefix(pair, run_id)):
@@ -110,9 +113,17 @@ def load(settings: Settings, pair: str, run_id: str | None = None) -> Timeline:
             if t.name not in spans and t.checkpoint in objects:
                 created = objects[t.checkpoint][1]
                 spans[t.name] = TableSpan(t.name, created, created, 0, objects[t.checkpoint][0])
-        # BigQuery bills what was read: a reused table's checkpoint was copied, not queried
-        tl.bigquery_bytes = sum(span.rows * cols.get(span.table, 0) * 8 for span in spans.values()
-                                if not span.reused_from)
+        # BigQuery bills what was read: a reused table's checkpoint was copied, not queried. The table's own rows
+        # (its fingerprint's count, capped by the row limit as the dry run does), not the checkpoint's: an aligned
+        # checkpoint holds the targets' rows.
+        rows = {t.name: int(t.fingerprint.split("/")[1]) for t in manifest.tables if t.fingerprint.count("/") == 2}
+        limit = manifest.row_limit
+
+        def billed(span: TableSpan) -> int:
+            n = rows.get(span.table, span.rows)
+            return (min(n, limit) if limit else n) * cols.get(span.table, 0) * 8
+
+        tl.bigquery_bytes = sum(billed(span) for span in spans.values() if not span.reused_from)
     tl.tables = sorted(spans.values(), key=lambda x: x.start)
     tl.extract_seconds = max(tasks.values(), default=0.0)
     summary = storage.read_json(s, s.output_bucket, layout.summary(pair))
@@ -192,6 +203,9 @@ def html_report(tl: Timeline) -> str:
              f"schema) and row limit; nothing of them was read from the warehouse. {reused['extracted']} extracted"
              f"{': ' + names if extracted else ''}.</p>") if reused["tables"] else (
         "<p class='reuse'>No checkpoint reused: every table was extracted.</p>")
+    ignored = "".join(f"<li>{html.escape(t.name)}: {html.escape(t.reason)}</li>" for t in tl.ignored_tables)
+    ignored = (f"<p class='error'>{len(tl.ignored_tables)} table(s) of the pair left out of the training file:</p>"
+               f"<ul>{ignored}</ul>") if ignored else ""
     err = (f"<p class='error'>Failed in {html.escape(str(tl.error.get('stage')))}: "
            f"{html.escape(str(tl.error.get('error')))} — retry: <code>{html.escape(str(tl.error.get('retry')))}"
            f"</code></p>") if tl.error else ""
@@ -201,7 +215,7 @@ padding:2px 8px;text-align:left}}.error{{color:#b00}}</style></head><body>
 <h1>{tl.pair}: run {tl.run_id}</h1>{err}
 <p>{summary.get('rows', '-')} rows × {summary.get('columns', '-')} columns from {len(tl.tables)} checkpoints;
 output {html.escape(str(summary.get('output', '(not published)')))}; crc32c {summary.get('crc32c', '-')}</p>
-{reuse}
+{reuse}{ignored}
 <h2>Timeline</h2><p>Each bar is one table's extraction (red: retried; grey: reused, a copy of an earlier run's
 checkpoint), then the handoff and the merge.</p>
 {svg(tl)}

@@ -5,6 +5,7 @@ Reads the Parquet footer with one small ranged read of the tail (a small checkpo
     what validation reads in a function's memory (MAX_*), checked before anything it describes is read;
   - the file is whole: footer magic and length, every column chunk inside the data area, row counts add up;
   - the schema: the manifest's column names in order, their types, `interval_time` as timestamp[us, tz=UTC];
+  - an aligned run's (its manifest has a grid): the footer's bqx.grid names the grid, the row groups are its sizes;
   - the keys: non-null, strictly increasing (sorted and unique). Only the key column is read (8 bytes a row, one
     row group at a time); past KEY_READ_LIMIT compressed bytes the row groups' statistics are used instead.
 Pure inspection: what to do with a bad checkpoint (quarantine, error.json) is bqx.completion.validate's.
@@ -18,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bqx.catalog import KEY, TableEntry
+from bqx.catalog import GRID_FILE_KEY, KEY, Grid, TableEntry
 from bqx.errors import BadCheckpoint, DuplicateKeys, TransientError
 from bqx.gcp.objectfile import TAIL, ObjectFile, download
 from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, KEY_TYPE, type_name
@@ -46,8 +47,9 @@ class Verdict:
     reads: int = 0  # ranged reads it took (cost: one for the footer, one or a few for the keys)
 
 
-def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
-    """Validate one checkpoint object generation against its manifest entry. Never raises for bad content."""
+def inspect(blob: Any, size: int, entry: TableEntry, grid: Grid | None = None) -> Verdict:
+    """Validate one checkpoint object generation against its manifest entry (and the run's grid, when the manifest
+    has one). Never raises for bad content."""
     if size < 12:
         return Verdict(False, f"truncated: {size} bytes is not a Parquet file", "BadCheckpoint")
     # The footer, in one read up to ~1,000 columns; a small checkpoint (most, at 2,000 rows) whole in that read.
@@ -74,7 +76,8 @@ def inspect(blob: Any, size: int, entry: TableEntry) -> Verdict:
         meta, schema = pf.metadata, pf.schema_arrow
     except (pa.ArrowException, OSError, ValueError) as exc:
         return Verdict(False, f"unreadable Parquet footer: {exc}", "BadCheckpoint", reads)
-    reason = _check_bounds(meta, schema) or _check_layout(meta, size - footer - 8) or _check_schema(schema, entry)
+    reason = (_check_bounds(meta, schema) or _check_layout(meta, size - footer - 8) or _check_schema(schema, entry)
+              or _check_grid(meta, grid))
     if reason:
         return Verdict(False, reason, "BadCheckpoint", reads)
     try:
@@ -122,6 +125,19 @@ def _check_layout(meta: pq.FileMetaData, data_end: int) -> str:
                         f"({start}+{col.total_compressed_size} > {data_end})")
     if rows != meta.num_rows:
         return f"row groups hold {rows} rows but the footer says {meta.num_rows}"
+    return ""
+
+
+def _check_grid(meta: pq.FileMetaData, grid: Grid | None) -> str:
+    """An aligned run's checkpoint holds the grid's rows: its footer names the grid, its row groups are the grid's."""
+    if grid is None:
+        return ""
+    named = (meta.metadata or {}).get(GRID_FILE_KEY.encode(), b"").decode(errors="replace")
+    if named != grid.keys_sha256:
+        return f"not aligned to the run's grid: bqx.grid is {named[:16] or 'absent'!r}, not {grid.keys_sha256[:16]!r}"
+    sizes = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    if sizes != grid.row_groups:
+        return f"row groups of {list(sizes)[:8]} rows; the run's grid has {list(grid.row_groups)[:8]}"
     return ""
 
 

@@ -74,7 +74,7 @@ def arrival(s: Settings, manifest: Manifest, name: str, generation: int,
                UnexpectedCheckpoint.__name__)
     try:
         verdict = inspect(storage.blob(s, s.staging_bucket, name, generation), int(blob.size or 0),
-                          entry)  # type: ignore[arg-type]
+                          entry, manifest.grid)  # type: ignore[arg-type]
     except ObjectGone:
         return False
     except DuplicateKeys as exc:

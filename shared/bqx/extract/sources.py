@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 
-from bqx.catalog import FAMILIES, KEY, VERSIONS_TABLE, belongs_to, family_of, targets_table
+from bqx.catalog import FAMILIES, KEY, VERSIONS_TABLE, IgnoredTable, belongs_to, family_of, targets_table
 from bqx.config import Settings
 from bqx.errors import TerminalError
 from bqx.layout import TABLE_RE
@@ -44,12 +45,38 @@ def fingerprint(version: object, rows: int, columns: tuple[tuple[str, str], ...]
     return f"{version}/{int(rows)}/{digest}"
 
 
+@dataclass(frozen=True)
+class Discovery:
+    tables: list[SourceTable]
+    ignored: tuple[IgnoredTable, ...] = ()  # the pair's tables left out (an unknown family), with the reason
+
+
 class Source(Protocol):
+    """A warehouse. `read` streams a table ordered by interval_time: its first `row_limit` rows (0: all), as of
+    `snapshot_at` (epoch seconds; 0: now). The DuckDB and BigQuery sources also have `discover_all` (tables and
+    ignored tables), `keys` (a table's ordered key column as int64 microseconds) and `read_aligned` (a table LEFT
+    JOINed onto the first `row_limit` keys of the targets, in the targets' order); the extract aligns in Python
+    for a source without them."""
+
     name: str
 
     def discover(self, pair: str) -> list[SourceTable]: ...
 
-    def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]: ...
+    def read(self, table: str, row_limit: int = 0, snapshot_at: float = 0.0) -> Iterator[pa.RecordBatch]: ...
+
+
+def as_of_micros(snapshot_at: float) -> int:
+    return int(round(snapshot_at * 1_000_000))
+
+
+def _aligned_sql(table_ref: str, targets_ref: str, key: str, row_limit: int, as_of: str = "") -> str:
+    """`table` LEFT JOINed onto the targets' first `row_limit` keys: exactly those rows, in their order, the key
+    column the targets' (a table's other columns null where it lacks the key), its columns in its own order.
+    A key repeated in the table repeats the row: the extract's key check names the table (DuplicateKeys)."""
+    limit = f" LIMIT {int(row_limit)}" if row_limit else ""
+    return (f"SELECT t.* REPLACE (k.{key} AS {key}) "
+            f"FROM (SELECT {key} FROM {targets_ref}{as_of} ORDER BY {key}{limit}) AS k "
+            f"LEFT JOIN {table_ref} AS t{as_of} ON t.{key} = k.{key} ORDER BY k.{key}")
 
 
 def quote_duckdb(identifier: str) -> str:
@@ -60,11 +87,17 @@ def quote_bigquery(identifier: str) -> str:
     return "`" + identifier.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
-def _classify(pair: str, rows: list[tuple[str, str, str]]) -> list[SourceTable]:
-    """(table, column, type) rows in ordinal order -> the pair's tables, targets first, then by name."""
+def _classify(pair: str, rows: list[tuple[str, str, str]]) -> tuple[list[SourceTable], list[IgnoredTable]]:
+    """(table, column, type) rows in ordinal order -> the pair's tables, targets first, then by name; and the
+    pair's tables that are left out, with the reason (never dropped without a word)."""
     by_table: dict[str, list[tuple[str, str]]] = {}
+    ignored: list[IgnoredTable] = []
     for table, column, dtype in rows:
-        if not belongs_to(pair, table) or not TABLE_RE.match(table):
+        if not belongs_to(pair, table):
+            continue
+        if not TABLE_RE.match(table):
+            if not any(i.name == table for i in ignored):
+                ignored.append(IgnoredTable(table, "name is not a valid table name (lowercase letters, digits, _)"))
             continue
         by_table.setdefault(table, []).append((column, dtype))
     out = []
@@ -74,6 +107,7 @@ def _classify(pair: str, rows: list[tuple[str, str, str]]) -> list[SourceTable]:
         elif family_of(table) in FAMILIES:
             role = "feature"
         else:
+            ignored.append(IgnoredTable(table, f"unknown family {family_of(table)!r}"))
             continue
         cols = tuple(by_table[table])
         if KEY not in (c for c, _ in cols):
@@ -82,7 +116,7 @@ def _classify(pair: str, rows: list[tuple[str, str, str]]) -> list[SourceTable]:
     out.sort(key=lambda t: (t.role != "targets", t.name))
     if not out or out[0].role != "targets":
         raise TerminalError(f"no table {targets_table(pair)!r} in the warehouse for pair {pair}")
-    return out
+    return out, sorted(ignored, key=lambda i: i.name)
 
 
 class DuckDBSource:
@@ -96,12 +130,16 @@ class DuckDBSource:
         self._con.execute("SET enable_progress_bar=false")
 
     def discover(self, pair: str) -> list[SourceTable]:
+        return self.discover_all(pair).tables
+
+    def discover_all(self, pair: str) -> Discovery:
         rows = self._con.execute(
             "SELECT table_name, column_name, data_type FROM information_schema.columns "
             "WHERE table_schema = ? AND table_name LIKE ? ORDER BY table_name, ordinal_position",
             [self.dataset, f"%{pair}%"],
         ).fetchall()
-        return self._with_fingerprints(_classify(pair, rows))
+        tables, ignored = _classify(pair, rows)
+        return Discovery(self._with_fingerprints(tables), tuple(ignored))
 
     def _with_fingerprints(self, tables: list[SourceTable]) -> list[SourceTable]:
         """Each table's version (the warehouse's bookkeeping table) and row count: two queries for all of them."""
@@ -134,19 +172,67 @@ class DuckDBSource:
             [self.dataset, table]).fetchall()
         return logical_bytes(cols, min(rows, row_limit) if row_limit else rows)
 
-    def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]:
-        sql = f"SELECT * FROM {quote_duckdb(self.dataset)}.{quote_duckdb(table)} ORDER BY {quote_duckdb(KEY)}"
-        if row_limit:
-            sql += f" LIMIT {int(row_limit)}"
+    def _ref(self, table: str) -> str:
+        return f"{quote_duckdb(self.dataset)}.{quote_duckdb(table)}"
+
+    def _as_of(self, cursor, tables: list[str], snapshot_at: float) -> None:  # type: ignore[no-untyped-def]
+        """DuckDB keeps no history: a read is as of the run's snapshot when none of its tables was written since
+        (its version, the write's time in ns, is not past the snapshot). Checked in the read's own transaction,
+        so what it checks is what it reads; a table rewritten after the snapshot fails the run, never mixes in."""
+        if not snapshot_at:
+            return
+        if not cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                              [VERSIONS_TABLE]).fetchall()[0][0]:
+            return  # a warehouse written before versions were kept: nothing to compare
+        versions = cursor.execute(
+            f"SELECT table_name, version FROM {quote_duckdb(VERSIONS_TABLE)} WHERE dataset = ? AND "
+            f"table_name IN ({', '.join('?' for _ in tables)})", [self.dataset, *tables]).fetchall()
+        newer = sorted(t for t, v in versions if v is not None and int(v) > as_of_micros(snapshot_at) * 1000)
+        if newer:
+            raise TerminalError(f"table(s) {', '.join(newer)} changed after this run's snapshot "
+                                f"({snapshot_at:.6f}); the local warehouse keeps no history: start a new run")
+
+    def _stream(self, sql: str, tables: list[str], snapshot_at: float) -> Iterator[pa.RecordBatch]:
         cursor = self._con.cursor()  # one cursor per thread: DuckDB connections are not thread-safe
         try:
             cursor.execute("SET TimeZone='UTC'")
+            cursor.execute("BEGIN TRANSACTION")  # the snapshot check and the read see the same state
+            self._as_of(cursor, tables, snapshot_at)
             relation = cursor.sql(sql)  # a relation streams Arrow batches without an extra copy
             # duckdb >= 1.4 names it to_arrow_reader; older releases fetch_arrow_reader
             reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
             yield from reader(BATCH_ROWS)
         finally:
-            cursor.close()
+            cursor.close()  # ends the (read-only) transaction
+
+    def keys(self, table: str, row_limit: int = 0, snapshot_at: float = 0.0) -> np.ndarray:
+        """The table's ordered key column, first `row_limit` rows, as int64 microseconds."""
+        key = quote_duckdb(KEY)
+        sql = f"SELECT {key} FROM {self._ref(table)} ORDER BY {key}" + (f" LIMIT {int(row_limit)}" if row_limit
+                                                                        else "")
+        arrays = [b.column(0) for b in self._stream(sql, [table], snapshot_at)]
+        return _int_keys(arrays)
+
+    def read(self, table: str, row_limit: int = 0, snapshot_at: float = 0.0) -> Iterator[pa.RecordBatch]:
+        sql = f"SELECT * FROM {self._ref(table)} ORDER BY {quote_duckdb(KEY)}"
+        if row_limit:
+            sql += f" LIMIT {int(row_limit)}"
+        yield from self._stream(sql, [table], snapshot_at)
+
+    def read_aligned(self, table: str, targets: str, row_limit: int = 0,
+                     snapshot_at: float = 0.0) -> Iterator[pa.RecordBatch]:
+        """`table` LEFT JOINed onto the targets' keys, in the query (one hash join; see _aligned_sql)."""
+        sql = _aligned_sql(self._ref(table), self._ref(targets), quote_duckdb(KEY), row_limit)
+        yield from self._stream(sql, [table, targets], snapshot_at)
+
+
+def _int_keys(arrays: list[pa.Array]) -> np.ndarray:
+    if not arrays:
+        return np.zeros(0, dtype=np.int64)
+    keys = pa.chunked_array(arrays).combine_chunks()
+    if keys.null_count:
+        raise TerminalError(f"null {KEY} values in the targets")
+    return np.ascontiguousarray(keys.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 class BigQuerySource:
@@ -193,23 +279,48 @@ class BigQuerySource:
         )
 
     def discover(self, pair: str) -> list[SourceTable]:
+        return self.discover_all(pair).tables
+
+    def discover_all(self, pair: str) -> Discovery:
         from google.cloud import bigquery
 
         config = bigquery.QueryJobConfig(
             query_parameters=[bigquery.ScalarQueryParameter("pattern", "STRING", f"%{pair}%")]
         )
         rows = self.client.query(self.discover_sql(), job_config=config).result()
-        tables = _classify(pair, [(r[0], r[1], r[2]) for r in rows])
+        tables, ignored = _classify(pair, [(r[0], r[1], r[2]) for r in rows])
         # Streaming inserts still in the buffer change neither value; every DML, load or copy changes the first.
         meta = {r[0]: (r[1], r[2]) for r in self.client.query(self.tables_sql(), job_config=config).result()}
-        return [replace(t, fingerprint=fingerprint(*meta[t.name], t.columns)) if t.name in meta else t
-                for t in tables]
+        return Discovery([replace(t, fingerprint=fingerprint(*meta[t.name], t.columns)) if t.name in meta else t
+                          for t in tables], tuple(ignored))
 
-    def read_sql(self, table: str, row_limit: int = 0) -> str:
+    def _ref(self, table: str) -> str:
         if not TABLE_RE.match(table):
             raise TerminalError(f"not a table name: {table!r}")
-        sql = f"SELECT * FROM {self._dataset_ref()}.{quote_bigquery(table)} ORDER BY {quote_bigquery(KEY)}"
+        return f"{self._dataset_ref()}.{quote_bigquery(table)}"
+
+    @staticmethod
+    def _as_of(snapshot_at: float) -> str:
+        """Time travel to the run's snapshot (within the dataset's time travel window, 7 days by default)."""
+        return f" FOR SYSTEM_TIME AS OF TIMESTAMP_MICROS({as_of_micros(snapshot_at)})" if snapshot_at else ""
+
+    def read_sql(self, table: str, row_limit: int = 0, snapshot_at: float = 0.0) -> str:
+        key = quote_bigquery(KEY)
+        sql = f"SELECT * FROM {self._ref(table)}{self._as_of(snapshot_at)} ORDER BY {key}"
         return sql + (f" LIMIT {int(row_limit)}" if row_limit else "")
+
+    def keys_sql(self, table: str, row_limit: int = 0, snapshot_at: float = 0.0) -> str:
+        key = quote_bigquery(KEY)
+        sql = f"SELECT {key} FROM {self._ref(table)}{self._as_of(snapshot_at)} ORDER BY {key}"
+        return sql + (f" LIMIT {int(row_limit)}" if row_limit else "")
+
+    def aligned_sql(self, table: str, targets: str, row_limit: int = 0, snapshot_at: float = 0.0) -> str:
+        """The table LEFT JOINed onto the targets' first `row_limit` keys, both as of the snapshot. Bytes billed:
+        the table's columns, as an unaligned read (a LIMIT never reduces them), plus the targets' key column
+        (8 bytes a row: 0.8 MB at 100k rows, inside the 10 MB minimum a query is billed anyway), so at most
+        ~8 bytes x targets rows more per table than an unaligned read."""
+        return _aligned_sql(self._ref(table), self._ref(targets), quote_bigquery(KEY), row_limit,
+                            self._as_of(snapshot_at))
 
     def estimate_bytes(self, table: str, row_limit: int = 0) -> int:
         """Bytes the read of `table` will scan (a dry run: free, nothing runs)."""
@@ -220,12 +331,22 @@ class BigQuerySource:
         )
         return int(job.total_bytes_processed or 0)
 
-    def read(self, table: str, row_limit: int = 0) -> Iterator[pa.RecordBatch]:
-        job = self.client.query(self.read_sql(table, row_limit))
+    def _stream(self, sql: str) -> Iterator[pa.RecordBatch]:
+        job = self.client.query(sql)
         # Through the Storage Read API, wait for the job without fetching rows (they would be read twice);
         # ORDER BY in the query makes the client read the result table as one ordered stream.
         rows = job.result() if self.bqstorage is not None else job.result(page_size=BATCH_ROWS)
         yield from rows.to_arrow_iterable(bqstorage_client=self.bqstorage)
+
+    def keys(self, table: str, row_limit: int = 0, snapshot_at: float = 0.0) -> np.ndarray:
+        return _int_keys([b.column(0) for b in self._stream(self.keys_sql(table, row_limit, snapshot_at))])
+
+    def read(self, table: str, row_limit: int = 0, snapshot_at: float = 0.0) -> Iterator[pa.RecordBatch]:
+        yield from self._stream(self.read_sql(table, row_limit, snapshot_at))
+
+    def read_aligned(self, table: str, targets: str, row_limit: int = 0,
+                     snapshot_at: float = 0.0) -> Iterator[pa.RecordBatch]:
+        yield from self._stream(self.aligned_sql(table, targets, row_limit, snapshot_at))
 
 
 def open_source(settings: Settings) -> Source:

@@ -172,6 +172,7 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     # GCS's own checksums of what it stored (base64, as `gcloud storage hash` prints them): the merge does not hash.
     summary["crc32c"], summary["md5"] = temp.crc32c, temp.md5_hash
     summary["cost"], summary["reused"] = _cost(settings, manifest, summary["seconds"])
+    summary["ignored_tables"] = [{"name": t.name, "reason": t.reason} for t in manifest.ignored_tables]
     publish(settings, manifest, temp, summary)
     if composed is not None:
         from bqx.merge import compose
