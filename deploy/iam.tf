@@ -260,8 +260,8 @@ resource "google_storage_bucket_iam_member" "extract_run_state" {
 
   condition {
     title       = "run state, not the merge's"
-    description = "runs/ objects except merge.claim, merge-progress.json and the merge's BigQuery exports (*.parquet)."
-    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && !resource.name.endsWith(\"/merge.claim\") && !resource.name.endsWith(\"/merge-progress.json\") && !resource.name.endsWith(\".parquet\")"
+    description = "runs/ objects except merge.claim, merge-progress.json, the merge's BigQuery exports (*.parquet) and compose pieces (*.compose)."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && !resource.name.endsWith(\"/merge.claim\") && !resource.name.endsWith(\"/merge-progress.json\") && !resource.name.endsWith(\".parquet\") && !resource.name.endsWith(\".compose\")"
   }
 }
 
@@ -288,9 +288,9 @@ resource "google_storage_bucket_iam_member" "merge_run_state" {
   member = google_service_account.merge.member
 
   condition {
-    title       = "merge claim, progress, run error, BigQuery exports"
-    description = "runs/<pair>/<run>/merge.claim, merge-progress.json, error.json and bigquery/**.parquet."
-    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/merge-progress.json\") || resource.name.endsWith(\"/error.json\") || resource.name.endsWith(\".parquet\"))"
+    title       = "merge claim, progress, run error, BigQuery exports, compose pieces"
+    description = "runs/<pair>/<run>/merge.claim, merge-progress.json, error.json, bigquery/**.parquet, compose/*.compose and the composed *.parquet."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/merge-progress.json\") || resource.name.endsWith(\"/error.json\") || resource.name.endsWith(\".parquet\") || resource.name.endsWith(\".compose\"))"
   }
 }
 

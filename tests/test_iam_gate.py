@@ -22,6 +22,7 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from bqx import layout
 from bqx.local import artifacts
 from bqx.local.gate import Gate
 from bqx.local.iam import Policy, Resource, condition_holds, job_accounts, service_accounts
@@ -72,6 +73,12 @@ def test_policy_grants_what_the_pipeline_needs(policy: Policy) -> None:
     export = "runs/eurusd/r1/bigquery/stage-000-a/part-0.parquet"  # the bigquery method's exports
     assert policy.allows(MERGE, "storage.objects.delete", obj(staging, export))
     assert not policy.allows(EXTRACT, "storage.objects.create", obj(staging, export))
+    # the compose merge's footer, parts and composed file: the merge's to create and delete, not the extract's
+    for piece in (layout.compose_footer("eurusd", "r1"), layout.compose_part("eurusd", "r1", 1, 3),
+                  layout.compose_output("eurusd", "r1")):
+        assert policy.allows(MERGE, "storage.objects.create", obj(staging, piece)), piece
+        assert policy.allows(MERGE, "storage.objects.delete", obj(staging, piece)), piece
+        assert not policy.allows(EXTRACT, "storage.objects.create", obj(staging, piece)), piece
     for member in (COMPLETION, EXTRACT, MERGE):
         assert policy.allows(member, "storage.objects.list", Resource.bucket(PROJECT, staging))
 

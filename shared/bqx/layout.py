@@ -102,12 +102,17 @@ def compose_prefix(pair: str, run_id: str) -> str:
     return f"{run_prefix(pair, run_id)}compose/"
 
 
+# The compose merge's pieces end in this suffix, the one an IAM condition can name (deploy/iam.tf: only the merge
+# account may create them; conditions can test a name's start and end, not a folder in its middle).
+COMPOSE_PIECE = ".compose"
+
+
 def compose_footer(pair: str, run_id: str) -> str:
-    return f"{compose_prefix(pair, run_id)}footer.bin"
+    return f"{compose_prefix(pair, run_id)}footer{COMPOSE_PIECE}"
 
 
 def compose_part(pair: str, run_id: str, level: int, index: int) -> str:
-    return f"{compose_prefix(pair, run_id)}part-{int(level)}-{int(index):04d}"
+    return f"{compose_prefix(pair, run_id)}part-{int(level)}-{int(index):04d}{COMPOSE_PIECE}"
 
 
 def compose_output(pair: str, run_id: str) -> str:
