@@ -404,3 +404,31 @@ def test_item9_long_history_before_the_targets_stays_within_budget(tmp_path: Pat
     out = pq.read_table(tmp_path / "out.parquet")
     assert out.num_rows == n
     assert out.column("ret_w1_c3").to_pylist()[:3] == [3.0 + (HISTORY_ROWS + j) % 65_536 % 64 for j in range(3)]
+
+
+def test_item9_string_columns_are_sliced_by_their_real_width(tmp_path: Path) -> None:
+    """Issue 17, item 9: strings are accepted and sized by their width. 16 string columns of 512-byte values x 20k
+    rows (~160 MiB decoded) fit in one slice at 8 bytes a cell; by their real width each is a slice of its own."""
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 20_000
+    keys = pa.array(1_500_000_000_000_000 + np.arange(n, dtype=np.int64) * 60_000_000, KEY_TYPE)
+    pq.write_table(pa.table({KEY: keys, "y": np.linspace(0, 1, n)}), src / f"targets_{PAIR}.parquet",
+                   row_group_size=n, **WRITER_OPTIONS)
+    text = pa.array([f"{i:08d}" * 64 for i in range(n)])  # 512 bytes each, all distinct
+    # All but the targets' first key: not aligned to them (its chunks cannot be copied), so it is decoded.
+    pq.write_table(pa.table({KEY: keys[1:], **{f"s{i}": text[1:] for i in range(16)}}),
+                   src / f"txt_{PAIR}_w1.parquet", row_group_size=n, **WRITER_OPTIONS)
+    for i in range(2):  # two small tables the child warms up with
+        pq.write_table(pa.table({KEY: keys, "v": np.arange(n, dtype=np.float64)}), src / f"a{i}_{PAIR}.parquet",
+                       **WRITER_OPTIONS)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out.parquet"), str(BUDGET)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = r["peak"] - r["baseline"]
+    assert growth < BUDGET + ALLOWANCE, (
+        f"peak RSS grew {growth / 2**20:.0f} MiB over a {r['baseline'] / 2**20:.0f} MiB baseline; "
+        f"budget {BUDGET / 2**20:.0f} MiB (+{ALLOWANCE / 2**20:.0f} MiB allowance)")
+    out = pq.read_table(tmp_path / "out.parquet", columns=["txt_w1_s15"])
+    assert out.column(0).to_pylist()[:3] == [None, text[1].as_py(), text[2].as_py()]
