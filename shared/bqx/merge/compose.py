@@ -790,7 +790,9 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
     if components > MAX_COMPONENTS:
         raise TerminalError(f"run {run_id}: {components} components, over GCS's {MAX_COMPONENTS} for one object")
     fps = _footers(sources, FOOTER_THREADS, progress)
+    read_at = time.time()
     p = plan(fps[0], fps[1:], grid, metadata)
+    planned_at = time.time()
     bucket = storage.bucket(settings, settings.staging_bucket)
     footer = bucket.blob(layout.compose_footer(pair, run_id))
     footer.upload_from_string(p.tail, content_type="application/octet-stream")
@@ -807,7 +809,9 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
         raise BadCheckpoint(f"composed {out.name} has {out.size} bytes, the plan {p.size}")
     stats = _stats(p, started)
     log.info("training file composed", pair=pair, run_id=run_id, sources=len(srcs), parts=len(parts),
-             bytes=p.size, bytes_read=p.bytes_read, seconds=round(stats.seconds, 2))
+             bytes=p.size, bytes_read=p.bytes_read, seconds=round(stats.seconds, 2),
+             footers_seconds=round(read_at - started, 2), plan_seconds=round(planned_at - read_at, 2),
+             compose_seconds=round(time.time() - planned_at, 2))
     return Composed(stats, out, p)
 
 
