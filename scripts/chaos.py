@@ -10,10 +10,15 @@ does. The function runs as it deploys: its packaged source in a venv of its pack
 through the IAM gate as the account deploy/ gives it (bqx.local.gate). Faults, chosen by the seed:
   - crash after claiming: the claims failpoint (BQX_FAILPOINT_AFTER_CLAIM) makes the instance that wins the
     merge claim exit on the spot (`exit`: the process dies, gunicorn starts a new one) or raise (`raise`);
+  - crash after launching (the launch window): BQX_FAILPOINT_AFTER_LAUNCH makes the instance exit or raise after
+    Cloud Run accepted `run_job` and before the execution is recorded: the claim goes stale, a redelivery takes it
+    over and launches the merge again;
   - the Cloud Run Admin API (bqx.local.runapi, a real HTTP server the google-cloud-run client talks to)
     answers its next 1-3 calls with 503.
-After each schedule the harness counts the merge executions the Run API received for that run: exactly one is
-the only right answer.
+The Run API runs each merge execution as a process (scripts/chaos_job.py: the real start of a launched merge, the
+launch claim's record and then the run's start claim, bqx.job.start_launched). After each schedule the harness waits
+for the run's merge executions to end and counts those that went on to merge: exactly one is the only right answer
+(a launch-window crash launches two; one of them must do nothing).
 
     python scripts/chaos.py [--schedules 1000] [--seed 0] [--parallel 2] [--lease 1]
 
@@ -66,6 +71,7 @@ from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
 REPO = Path(__file__).resolve().parents[1]
 SENDERS = 8
 MAX_ATTEMPTS = 10  # the local push subscriptions' dead-letter policy
+WORKED = "chaos: this execution does the run's merge"  # what scripts/chaos_job.py prints (it imports nothing heavy)
 COLUMNS = (Column("interval_time", "timestamp[us, tz=UTC]"), Column("f000", "double"))
 
 
@@ -122,16 +128,18 @@ class Result:
     crashes: int  # failpoint tokens consumed
     crash_kind: str
     fail_503: int  # 503s the Run API was told to give
-    merges: int
+    merges: int  # merge executions launched
     seconds: float
     executions: list[str] = field(default_factory=list)
     claim_execution: str | None = None
     claim_to_launch: float = 0.0  # seconds from the winning claim to its recorded launch (must stay < the lease)
     took_over: bool = False
+    workers: int = 0  # merge executions that went on to merge (passed their start claim)
+    launch_crashes: int = 0  # launch-window failpoint tokens consumed
 
     @property
     def ok(self) -> bool:
-        return self.merges == 1 and self.claim_execution in self.executions
+        return self.workers == 1 and self.claim_execution in self.executions
 
 
 @dataclass
@@ -144,6 +152,8 @@ class Totals:
     crashes: int = 0
     fail_503: int = 0
     merges: int = 0
+    workers: int = 0
+    launch_crashes: int = 0
     runs_without_merge: int = 0
     runs_with_extra_merges: int = 0
     takeovers: int = 0
@@ -159,8 +169,10 @@ class Totals:
         self.crashes += r.crashes
         self.fail_503 += r.fail_503
         self.merges += r.merges
-        self.runs_without_merge += r.merges == 0
-        self.runs_with_extra_merges += r.merges > 1
+        self.workers += r.workers
+        self.launch_crashes += r.launch_crashes
+        self.runs_without_merge += r.workers == 0
+        self.runs_with_extra_merges += r.workers > 1
         self.takeovers += r.took_over
         self.max_claim_to_launch = max(self.max_claim_to_launch, r.claim_to_launch)
         if not r.ok:
@@ -172,8 +184,10 @@ class Totals:
             f"events delivered          {self.deliveries} (+{self.redeliveries} redeliveries, "
             f"{self.dead_letters} dead-lettered)",
             f"duplicates delivered      {self.duplicates}",
-            f"crashes injected          {self.crashes} after claiming; {self.fail_503} Cloud Run 503s",
-            f"merges started            {self.merges}",
+            f"crashes injected          {self.crashes} after claiming, {self.launch_crashes} after launching; "
+            f"{self.fail_503} Cloud Run 503s",
+            f"merge executions launched {self.merges}",
+            f"merges that did the work  {self.workers}",
             f"runs without a merge      {self.runs_without_merge}",
             f"runs with >1 merge        {self.runs_with_extra_merges}",
             f"stale claims taken over   {self.takeovers}; slowest claim->launch recorded "
@@ -190,8 +204,15 @@ class Harness:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tokens = self.dir / "failpoint"
         self.tokens.mkdir(exist_ok=True)
-        self.api = RunApi(self.dir / "run-api", {settings.extract_job: ["true"], settings.merge_job: ["true"]},
-                          {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        self.launch_tokens = self.dir / "failpoint-launch"
+        self.launch_tokens.mkdir(exist_ok=True)
+        job_env = {k: v for k, v in env.items() if k not in ("BQX_RUN_ID", "VIRTUAL_ENV")}
+        job_env.update({"BQX_STAGING_BUCKET": settings.staging_bucket, "BQX_LOG_FORMAT": "json",
+                        "PYTHONUNBUFFERED": "1", "BQX_CLAIM_LEASE_SECONDS": str(lease)})
+        self.api = RunApi(self.dir / "run-api", {settings.extract_job: ["true"],
+                                                 settings.merge_job: [sys.executable, str(REPO / "scripts" /
+                                                                                          "chaos_job.py")]},
+                          job_env)
         self.api_server: ThreadingHTTPServer | None = None
         self.gate_servers: list[ThreadingHTTPServer] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -217,6 +238,7 @@ class Harness:
                "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gate_port}",
                "BQX_RUN_API_ENDPOINT": f"http://127.0.0.1:{gate_port}",
                "BQX_CLAIM_LEASE_SECONDS": str(self.lease), "BQX_FAILPOINT_AFTER_CLAIM": str(self.tokens),
+               "BQX_FAILPOINT_AFTER_LAUNCH": str(self.launch_tokens),
                "THREADS": "16", "BQX_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
         argv = [str(venv / "bin" / "python"), "-m", "functions_framework", "--target", "completion",
                 "--source", str(source / "main.py"), "--signature-type", "cloudevent",
@@ -269,8 +291,30 @@ class Harness:
             return [e.name for e in self.api.executions.values()
                     if e.job == self.s.merge_job and e.env.get("BQX_RUN_ID") == run_id]
 
-    def run_schedule(self, seed: int, crash: str | None = None, fail_503: int | None = None) -> Result:
-        """One run, its faults drawn from the seed (or forced: crash 'exit'/'raise'/'' and fail_503 >= 0)."""
+    def _workers(self, run_id: str, timeout: float = 120.0) -> int:
+        """The run's merge executions that went on to merge (scripts/chaos_job.py's line in their task logs), once
+        every one of them has ended."""
+        deadline = time.time() + timeout
+        while True:
+            with self.api.lock:
+                mine = [e for e in self.api.executions.values()
+                        if e.job == self.s.merge_job and e.env.get("BQX_RUN_ID") == run_id]
+                running = [e.id for e in mine if e.completed is None]
+            if not running:
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"merge executions {running} of run {run_id} still running after {timeout:.0f}s")
+            time.sleep(0.05)
+        worked = 0
+        for e in mine:
+            logs = (self.api.home / "logs").glob(f"{e.id}-task*-attempt*.log")
+            worked += any(WORKED in p.read_text(errors="replace") for p in logs)
+        return worked
+
+    def run_schedule(self, seed: int, crash: str | None = None, fail_503: int | None = None,
+                     launch_crash: str | None = None) -> Result:
+        """One run, its faults drawn from the seed (or forced: crash and launch_crash 'exit'/'raise'/'', and
+        fail_503 >= 0)."""
         rng = random.Random(seed)
         t0 = time.time()
         s, bucket = self.s, self.s.staging_bucket
@@ -284,8 +328,9 @@ class Harness:
         copies = {t.checkpoint: rng.randint(1, 3) for t in manifest.tables}
         copies[layout.extract_report(pair, run_id, 0, 0)] = rng.randint(1, 3)
         crash_kind = ""
-        for token in os.listdir(self.tokens):  # a token left by a schedule whose claim never crashed
-            (self.tokens / token).unlink(missing_ok=True)
+        for folder in (self.tokens, self.launch_tokens):  # tokens left by a schedule whose claim never crashed
+            for token in os.listdir(folder):
+                (folder / token).unlink(missing_ok=True)
         crash_tokens = 0
         draw_crash, draw_kind, draw_two = rng.random() < 0.3, rng.choice(["exit", "raise"]), rng.random() < 0.2
         draw_503 = rng.randint(1, 3) if rng.random() < 0.3 else 0
@@ -295,6 +340,11 @@ class Harness:
             for i in range(crash_tokens):
                 (self.tokens / f"{crash_kind}-{seed}-{i}").write_text("")
         fail_503 = draw_503 if fail_503 is None else fail_503
+        draw_launch, launch_kind = rng.random() < 0.2, rng.choice(["exit", "raise"])
+        launch_tokens = 0
+        if launch_crash if launch_crash is not None else (draw_launch and not crash_tokens):
+            launch_tokens = 1
+            (self.launch_tokens / f"{launch_crash or launch_kind}-{seed}").write_text("")
         with self.api.lock:
             self.api.fail_next, self.api.fail_status = fail_503, 503
         interleaved = rng.random() < 0.5  # events flow while later checkpoints are still being written
@@ -371,6 +421,8 @@ class Harness:
         with self.api.lock:
             self.api.fail_next = 0
         left = len(os.listdir(self.tokens))
+        launch_left = len(os.listdir(self.launch_tokens))
+        workers = self._workers(run_id)
         merges = self._merges(run_id)
         claim = storage.read_json(s, bucket, layout.claim(pair, run_id, "merge"))
         body = claim[0] if claim else {}
@@ -379,7 +431,8 @@ class Harness:
                       state["redeliveries"], state["dead"], crash_tokens - left, crash_kind if crash_tokens else "",
                       fail_503, len(merges), round(time.time() - t0, 2), merges, body.get("execution"),
                       round(float(body.get("launched_at") or 0) - float(body.get("claimed_at") or 0), 4)
-                      if body.get("launched_at") else 0.0, bool(body.get("took_over_from")))
+                      if body.get("launched_at") else 0.0, bool(body.get("took_over_from")), workers,
+                      launch_tokens - launch_left)
 
 
 class ServiceDied(RuntimeError):

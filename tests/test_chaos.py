@@ -3,9 +3,11 @@
 Completion: seeded schedules from scripts/chaos.py against the real `completion` function in a real
 functions-framework server process and the session's fake-gcs-server: each checkpoint's finalize delivered 1-3
 times, shuffled, by 8 concurrent senders; instances killed (os._exit) or raising right after winning the merge
-claim; the Cloud Run API answering 503 first. Failed deliveries come back like Pub/Sub push redeliveries (bounded
-attempts), and the claim lease is 1 s. Every run must get exactly one merge execution. CI runs 50 schedules;
-BQX_CHAOS_SCHEDULES changes that (scripts/chaos.py runs 1,000).
+claim, or after Cloud Run accepted the merge's `run_job` and before the execution was recorded (the launch window: the
+merge is launched twice, and the job's start claim lets only one of them work); the Cloud Run API answering 503
+first. Failed deliveries come back like Pub/Sub push redeliveries (bounded attempts), and the claim lease is 1 s.
+Every run must get exactly one merge execution that does the work. CI runs 50 schedules; BQX_CHAOS_SCHEDULES changes
+that (scripts/chaos.py runs 1,000).
 
 Start: one request starts one run, and a second request for a pair whose run is active is acknowledged as
 "already running" unless it says force — also when different requests race for an idle pair.
@@ -61,7 +63,7 @@ def harnesses(isolated, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _explain(results: list) -> str:  # type: ignore[type-arg]
     bad = [r for r in results if not r.ok]
-    return "\n".join(f"seed {r.seed} run {r.run_id}: {r.merges} merges {r.executions}, claim says "
+    return "\n".join(f"seed {r.seed} run {r.run_id}: {r.workers} merged of {r.merges} {r.executions}, claim says "
                      f"{r.claim_execution}; crash={r.crash_kind or '-'}x{r.crashes} 503s={r.fail_503} "
                      f"dead-lettered={r.dead_letters}" for r in bad[:10])
 
@@ -70,12 +72,13 @@ def test_seeded_schedules_give_every_run_exactly_one_merge(harnesses) -> None:  
     totals, results = chaos.run_many(harnesses, list(range(SEED, SEED + SCHEDULES)))
     assert totals.schedules == SCHEDULES
     assert totals.runs_without_merge == 0 and totals.runs_with_extra_merges == 0, _explain(results)
-    assert totals.merges == SCHEDULES
+    assert totals.workers == SCHEDULES and totals.merges >= SCHEDULES
     assert all(r.ok for r in results), _explain(results)
     # the schedules did exercise what they claim to
     if SCHEDULES >= 30:
         assert totals.duplicates > SCHEDULES / 2
         assert totals.crashes >= 3 and totals.fail_503 >= 3 and totals.takeovers >= 1
+        assert totals.launch_crashes >= 1
         assert any(r.crash_kind == "exit" and r.crashes for r in results)
         assert any(r.crash_kind == "raise" and r.crashes for r in results)
 
@@ -87,13 +90,24 @@ def test_killed_instance_and_cloud_run_503s_in_one_run(harnesses) -> None:  # ty
     assert r.ok, _explain([r])
     assert h.proc.poll() is None  # gunicorn replaced the killed worker; the server is still up
     for seed, kind in ((8, "exit"), (9, "raise")):
-        r = h.run_schedule(seed, crash=kind, fail_503=0)
+        r = h.run_schedule(seed, crash=kind, fail_503=0, launch_crash="")
         assert r.crashes >= 1 and r.ok, _explain([r])
         assert r.took_over  # the dead instance's claim was taken over after the lease
 
 
+@pytest.mark.parametrize("kind", ["exit", "raise"])
+def test_item6_a_crash_between_run_job_and_its_record_still_gives_one_merge(harnesses, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """The launch window: the instance dies (or raises) after Cloud Run accepted `run_job`, before it recorded the
+    execution. Past the lease a redelivery takes the claim over and launches the merge again; of the two executions
+    exactly one merges (the job's start claim), the other exits 0."""
+    r = harnesses[0].run_schedule(21, crash="", fail_503=0, launch_crash=kind)
+    assert r.launch_crashes == 1 and r.took_over, _explain([r])
+    assert r.merges == 2 and r.workers == 1, _explain([r])
+    assert r.ok, _explain([r])
+
+
 def test_a_clean_schedule_needs_no_redelivery(harnesses) -> None:  # type: ignore[no-untyped-def]
-    r = harnesses[0].run_schedule(11, crash="", fail_503=0)
+    r = harnesses[0].run_schedule(11, crash="", fail_503=0, launch_crash="")
     assert r.ok and r.crashes == 0 and not r.took_over, _explain([r])
     assert r.dead_letters == 0
 

@@ -190,8 +190,9 @@ def test_instance_dying_after_claim_is_taken_over_after_the_lease(s, run_api) ->
     ev = storage_event(s.staging_bucket, report, generation)
     assert post(c, ev) == 503  # fresh claim, no launch recorded: come back later
     assert launches(run_api, "bqx-ml-merge") == []
-    claim, gen = storage.read_json(s, s.staging_bucket, claim_name)  # type: ignore[misc]
-    storage.replace_json(s, s.staging_bucket, claim_name, {**claim, "claimed_at": time.time() - 3600}, gen)
+    # the claim's age is GCS's (its generation's timeCreated against the server's Date), not the body's claimed_at:
+    # it goes stale only once the lease has passed on the server's clock (the Date header's second on top)
+    time.sleep(s.claim_lease_seconds + 1.2)
     assert post(c, ev) == 200
     assert post(c, ev) == 200
     assert len(launches(run_api, "bqx-ml-merge")) == 1

@@ -208,6 +208,8 @@ class Settings:
     """BQX_LOG_LEVEL: the root logger's level."""
     failpoint_after_claim: str = ""
     """Tests only: a directory of tokens that make a claim's winner crash right after claiming (bqx.gcp.claims)."""
+    failpoint_after_launch: str = ""
+    """Tests only: the same, after Cloud Run accepted `run_job` and before the execution is recorded."""
     run_api_home: str = ""
     """The local Run API's own setting: where it keeps executions (written by the stack, read by bqx.local.runapi)."""
     local_jobs: str = ""
@@ -266,6 +268,7 @@ class Settings:
             log_format=_env("BQX_LOG_FORMAT", ""),
             log_level=_env("BQX_LOG_LEVEL", d.log_level).upper(),
             failpoint_after_claim=_env("BQX_FAILPOINT_AFTER_CLAIM", ""),
+            failpoint_after_launch=_env("BQX_FAILPOINT_AFTER_LAUNCH", ""),
             run_api_home=_env("BQX_RUN_API_HOME", ""),
             local_jobs=_env("BQX_LOCAL_JOBS", ""),
             eventarc_routes=_env("BQX_EVENTARC_ROUTES", ""),

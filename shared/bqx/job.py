@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from bqx import ids, layout, logs, runs
 from bqx.config import Settings
-from bqx.errors import BadRequest, Refused, TerminalError
+from bqx.errors import BadRequest, Refused, TerminalError, TransientError
 from bqx.gcp import storage
 from bqx.logs import Log
 from bqx.pairs import validate_pair
@@ -157,6 +157,53 @@ def run_main(component: str, body: Callable[[JobContext], None], argv: list[str]
         if final and ctx is not None:
             record_error(ctx, component, exc, started)
         return TRANSIENT
+
+
+def claim_start(ctx: JobContext, stage: str) -> bool:
+    """Claim the run's `stage` for this execution as the job starts: runs/<pair>/<run>/<stage>.started, created once
+    with CLOUD_RUN_EXECUTION. True: this execution holds it (just created, or another task or an earlier attempt of
+    it did). False: another execution holds it, so this one is a second launch for the same run and must do nothing
+    (exit 0): a function instance that died after Cloud Run accepted `run_job` and before it recorded the execution
+    leaves a claim that a later delivery takes over and launches again (docs/EXACTLY-ONCE.md). Whichever execution
+    starts first does the work, whatever the launch claim records. `--force` (by hand) takes it over under a
+    generation precondition. Outside Cloud Run (no CLOUD_RUN_EXECUTION) there is no execution to claim with."""
+    if not ctx.execution:
+        return True
+    s = ctx.settings
+    name = layout.started(ctx.pair, ctx.run_id, stage)
+    body = {"pair": ctx.pair, "run_id": ctx.run_id, "stage": stage, "execution": ctx.execution_name,
+            "task": ctx.task_index, "attempt": ctx.attempt, "at": time.time()}
+    if storage.create_json(s, s.staging_bucket, name, body) is not None:
+        return True
+    found = storage.read_json(s, s.staging_bucket, name)
+    if found is None:
+        raise TransientError(f"{name} vanished while being read")
+    holder = found[0].get("execution")
+    if ctx.owns(holder):
+        return True
+    if ctx.force and ctx.by_hand:
+        if storage.replace_json(s, s.staging_bucket, name, {**body, "took_over_from": found[0]}, found[1]) is None:
+            raise TransientError(f"{name} changed while being taken over")
+        ctx.log.warning(f"forced: took the run's {stage} over from the execution that started it", holder=holder)
+        return True
+    ctx.log.warning(f"another execution already started this run's {stage}: a second launch for the same run; "
+                    "exiting without doing anything", holder=holder)
+    return False
+
+
+def start_launched(ctx: JobContext, stage: str) -> bool:
+    """For a job a function launched (BQX_RUN_ID): whether this execution does the stage's work. No, if the run's
+    launch claim records another execution (a duplicate launch that started after the record). Else the start claim
+    decides (claim_start): of two launches neither of which was recorded yet when it started, the first to start.
+    The record is read first and only once: an execution that won the start claim must not then defer to a record
+    written after it started (each would defer to the other, and neither would work)."""
+    s = ctx.settings
+    claim = storage.read_json(s, s.staging_bucket, layout.claim(ctx.pair, ctx.run_id, stage))
+    recorded = (claim[0].get("execution") or "") if claim else ""
+    if ctx.execution and recorded and not ctx.owns(recorded):
+        ctx.log.warning(f"another execution owns this run's {stage}; exiting", owner=recorded)
+        return False
+    return claim_start(ctx, stage)
 
 
 def recorded_failure(ctx: JobContext, stage: str) -> dict[str, object] | None:

@@ -17,7 +17,7 @@ from bqx import layout, runs
 from bqx.errors import AlreadyRunning, Refused, TransientError
 from bqx.extract import run as extract
 from bqx.gcp import storage
-from bqx.job import JobContext, run_main
+from bqx.job import JobContext, claim_start, run_main
 
 POLL_SECONDS = 0.5
 
@@ -69,7 +69,9 @@ def register(ctx: JobContext) -> bool:
 
 
 def body(ctx: JobContext) -> None:
-    if register(ctx):
+    # register: the run's launch claim (an execution it records that is not this one: exit); claim_start: of two
+    # launches for one run in the launch window (neither recorded yet), the first to start extracts
+    if register(ctx) and claim_start(ctx, "extract"):
         extract.run(ctx.settings, ctx.pair, ctx.run_id, ctx.task_index, ctx.task_count)
 
 

@@ -12,10 +12,17 @@
 A job started by hand (`gcloud run jobs execute`) is its own launch: `claim_own` creates the claim recording its own
 execution at once, and never takes a claim held by another execution unless forced.
 
+Time: a claim's age is the server's (storage.server_age: GCS's `Date` less the generation's `timeCreated`), never
+the instances' clocks, which may be skewed; the owner's own view of its lease is its monotonic clock since its last
+renewal that GCS accepted. A renewal that fails is logged (WARNING, then ERROR once the lease has passed without
+one), and an owner that may have lost its claim (a renewal refused, or none accepted for a whole lease) stops before
+launching (ClaimHeld). docs/EXACTLY-ONCE.md says what a GCS brownout or clock skew does.
+
 Fault injection (tests, scripts/chaos.py): with BQX_FAILPOINT_AFTER_CLAIM=<dir> (Settings.failpoint_after_claim),
 each claim won takes one token file from <dir> if there is one; a token named `exit-*` ends the process on the spot
 (os._exit: no cleanup, no reply, like a killed instance), any other token raises InjectedCrash (the claim is left
-unrecorded). Unset (as in production), it costs nothing.
+unrecorded). BQX_FAILPOINT_AFTER_LAUNCH (Settings.failpoint_after_launch) does the same after Cloud Run accepted
+`run_job` and before the execution is recorded (the launch window). Unset (as in production), they cost nothing.
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def failpoint_after_claim(settings: Settings, name: str) -> None:
-    """See the module docstring: consume one token from settings.failpoint_after_claim and crash as it says."""
-    directory = settings.failpoint_after_claim
+def failpoint_after_claim(settings: Settings, name: str, launched: bool = False) -> None:
+    """See the module docstring: consume one token from settings.failpoint_after_claim (after_launch if `launched`)
+    and crash as it says."""
+    directory = settings.failpoint_after_launch if launched else settings.failpoint_after_claim
+    where = "launching" if launched else "claiming"
     if not directory:
         return
     try:
@@ -64,23 +73,31 @@ def failpoint_after_claim(settings: Settings, name: str) -> None:
             os.unlink(os.path.join(directory, token))  # atomic: exactly one instance gets each token
         except FileNotFoundError:
             continue
-        log.warning("failpoint: crashing right after claiming", claim=name, token=token)
+        log.warning(f"failpoint: crashing right after {where}", claim=name, token=token)
         if token.startswith("exit"):
             os._exit(137)
-        raise InjectedCrash(f"failpoint {token} after claiming {name}")
+        raise InjectedCrash(f"failpoint {token} after {where} {name}")
 
 
 class _Renewal:
     """Keeps a won claim fresh while its owner is alive: every lease/3 it rewrites `renewed_at` with a generation
-    precondition. Only a claim whose owner stopped renewing (died) ever looks stale, however slow a launch is."""
+    precondition. Only a claim whose owner stopped renewing (died) ever looks stale, however slow a launch is.
+    `lost` turns true when the claim may no longer be ours: a renewal refused (412: taken over), or no renewal
+    accepted for a whole lease (a GCS brownout: a taker may have judged it stale meanwhile)."""
 
     def __init__(self, settings: Settings, name: str, body: dict[str, object], generation: int) -> None:
         self.settings, self.name, self.body, self.generation = settings, name, body, generation
-        self.lost = False
+        self.taken = False
+        self.last_ok = time.monotonic()  # our own clock's rate only: never compared with another clock
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._interval = settings.claim_lease_seconds / 3
+        self._lease = settings.claim_lease_seconds
+        self._interval = self._lease / 3
         threading.Thread(target=self._run, name=f"renew {name}", daemon=True).start()
+
+    @property
+    def lost(self) -> bool:
+        return self.taken or time.monotonic() - self.last_ok >= self._lease
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -91,25 +108,26 @@ class _Renewal:
                 try:
                     gen = storage.replace_json(self.settings, self.settings.staging_bucket, self.name, body,
                                                self.generation)
-                except storage.TRANSIENT as exc:
-                    log.warning("could not renew the claim; trying again", claim=self.name, error=str(exc))
+                except Exception as exc:  # noqa: BLE001 - any failure: try again, and say so
+                    late = time.monotonic() - self.last_ok
+                    (log.error if late >= self._lease else log.warning)(
+                        "could not renew the claim"
+                        + ("; the lease has passed without a renewal: it may be taken over, and this owner stops"
+                           " before launching" if late >= self._lease else "; trying again"),
+                        claim=self.name, error=f"{type(exc).__name__}: {exc}", seconds_since_renewal=round(late, 2))
                     continue
                 if gen is None:
-                    self.lost = True
+                    self.taken = True
                     log.error("claim taken over while its owner was alive (stalled longer than the lease)",
                               claim=self.name)
                     return
-                self.body, self.generation = body, gen
+                self.body, self.generation, self.last_ok = body, gen, time.monotonic()
 
     def stop(self) -> int:
         """Stop renewing (waits for a renewal in flight); returns the claim's current generation."""
         self._stop.set()
         with self._lock:
             return self.generation
-
-
-def _age(state: dict[str, object]) -> float:
-    return time.time() - max(float(state.get("claimed_at") or 0), float(state.get("renewed_at") or 0))
 
 
 def launch_once(
@@ -125,13 +143,12 @@ def launch_once(
     generation = storage.create_json(settings, bucket, name, body)
     took_over = False
     if generation is None:
-        current = storage.read_json(settings, bucket, name)
+        current = storage.server_age(settings, bucket, name)
         if current is None:
             raise ClaimHeld(f"claim {name} vanished while being read")
-        state, current_gen = current
+        state, current_gen, age = current  # age: since its last write (claim or renewal), by GCS's clock
         if state.get("execution"):
             return Outcome(False, state["execution"])
-        age = _age(state)
         if age < settings.claim_lease_seconds:
             raise ClaimHeld(f"claim {name} held by {state.get('owner')} for {age:.1f}s, launch not yet recorded")
         body = {**body, "claimed_at": time.time(), "took_over_from": state}
@@ -160,7 +177,15 @@ def launch_once(
         except storage.TRANSIENT as exc:
             log.warning("could not release the claim; it frees itself after the lease", claim=name, error=str(exc))
         raise
+    try:
+        failpoint_after_claim(settings, name, launched=True)  # the launch window: tests make it
+    except BaseException:
+        renewal.stop()  # launched, not recorded, no longer renewed: a taker launches again after the lease
+        raise
     generation = renewal.stop()
+    if renewal.lost:
+        log.error("the claim may have been taken over while launching; the job's start claim keeps a second "
+                  "launch from working", claim=name, execution=execution, **context)
     recorded = storage.replace_json(
         settings, bucket, name, {**renewal.body, "execution": execution, "launched_at": time.time()}, generation
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -84,6 +85,33 @@ def list_objects(settings: Settings, bucket_name: str, prefix: str) -> dict[str,
         created = b.time_created.timestamp() if b.time_created else 0.0
         out[b.name] = (int(b.size or 0), created)
     return out
+
+
+def server_age(settings: Settings, bucket_name: str, name: str) -> tuple[dict[str, Any], int, float] | None:
+    """(content, generation, seconds since that generation was written) of a small JSON object, or None when absent.
+    The age is the server's: its `Date` header less the generation's `timeCreated`, both GCS's clock, so no local
+    clock (which may be skewed) takes part. `Date` has whole seconds, so the age is low by under a second: a lease
+    judged on it is never cut short."""
+    from email.utils import parsedate_to_datetime
+    from urllib.parse import quote
+
+    client = storage_client(settings)
+    url = client._connection.build_api_url(path=f"/b/{bucket_name}/o/{quote(name, safe='')}")
+    response = client._http.request("GET", url, timeout=60)
+    if response.status_code == 404:
+        return None
+    if response.status_code >= 500 or response.status_code == 429:
+        raise TransientError(f"reading {name}: HTTP {response.status_code}")
+    response.raise_for_status()
+    meta = response.json()
+    created = datetime.fromisoformat(meta["timeCreated"].replace("Z", "+00:00"))
+    now = parsedate_to_datetime(response.headers["Date"])
+    if now.tzinfo is None:  # "-0000": UTC, as HTTP dates always are
+        now = now.replace(tzinfo=UTC)
+    found = read_json(settings, bucket_name, name)
+    if found is None or found[1] != int(meta["generation"]):
+        raise TransientError(f"{name} changed while being read")
+    return found[0], found[1], max(0.0, (now - created).total_seconds())
 
 
 def exists(settings: Settings, bucket_name: str, name: str) -> bool:

@@ -20,7 +20,7 @@ from bqx.catalog import Manifest
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, BadRequest, Refused
 from bqx.gcp import claims, storage
-from bqx.job import JobContext, run_main
+from bqx.job import JobContext, claim_start, run_main, start_launched
 from bqx.merge.publish import merge_run
 
 
@@ -85,11 +85,10 @@ def body(ctx: JobContext) -> None:
     s = ctx.settings
     if ctx.by_hand:
         manifest = claim_by_hand(ctx)
+        if not claim_start(ctx, "merge"):
+            return
     else:
-        claim = storage.read_json(s, s.staging_bucket, layout.claim(ctx.pair, ctx.run_id, "merge"))
-        recorded = (claim[0].get("execution") or "") if claim else ""
-        if ctx.execution and recorded and not ctx.owns(recorded):
-            ctx.log.warning("another execution owns this run's merge; exiting", owner=recorded)
+        if not start_launched(ctx, "merge"):  # a second launch for the run (docs/EXACTLY-ONCE.md): nothing to do
             return
         found = runs.load_manifest(s, ctx.pair, ctx.run_id)
         if found is None:
