@@ -260,8 +260,8 @@ resource "google_storage_bucket_iam_member" "extract_run_state" {
 
   condition {
     title       = "run state, not the merge's"
-    description = "runs/ objects except merge.claim, merge-progress.json, the merge's BigQuery exports (*.parquet) and compose pieces (*.compose)."
-    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && !resource.name.endsWith(\"/merge.claim\") && !resource.name.endsWith(\"/merge-progress.json\") && !resource.name.endsWith(\".parquet\") && !resource.name.endsWith(\".compose\")"
+    description = "runs/ objects except merge.claim, merge.started, merge-progress.json, the merge's BigQuery exports (*.parquet) and compose pieces (*.compose)."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && !resource.name.endsWith(\"/merge.claim\") && !resource.name.endsWith(\"/merge.started\") && !resource.name.endsWith(\"/merge-progress.json\") && !resource.name.endsWith(\".parquet\") && !resource.name.endsWith(\".compose\")"
   }
 }
 
@@ -289,8 +289,8 @@ resource "google_storage_bucket_iam_member" "merge_run_state" {
 
   condition {
     title       = "merge claim, progress, run error, BigQuery exports, compose pieces"
-    description = "runs/<pair>/<run>/merge.claim, merge-progress.json, error.json, bigquery/**.parquet, compose/*.compose and the composed *.parquet."
-    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/merge-progress.json\") || resource.name.endsWith(\"/error.json\") || resource.name.endsWith(\".parquet\") || resource.name.endsWith(\".compose\"))"
+    description = "runs/<pair>/<run>/merge.claim, merge.started, merge-progress.json, error.json, bigquery/**.parquet, compose/*.compose and the composed *.parquet."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/merge.started\") || resource.name.endsWith(\"/merge-progress.json\") || resource.name.endsWith(\"/error.json\") || resource.name.endsWith(\".parquet\") || resource.name.endsWith(\".compose\"))"
   }
 }
 

@@ -159,3 +159,13 @@ variable "keep_versions" {
     error_message = "keep_versions must be at least 1."
   }
 }
+
+variable "sweep_interval_minutes" {
+  description = "How often the sweeper asks Cloud Run how active runs' jobs ended (sweeper.tf), in minutes (1-59)."
+  type        = number
+  default     = 10
+  validation {
+    condition     = var.sweep_interval_minutes >= 1 && var.sweep_interval_minutes <= 59
+    error_message = "sweep_interval_minutes must be between 1 and 59."
+  }
+}

@@ -251,10 +251,12 @@ def test_names_of_buckets_topics_datasets(tf, ev):
 PRIMITIVE = re.compile(r"roles/(owner|editor|viewer)\b")
 CUSTOM_LAUNCHER = "google_project_iam_custom_role.job_launcher.id"
 CUSTOM_VALIDATOR = "google_project_iam_custom_role.checkpoint_validator.id"
+CUSTOM_READER = "google_project_iam_custom_role.execution_reader.id"
 # The permissions each custom role may hold at most.
 CUSTOM_PERMISSIONS = {
     "job_launcher": {"run.jobs.run", "run.jobs.runWithOverrides", "run.executions.get"},
     "checkpoint_validator": {"storage.objects.get", "storage.objects.update", "storage.objects.delete"},
+    "execution_reader": {"run.executions.get"},
 }
 
 # Where each role may be granted. A role missing here, or an IAM resource type missing here, fails the test.
@@ -264,7 +266,7 @@ ALLOWED = {
                                   "roles/pubsub.publisher", "roles/storage.objectViewer"},
     "google_storage_bucket_iam_member": {"roles/storage.objectUser", "roles/storage.objectViewer", CUSTOM_VALIDATOR},
     "google_bigquery_dataset_iam_member": {"roles/bigquery.dataViewer", "roles/bigquery.dataEditor"},
-    "google_cloud_run_v2_job_iam_member": {CUSTOM_LAUNCHER},
+    "google_cloud_run_v2_job_iam_member": {CUSTOM_LAUNCHER, CUSTOM_READER},
     "google_cloud_run_v2_service_iam_member": {"roles/run.invoker"},
     "google_service_account_iam_member": {"roles/iam.serviceAccountUser", "roles/iam.serviceAccountTokenCreator"},
     "google_pubsub_topic_iam_member": {"roles/pubsub.publisher"},
@@ -368,6 +370,8 @@ def test_completion_validates_checkpoints_and_starts_only_the_merge(tf, ev):
         (BUCKET, CUSTOM_VALIDATOR, STAGING, True): 1,  # checkpoints/: mark or delete, never create
         (BUCKET, USER, STAGING, True): 2,  # quarantine/; merge.claim and error.json
         (JOB, CUSTOM_LAUNCHER, "google_cloud_run_v2_job.merge.name", False): 1,
+        (JOB, CUSTOM_READER, "google_cloud_run_v2_job.extract.name", False): 1,  # the sweeper: how executions ended
+        (JOB, CUSTOM_READER, "google_cloud_run_v2_job.merge.name", False): 1,
         (SA, "roles/iam.serviceAccountUser", "google_service_account.merge.name", False): 1,
         RUN_EVENTS: 1,  # the end of a run, on that topic only
     })

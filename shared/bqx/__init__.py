@@ -6,7 +6,8 @@ toolkits `bqx.parquet` (Parquet at the byte level) and `bqx.gcp` (Google Cloud);
 
 Public modules beside them: `config` (Settings, every setting), `layout` (every object name), `catalog` (tables,
 the run manifest), `runs` (a run's state and bookkeeping from the buckets), `events`, `errors`, `ids`, `logs`,
-`pairs`, `pricing`, `report`, `job` and `serving` (how a job task and a function event run), `cli` (`bqx`).
+`pairs`, `pricing`, `report`, `job` and `serving` (how a job task and a function event run), `sweeper` (runs
+whose job died without a word), `cli` (`bqx`).
 
 Importing bqx imports nothing else: each module loads what it needs (pyarrow only where a caller needs it).
 """

@@ -547,12 +547,19 @@ def submit(pairs: tuple[str, ...], all_pairs: bool, cloud: bool, force: bool) ->
 @click.option("--watch", is_flag=True, help="Live view with progress bars until every run is done or failed.")
 @click.option("--interval", type=float, default=1.0, show_default=True)
 @cloud_option(None)
-def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, cloud: bool) -> None:
-    """Where each pair's newest run stands, from the buckets alone (state, checkpoints per family, ETA)."""
+@click.option("--no-sweep", is_flag=True, help="Do not first ask Cloud Run about active runs' executions.")
+def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, cloud: bool, no_sweep: bool) -> None:
+    """Where each pair's newest run stands, from the buckets alone (state, checkpoints per family, ETA). First, the
+    sweeper records the failure of an active run whose job died without a word (killed, out of memory, timed out)
+    and re-drives a handoff whose event was lost (bqx.sweeper)."""
     from bqx import runs
 
     chosen = _pairs(pairs, not pairs)
     s = _settings(cloud)
+    if not no_sweep:
+        from bqx import sweeper
+
+        sweeper.sweep(s, chosen)
     if watch and not as_json:
         _watch(s, chosen, interval, explicit=bool(pairs))
         return

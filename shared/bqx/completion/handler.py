@@ -13,6 +13,15 @@ from bqx.gcp.launch import run_job
 from bqx.logs import Log
 
 log = Log("bqx.functions")
+SWEEP_EVENT = "bqx.sweep"
+"""The CloudEvent type Cloud Scheduler posts to this function (deploy/sweeper.tf): sweep every pair's active run."""
+
+
+def _get(event: Any, key: str) -> Any:
+    try:
+        return event[key]
+    except (KeyError, TypeError):
+        return None
 
 
 def handle(s: Settings, cloud_event: Any) -> claims.Outcome | None:
@@ -26,6 +35,11 @@ def handle(s: Settings, cloud_event: Any) -> claims.Outcome | None:
     redelivery."""
     from bqx.completion import validate  # pyarrow and numpy: only the completion function pays for them at cold start
 
+    if _get(cloud_event, "type") == SWEEP_EVENT:  # Cloud Scheduler's sweep (deploy/sweeper.tf)
+        from bqx import sweeper
+
+        sweeper.sweep(s)
+        return None
     ev = events.parse(cloud_event)
     if not isinstance(ev, events.ObjectEvent):
         raise BadRequest("completion expects storage events, got a plain Pub/Sub message")
@@ -47,10 +61,20 @@ def handle(s: Settings, cloud_event: Any) -> claims.Outcome | None:
             # that generation is gone (overwritten, set aside, or re-stamped by a metadata patch on the emulator)
             rlog.debug("that checkpoint generation is gone", generation=ev.generation)
         return None  # the extract's report, written after its last checkpoint, is what asks for the merge
-    else:
-        if not validate.extract_finished(s, pair, run_id):
-            return None
-        validate.sweep(s, manifest)
+    if not validate.extract_finished(s, pair, run_id):
+        return None
+    return handoff(s, manifest)
+
+
+def handoff(s: Settings, manifest: Any) -> claims.Outcome | None:
+    """The extract has finished: sweep the run (validate checkpoints whose events were lost, report missing ones), and
+    when every manifest checkpoint is present and validated, start the merge once (its claim). What a report's event
+    asks, and what the sweeper re-drives when that event was lost (bqx.sweeper)."""
+    from bqx.completion import validate
+
+    pair, run_id = manifest.pair, manifest.run_id
+    rlog = log.bind(pair=pair, run_id=run_id, stage="completion")
+    validate.sweep(s, manifest)
     expected = manifest.expected_objects()
     done, valid, missing = validate.complete(s, manifest)
     if not done:

@@ -81,6 +81,16 @@ def jobs_client(settings: Settings) -> run_v2.JobsClient:
 
 
 @functools.cache
+def executions_client(settings: Settings) -> run_v2.ExecutionsClient:
+    """Cloud Run executions (get_execution: the sweeper asks how a run's job ended)."""
+    from google.cloud import run_v2
+
+    options = {"api_endpoint": settings.run_api_endpoint} if settings.run_api_endpoint else None
+    transport = "rest" if settings.run_api_endpoint else None
+    return run_v2.ExecutionsClient(client_options=options, transport=transport, credentials=_credentials(settings))
+
+
+@functools.cache
 def bigquery_client(settings: Settings) -> bigquery.Client:
     from google.cloud import bigquery
 

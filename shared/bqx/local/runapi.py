@@ -222,6 +222,22 @@ class Execution:
     failed: int = 0
     running: int = 0
     retried: int = 0
+    cancelled: int = 0
+    exits: dict[int, int] = field(default_factory=dict)  # task index -> its last attempt's exit code
+    pids: dict[int, int] = field(default_factory=dict)  # task index -> its running process (tests kill it)
+
+    def outcome(self) -> str:
+        """Why the execution ended as it did, in Cloud Run's words: a task's exit code, or the signal that killed it
+        (Cloud Run reports an out-of-memory kill or a lost instance as a failed task, exit 137 = 128 + SIGKILL)."""
+        failed = {i: c for i, c in sorted(self.exits.items()) if c != 0}
+        if not failed:
+            return f"Execution {self.id} has completed successfully."
+        parts = []
+        for index, code in list(failed.items())[:3]:
+            how = (f"was terminated by signal {-code} (exit code {128 - code})" if code < 0
+                   else f"exited with an exit code of {code}")
+            parts.append(f"Task {self.id}-task{index} failed: the container {how}.")
+        return " ".join(parts)
 
     @property
     def id(self) -> str:
@@ -248,10 +264,20 @@ class Execution:
             "runningCount": self.running,
             "succeededCount": self.succeeded,
             "failedCount": self.failed,
+            "cancelledCount": self.cancelled,
             "retriedCount": self.retried,
+            "reconciling": self.completed is None,
         }
         if self.completed:
             out["completionTime"] = _ts(self.completed)
+            ok = self.failed == 0 and self.cancelled == 0
+            out["conditions"] = [{"type": "Completed", "state": "CONDITION_SUCCEEDED" if ok else "CONDITION_FAILED",
+                                  "message": self.outcome(), "lastTransitionTime": _ts(self.completed),
+                                  **({} if ok else {"severity": "ERROR"})}]
+        else:
+            out["conditions"] = [{"type": "Completed", "state": "CONDITION_PENDING",
+                                  "lastTransitionTime": _ts(self.created),
+                                  "message": f"{self.running} task(s) running"}]
         return out
 
     def v1(self) -> dict[str, Any]:
@@ -339,7 +365,8 @@ class RunApi:
         with self.lock:
             self.executions[exec_id] = ex
             with open(self.home / "executions.jsonl", "a") as f:
-                f.write(json.dumps({"event": "started", **asdict(ex)}) + "\n")
+                f.write(json.dumps({"event": "started", **{k: v for k, v in asdict(ex).items()
+                                                            if k not in ("exits", "pids")}}) + "\n")
         for index in range(task_count):
             threading.Thread(target=self._task, args=(ex, exec_id, index), daemon=True).start()
         return ex
@@ -380,6 +407,8 @@ class RunApi:
             with open(log_path, "wb") as out:
                 proc = subprocess.Popen([*self.jobs[ex.job], *ex.args], env=env, stdout=out,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                with self.lock:
+                    ex.pids[index] = proc.pid
                 try:
                     code = proc.wait(timeout=ex.timeout)
                 except subprocess.TimeoutExpired:
@@ -391,6 +420,8 @@ class RunApi:
             with self.lock:
                 ex.retried += 1
         with self.lock:
+            ex.pids.pop(index, None)
+            ex.exits[index] = code
             ex.running -= 1
             if code == 0:
                 ex.succeeded += 1
@@ -400,7 +431,8 @@ class RunApi:
                 ex.completed = time.time()
                 with open(self.home / "executions.jsonl", "a") as f:
                     f.write(json.dumps({"event": "completed", "name": ex.name, "job": ex.job,
-                                        "succeeded": ex.succeeded, "failed": ex.failed}) + "\n")
+                                        "succeeded": ex.succeeded, "failed": ex.failed,
+                                        "message": ex.outcome()}) + "\n")
 
     def get(self, job: str, exec_id: str | None) -> tuple[int, dict[str, Any]]:
         """v2 executions of `job` (list) or one of them."""
