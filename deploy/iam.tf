@@ -50,8 +50,15 @@ locals {
   output_objects  = "projects/_/buckets/${google_storage_bucket.output.name}/objects/"
 }
 
-# Every pipeline component but the trigger reads run state in staging (manifests, claims, listings of checkpoints
-# and reports); the trigger reads only what its own grants below name.
+# Every pipeline component reads run state in staging (manifests, claims, listings of checkpoints and reports). The
+# trigger too, since it drains the extract queue: listing queue/ is a bucket-level permission a name condition
+# cannot scope (bqx.schedule).
+resource "google_storage_bucket_iam_member" "trigger_staging_reader" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.trigger.member
+}
+
 resource "google_storage_bucket_iam_member" "completion_staging_reader" {
   bucket = google_storage_bucket.staging.name
   role   = "roles/storage.objectViewer"
@@ -104,8 +111,8 @@ resource "google_project_iam_custom_role" "job_launcher" {
   project     = var.project
   role_id     = "bqxJobLauncher"
   title       = "bqx job launcher"
-  description = "Start a Cloud Run job execution with container overrides (args, env, task count). Bound per job."
-  permissions = ["run.jobs.run", "run.jobs.runWithOverrides"]
+  description = "Start a Cloud Run job execution with container overrides (args, env, task count), and see when it ends. Bound per job."
+  permissions = ["run.jobs.run", "run.jobs.runWithOverrides", "run.executions.get"]
 }
 
 # The completion function marks a checkpoint validated (a metadata patch) or sets a bad one aside (copy, then delete
@@ -144,6 +151,19 @@ resource "google_storage_bucket_iam_member" "trigger_run_state" {
     title       = "latest pointer, extract claim, run error"
     description = "runs/<pair>/latest.json, runs/<pair>/<run>/extract.claim and error.json; no checkpoint or manifest."
     expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/latest.json\") || resource.name.endsWith(\"/extract.claim\") || resource.name.endsWith(\"/error.json\"))"
+  }
+}
+
+# The extract queue (bqx.schedule): requests waiting for a slot and the max_active_extracts slots themselves.
+resource "google_storage_bucket_iam_member" "trigger_queue" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.trigger.member
+
+  condition {
+    title       = "extract queue"
+    description = "queue/requests/<pair>/<run>.json and queue/slots/<n>.json."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}queue/\")"
   }
 }
 
@@ -288,9 +308,9 @@ resource "google_storage_bucket_iam_member" "merge_run_state" {
   member = google_service_account.merge.member
 
   condition {
-    title       = "merge claim, progress, run error, BigQuery exports, compose pieces"
-    description = "runs/<pair>/<run>/merge.claim, merge.started, merge-progress.json, error.json, bigquery/**.parquet, compose/*.compose and the composed *.parquet."
-    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/merge.started\") || resource.name.endsWith(\"/merge-progress.json\") || resource.name.endsWith(\"/error.json\") || resource.name.endsWith(\".parquet\") || resource.name.endsWith(\".compose\"))"
+    title       = "merge claim, progress, run error and end, BigQuery exports, compose pieces"
+    description = "runs/<pair>/<run>/merge.claim, merge.started, merge-progress.json, error.json, done.json, bigquery/**.parquet, compose/*.compose and the composed *.parquet."
+    expression  = "resource.name.startsWith(\"${local.staging_objects}runs/\") && (resource.name.endsWith(\"/merge.claim\") || resource.name.endsWith(\"/merge.started\") || resource.name.endsWith(\"/merge-progress.json\") || resource.name.endsWith(\"/error.json\") || resource.name.endsWith(\"/done.json\") || resource.name.endsWith(\".parquet\") || resource.name.endsWith(\".compose\"))"
   }
 }
 

@@ -354,7 +354,8 @@ VIEWER, USER = "roles/storage.objectViewer", "roles/storage.objectUser"
 def test_trigger_reads_requests_registers_runs_and_starts_only_the_extract(tf, ev):
     assert _grants_of(tf, ev, "trigger") == Counter({
         (BUCKET, VIEWER, STAGING, True): 1,  # requests/ only
-        (BUCKET, USER, STAGING, True): 1,  # latest.json, extract.claim, error.json only
+        (BUCKET, VIEWER, STAGING, False): 1,  # listing the extract queue (bqx.schedule)
+        (BUCKET, USER, STAGING, True): 2,  # latest.json, extract.claim, error.json; the extract queue (queue/)
         (BUCKET, VIEWER, OUTPUT, True): 1,  # summaries only
         (JOB, CUSTOM_LAUNCHER, "google_cloud_run_v2_job.extract.name", False): 1,
         (SA, "roles/iam.serviceAccountUser", "google_service_account.extract.name", False): 1,

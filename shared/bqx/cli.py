@@ -425,6 +425,8 @@ def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-un
         return f"{rs.pair}: merging{tables} ({(rs.merge_execution or '').rsplit('/', 1)[-1]}){clock}"
     if rs.state == "publishing":
         return f"{rs.pair}: publishing: checking the merged file and copying it to the output bucket{clock}"
+    if rs.state == "queued":
+        return f"{rs.pair}: queued, {rs.queued_ahead} request(s) ahead, waiting for an extract slot{clock}"
     return f"{rs.pair}: {rs.state}"
 
 
@@ -473,12 +475,13 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
             else:
                 _echo(line)
 
-    def one(pair: str):  # type: ignore[no-untyped-def]
+    def decide(pair: str):  # type: ignore[no-untyped-def]
+        """The run to follow without requesting one (active, or up to date), else None."""
         active = None if force else runs.active_run_id(s, pair)
         if active:
             # The trigger would acknowledge a new request as "already running": follow the active run instead.
             _echo(f"{pair}: run {active} is already active; following it (--force starts a new run)")
-            return runs.follow(s, pair, active, timeout, on_update=show)
+            return active
         if not force:
             from bqx.extract.sources import open_source
 
@@ -488,9 +491,27 @@ def run(pairs: tuple[str, ...], all_pairs: bool, as_json: bool, timeout: float, 
                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(current.get('published_at') or 0))} "
                       f"(--force starts a new run)")
                 return runs.RunState(pair, current["run_id"], "done", summary=current)
-        run_id = runs.submit(s, pair, force=force, accept_drift=accept_drift)
-        _echo(f"{pair}: requested gs://{s.staging_bucket}/{layout.request(pair)} (run {run_id})")
-        return runs.follow(s, pair, run_id, timeout, on_update=show)
+        return None
+
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        decided = dict(zip(chosen, pool.map(decide, chosen), strict=True))
+    wanted = [p for p, d in decided.items() if d is None]
+    if len(wanted) > 1 or (all_pairs and wanted):
+        # One message for all, as the schedule sends: the trigger queues them and starts max_active_extracts at once
+        requested = runs.submit_pairs(s, wanted, force=force, accept_drift=accept_drift)
+        _echo(f"requested {len(wanted)} pairs in one message to {s.request_topic}; at most "
+              f"{s.max_active_extracts} extract at once, the others queued")
+    else:
+        requested = {p: runs.submit(s, p, force=force, accept_drift=accept_drift) for p in wanted}
+        for p, run_id in requested.items():
+            _echo(f"{p}: requested gs://{s.staging_bucket}/{layout.request(p)} (run {run_id})")
+    decided.update(requested)
+
+    def one(pair: str):  # type: ignore[no-untyped-def]
+        found = decided[pair]
+        if isinstance(found, runs.RunState):
+            return found
+        return runs.follow(s, pair, found, timeout, on_update=show)
 
     failed = 0
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
@@ -563,6 +584,12 @@ def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, 
     if watch and not as_json:
         _watch(s, chosen, interval, explicit=bool(pairs))
         return
+    from bqx import schedule
+
+    if schedule.waiting(s):  # hand on slots freed while nobody asked (the trigger drains on its events too)
+        from bqx.trigger import drain
+
+        drain(s)
     states = [runs.state(s, p) for p in chosen]
     if not pairs:  # all pairs: those with a run, in text and JSON alike
         states = [r for r in states if r.state != "none"]
@@ -577,6 +604,8 @@ def status(pairs: tuple[str, ...], as_json: bool, watch: bool, interval: float, 
             extra = f"  {rs.error.get('stage')}: {rs.error.get('error')}  (retry: {rs.error.get('retry')})"
         if rs.summary:
             extra = f"  {rs.summary['rows']} rows x {rs.summary['columns']} cols, {rs.summary['output']}"
+        if rs.state == "queued":
+            extra = f"  waiting for an extract slot, {rs.queued_ahead} request(s) ahead"
         click.echo(f"{rs.pair:7s} {rs.state:10s} {rs.present:>4}/{rs.expected:<4} run {rs.run_id or '-'}{extra}")
 
 
@@ -597,10 +626,97 @@ def report(pair: str, run_id: str | None, out_dir: Path | None, cloud: bool) -> 
     html_path, png_path, tl = rep.write(s, pair, out_dir, run_id)
     cost = tl.cost()
     click.echo(f"{html_path}\n{png_path}")
+    if tl.summary:
+        from bqx.versions import describe
+
+        _echo("drift " + "\n".join(describe(tl.summary.get("drift"))))
     _echo(f"{len(tl.tables)} tables, extract {tl.extract_seconds:.1f}s, handoff "
           f"{'-' if tl.handoff_seconds is None else f'{tl.handoff_seconds:.2f}s'}, est. cost ${cost.total_usd:.4f}")
     for t in tl.ignored_tables:
         _echo(f"ignored: {t.name} ({t.reason})")
+
+
+@main.command()
+@click.option("--subscription", default=None, help="Pull subscription to create/use (default: bqx-events-<user>).")
+@click.option("--max", "max_messages", type=int, default=0, help="Stop after N events (default: follow forever).")
+@click.option("--timeout", type=float, default=0.0, help="Stop after this many seconds without an event.")
+@click.option("--cloud", is_flag=True)
+def events(subscription: str | None, max_messages: int, timeout: float, cloud: bool) -> None:
+    """Follow run events: one JSON line per run that ended (done with its summary, failed with its error)."""
+    import getpass
+
+    from bqx import notify
+
+    s = _settings(cloud)
+    name = subscription or f"bqx-events-{''.join(c for c in getpass.getuser().lower() if c.isalnum()) or 'user'}"
+    _echo(f"following {s.run_events_topic} through subscription {name}")
+    notify.follow(s, name, lambda m: click.echo(json.dumps(m, sort_keys=True, default=str)), max_messages, timeout)
+
+
+# ---------------------------------------------------------------------------------------------- versions
+def _api(cloud: bool):  # type: ignore[no-untyped-def]
+    """bqx.api, with the process pointed at the local stack unless --cloud."""
+    from bqx import api
+
+    os.environ["BQX_CLOUD"] = "1" if cloud else ""
+    return api
+
+
+@main.command()
+@click.argument("pair")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--cloud", is_flag=True)
+def history(pair: str, as_json: bool, cloud: bool) -> None:
+    """PAIR's kept published runs, newest first: time, rows, columns, size, cost, crc32c (* = current)."""
+    found = _api(cloud).history(_pairs((pair,), False)[0])
+    if as_json:
+        click.echo(json.dumps([v.to_json() for v in found]))
+        return
+    if not found:
+        _echo(f"{pair}: no published run kept yet")
+    for v in found:
+        cost = "-" if v.cost_usd is None else f"${v.cost_usd:.4f}"
+        click.echo(f"{'*' if v.current else ' '} {v.run_id:18s} "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.published_at))} {v.rows:>9} rows "
+                   f"{v.columns:>6} cols {v.bytes / 1e6:>9.1f} MB {cost:>9} crc32c {v.crc32c}")
+
+
+@main.command()
+@click.argument("pair")
+@click.option("--run", "run_id", default=None, help="A kept run (bqx history) instead of the current file.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write it (default: training_<pair>.parquet here).")
+@click.option("--cloud", is_flag=True)
+def get(pair: str, run_id: str | None, out: Path | None, cloud: bool) -> None:
+    """Download PAIR's training file, current or of a kept run."""
+    pair = _pairs((pair,), False)[0]
+    click.echo(_api(cloud).download(pair, out or Path(f"training_{pair}.parquet"), run_id))
+
+
+@main.command()
+@click.argument("pair")
+@click.argument("run_id")
+@click.option("--cloud", is_flag=True)
+def restore(pair: str, run_id: str, cloud: bool) -> None:
+    """Make a kept run's training file current again (the publish's atomic copy; recorded in the summary)."""
+    summary = _api(cloud).restore(_pairs((pair,), False)[0], run_id)
+    click.echo(f"{pair}: run {run_id} is current again ({summary['rows']} rows x {summary['columns']} columns, "
+               f"crc32c {summary.get('crc32c')})")
+
+
+@main.command()
+@click.argument("pair")
+@click.argument("runs", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--cloud", is_flag=True)
+def diff(pair: str, runs: tuple[str, ...], as_json: bool, cloud: bool) -> None:
+    """Schema and row drift: PAIR's current run against the one before, or RUN_A -> RUN_B."""
+    from bqx.versions import describe
+
+    if len(runs) not in (0, 2):
+        raise click.UsageError("name two runs (RUN_A RUN_B), or none")
+    found = _api(cloud).diff(_pairs((pair,), False)[0], *runs)
+    click.echo(json.dumps(found) if as_json else "\n".join(describe(found)))
 
 
 # ---------------------------------------------------------------------------------------------- merge

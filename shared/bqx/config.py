@@ -164,6 +164,8 @@ class Settings:
     """A run whose rows fall by more than this fraction from the pair's published file is not published."""
     active_run_max_seconds: float = 6 * 3600.0
     """A pair's run older than this no longer makes new requests wait ("already running")."""
+    keep_versions: int = 10
+    """Published training files kept per pair (versions/<pair>/<run>/); older ones are deleted on publish."""
     request_topic: str = "bqx-requests"
     """Pub/Sub topic carrying {"pair": ...} requests."""
     events_topic: str = "bqx-gcs-events"
@@ -245,6 +247,7 @@ class Settings:
             claim_lease_seconds=_env_float("BQX_CLAIM_LEASE_SECONDS", d.claim_lease_seconds),
             max_row_drop=_env_float("BQX_MAX_ROW_DROP", d.max_row_drop),
             active_run_max_seconds=_env_float("BQX_ACTIVE_RUN_MAX_SECONDS", d.active_run_max_seconds),
+            keep_versions=_env_int("BQX_KEEP_VERSIONS", d.keep_versions),
             request_topic=_env("BQX_REQUEST_TOPIC", d.request_topic),
             events_topic=_env("BQX_EVENTS_TOPIC", d.events_topic),
             dead_letter_topic=_env("BQX_DEAD_LETTER_TOPIC", d.dead_letter_topic),
@@ -280,5 +283,5 @@ class Settings:
         check_merge_method(self.merge_method)
         if self.extract_concurrency < 1 or self.extract_retries < 1:
             raise ConfigError("BQX_EXTRACT_CONCURRENCY and BQX_EXTRACT_RETRIES must be >= 1")
-        if self.max_active_extracts < 1:
-            raise ConfigError("BQX_MAX_ACTIVE_EXTRACTS must be >= 1")
+        if self.max_active_extracts < 1 or self.keep_versions < 1:
+            raise ConfigError("BQX_MAX_ACTIVE_EXTRACTS and BQX_KEEP_VERSIONS must be >= 1")

@@ -21,6 +21,11 @@ def run_id_for_message(message_id: str) -> str:
     return f"m{digest('message', message_id)}"
 
 
+def run_id_for_pair_message(message_id: str, pair: str) -> str:
+    """One of the runs a message naming several pairs starts: one run per (message id, pair)."""
+    return f"m{digest('message', message_id, pair)}"
+
+
 def run_id_for_execution(execution: str) -> str:
     """Run started directly (gcloud run jobs execute): every task of one execution shares it."""
     return f"x{digest('execution', execution)}"

@@ -7,13 +7,18 @@ Staging bucket:
     runs/<pair>/<run_id>/<stage>.claim            create-once marker guarding a job launch (extract, merge)
     runs/<pair>/<run_id>/<stage>.started          create-once: the one execution that does the stage's work
     runs/<pair>/<run_id>/error.json               a terminal failure of the run, for people and `bqx status`
+    runs/<pair>/<run_id>/done.json                the run's summary, once published (its end, for run events)
+    queue/requests/<pair>/<run_id>.json           a request waiting for an extract slot (bqx.schedule)
+    queue/slots/<n>.json                          one of the max_active_extracts slots, held by a run's extract
     runs/<pair>/<run_id>/extract/task-<i>-attempt-<a>.json   per-table timings of one extract task attempt
     runs/<pair>/<run_id>/compose/...              the compose merge's footer, parts and composed file (deleted after)
     checkpoints/<pair>/<run_id>/<table>.parquet   one table's rows, sorted by interval_time
     quarantine/<pair>/<run_id>/<table>.parquet    a checkpoint set aside because it was bad
     runs/<pair>/<run_id>/bigquery/stage-<i>-<key>/part-*.parquet   the bigquery merge method's exports (scratch)
 Output bucket:
-    training_<pair>.parquet, training_<pair>.summary.json, tmp/<run_id>/training_<pair>.parquet
+    training_<pair>.parquet, training_<pair>.summary.json, training_<pair>.schema.json,
+    tmp/<run_id>/training_<pair>.parquet,
+    versions/<pair>/<run_id>/training_<pair>.{parquet,summary.json,schema.json}   each published run, kept
 """
 
 from __future__ import annotations
@@ -93,6 +98,50 @@ def started(pair: str, run_id: str, stage: str) -> str:
     return f"{run_prefix(pair, run_id)}{stage}.started"
 
 
+def run_done(pair: str, run_id: str) -> str:
+    return f"{run_prefix(pair, run_id)}done.json"
+
+
+_RUN_END = re.compile(r"^runs/([a-z]{6})/([a-z0-9][a-z0-9-]{0,62})/(done|error)\.json$")
+
+
+def parse_run_end(name: str) -> tuple[str, str, str] | None:
+    """(pair, run_id, 'done' | 'failed') when `name` is a run's done.json or error.json, else None."""
+    m = _RUN_END.match(name)
+    if not m or m.group(1) not in PAIRS:
+        return None
+    return m.group(1), m.group(2), "done" if m.group(3) == "done" else "failed"
+
+
+QUEUE_REQUESTS = "queue/requests/"
+QUEUE_SLOTS = "queue/slots/"
+
+
+def queued(pair: str, run_id: str) -> str:
+    return f"{QUEUE_REQUESTS}{_pair(pair)}/{_run(run_id)}.json"
+
+
+def queued_prefix(pair: str | None = None) -> str:
+    return QUEUE_REQUESTS if pair is None else f"{QUEUE_REQUESTS}{_pair(pair)}/"
+
+
+_QUEUED = re.compile(r"^queue/requests/([a-z]{6})/([a-z0-9][a-z0-9-]{0,62})\.json$")
+
+
+def parse_queued(name: str) -> tuple[str, str] | None:
+    m = _QUEUED.match(name)
+    return (m.group(1), m.group(2)) if m and m.group(1) in PAIRS else None
+
+
+def slot(index: int) -> str:
+    return f"{QUEUE_SLOTS}{int(index):04d}.json"
+
+
+def parse_slot(name: str) -> int | None:
+    m = re.match(r"^queue/slots/(\d{4})\.json$", name)
+    return int(m.group(1)) if m else None
+
+
 def merge_progress(pair: str, run_id: str) -> str:
     return f"{run_prefix(pair, run_id)}merge-progress.json"
 
@@ -165,6 +214,21 @@ def output(pair: str) -> str:
 
 def summary(pair: str) -> str:
     return f"training_{_pair(pair)}.summary.json"
+
+
+def schema(pair: str) -> str:
+    return f"training_{_pair(pair)}.schema.json"
+
+
+def versions_prefix(pair: str) -> str:
+    return f"versions/{_pair(pair)}/"
+
+
+def version(pair: str, run_id: str, kind: str = "parquet") -> str:
+    """A published run's kept copy: kind parquet, summary.json or schema.json."""
+    if kind not in ("parquet", "summary.json", "schema.json"):
+        raise ValueError(f"unknown version object {kind!r}")
+    return f"{versions_prefix(pair)}{_run(run_id)}/training_{_pair(pair)}.{kind}"
 
 
 def output_temp(pair: str, run_id: str) -> str:

@@ -216,6 +216,7 @@ padding:2px 8px;text-align:left}}.error{{color:#b00}}</style></head><body>
 <p>{summary.get('rows', '-')} rows × {summary.get('columns', '-')} columns from {len(tl.tables)} checkpoints;
 output {html.escape(str(summary.get('output', '(not published)')))}; crc32c {summary.get('crc32c', '-')}</p>
 {reuse}{ignored}
+<h2>Drift</h2><pre class="drift">{html.escape(chr(10).join(_drift_lines(summary)))}</pre>
 <h2>Timeline</h2><p>Each bar is one table's extraction (red: retried; grey: reused, a copy of an earlier run's
 checkpoint), then the handoff and the merge.</p>
 {svg(tl)}
@@ -226,6 +227,12 @@ checkpoint), then the handoff and the merge.</p>
 {', '.join(html.escape(t.table) for t in retried[:20])}</p>
 <h2>Cost (estimate at list prices; BigQuery bytes of the extracted tables only)</h2><table>{cost_rows}</table>
 <p>Prices: {html.escape(str(cost['prices']))}</p></body></html>"""
+
+
+def _drift_lines(summary: dict[str, Any]) -> list[str]:
+    from bqx.versions import describe
+
+    return describe(summary.get("drift")) if summary else ["not published"]
 
 
 def png_report(tl: Timeline, path: Path) -> None:

@@ -19,7 +19,7 @@ from bqx.gcp import claims, storage
 class RunState:
     pair: str
     run_id: str | None
-    state: str  # none | requested | extracting | merging | done | failed
+    state: str  # none | queued | requested | extracting | handoff | merging | publishing | done | failed
     expected: int = 0
     present: int = 0
     families: dict[str, list[int]] = field(default_factory=dict)  # family -> [present, expected]
@@ -35,6 +35,8 @@ class RunState:
     last_checkpoint_at: float | None = None
     tables_per_second: float | None = None
     eta_seconds: float | None = None
+    queued_ahead: int | None = None  # queued: requests (of any pair) that start before this one
+
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -47,6 +49,18 @@ def submit(settings: Settings, pair: str, force: bool = False, accept_drift: boo
             **({"accept_drift": True} if accept_drift else {})}
     blob.upload_from_string(storage.dumps(body), content_type="application/json")
     return ids.run_id_for_object(settings.staging_bucket, blob.name, blob.generation)
+
+
+def submit_pairs(settings: Settings, pairs: list[str], force: bool = False, accept_drift: bool = False,
+                 origin: str = "bqx") -> dict[str, str]:
+    """Request several pairs in one message on the requests topic, as the Cloud Scheduler job does; pair -> the
+    run id the trigger gives it (one per message and pair). They start as extract slots free (bqx.schedule)."""
+    from bqx.gcp.clients import publish
+
+    body = {"pairs": list(pairs), "origin": origin, "requested_by": "bqx", **({"force": True} if force else {}),
+            **({"accept_drift": True} if accept_drift else {})}
+    message_id = publish(settings, settings.request_topic, storage.dumps(body))
+    return {pair: ids.run_id_for_pair_message(message_id, pair) for pair in pairs}
 
 
 def latest_run(settings: Settings, pair: str) -> str | None:
@@ -234,8 +248,23 @@ def published_output(s: Settings, pair: str) -> tuple[dict[str, Any], Any] | Non
     return summary, blob
 
 
+def queued_state(s: Settings, pair: str, run_id: str | None) -> RunState | None:
+    """The pair's request waiting for an extract slot (bqx.schedule): `run_id`, or its newest; None if none waits."""
+    from bqx import schedule
+
+    mine = [q for q in schedule.waiting(s, pair) if run_id is None or q.run_id == run_id]
+    if not mine:
+        return None
+    newest = mine[-1]
+    ahead = sum(1 for q in schedule.waiting(s) if (q.queued_at, q.name) < (newest.queued_at, newest.name))
+    return RunState(pair, newest.run_id, "queued", requested_at=newest.queued_at, queued_ahead=ahead)
+
+
 def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
     s = settings
+    queued = queued_state(s, pair, run_id)
+    if queued is not None and not storage.exists(s, s.staging_bucket, layout.claim(pair, queued.run_id, "extract")):
+        return queued
     pointer = storage.read_json(s, s.staging_bucket, layout.latest(pair))
     if run_id is None:
         if pointer is None:

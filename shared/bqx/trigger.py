@@ -7,7 +7,7 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from bqx import events, ids, layout, runs
+from bqx import events, ids, layout, runs, schedule
 from bqx.config import Settings
 from bqx.errors import AlreadyRunning, BadRequest, LaunchRefused, TransientError
 from bqx.gcp import claims, storage
@@ -16,7 +16,7 @@ from bqx.logs import Log
 from bqx.pairs import validate_pair
 
 MAX_REQUEST_BYTES = 64 * 1024
-REQUEST_FIELDS = {"pair", "force", "accept_drift", "requested_by", "note"}
+REQUEST_FIELDS = {"pair", "pairs", "origin", "force", "accept_drift", "requested_by", "note"}
 
 log = Log("bqx.functions")
 
@@ -40,6 +40,17 @@ def parse_request_body(raw: bytes) -> dict[str, Any]:
     for flag in ("force", "accept_drift"):
         if flag in body and not isinstance(body[flag], bool):
             raise BadRequest(f"'{flag}' must be true or false")
+    if "origin" in body and not (isinstance(body["origin"], str) and 0 < len(body["origin"]) <= 64):
+        raise BadRequest("'origin' must be a short string, such as \"schedule\"")
+    if "pairs" in body:
+        pairs = body["pairs"]
+        if "pair" in body:
+            raise BadRequest("a request names either 'pair' or 'pairs', not both")
+        if not isinstance(pairs, list) or not pairs or not all(isinstance(p, str) for p in pairs):
+            raise BadRequest('\'pairs\' must be a non-empty list of pair names, such as ["eurusd", "gbpusd"]')
+        if len(set(pairs)) != len(pairs):
+            raise BadRequest("'pairs' names a pair more than once")
+        body["pairs"] = [validate_pair(p) for p in pairs]
     return body
 
 
@@ -66,9 +77,45 @@ def start_run(s: Settings, pair: str, run_id: str, origin: dict[str, Any], force
     return outcome
 
 
+def start_queued(s: Settings, entry: dict[str, Any]) -> claims.Outcome:
+    """Start a request the queue hands a slot (bqx.schedule.drain)."""
+    origin = {k: v for k, v in (entry.get("origin") or {}).items() if isinstance(k, str)}
+    return start_run(s, str(entry["pair"]), str(entry["run_id"]), origin, force=bool(entry.get("force")),
+                     accept_drift=bool(entry.get("accept_drift")))
+
+
+def drain(s: Settings, wait_for: tuple[str, str] | None = None) -> schedule.Drained:
+    """Hand free extract slots to queued requests (bqx.schedule): the trigger's, and `bqx status`'s sweep."""
+    return schedule.drain(s, lambda entry: start_queued(s, entry), wait_for)
+
+
+def request(s: Settings, pairs: list[str], run_ids: list[str], origin: dict[str, Any],
+            body: dict[str, Any]) -> claims.Outcome | None:
+    """Queue each pair's run, then drain: each starts now if a slot is free, else when one frees. Returns the
+    outcome of the first pair's run if it started (or was refused as already running) in this drain."""
+    options = {"force": bool(body.get("force", False)), "accept_drift": bool(body.get("accept_drift", False))}
+    for pair, run_id in zip(pairs, run_ids, strict=True):
+        if schedule.enqueue(s, pair, run_id, {"origin": origin, **options}):
+            log.info("request queued", pair=pair, run_id=run_id, **origin)
+    drained = drain(s)
+    mine = drained.errors.get(run_ids[0])
+    if mine is not None:
+        raise mine
+    if drained.waiting:
+        log.info("extract slots all busy: requests wait their turn", active=drained.active,
+                 waiting=drained.waiting, max_active_extracts=s.max_active_extracts)
+    return drained.started.get(run_ids[0], claims.Outcome(False, None))
+
+
 def handle(s: Settings, cloud_event: Any) -> claims.Outcome | None:
     ev = events.parse(cloud_event)
     if isinstance(ev, events.ObjectEvent):
+        if ev.bucket == s.staging_bucket and ev.kind == "finalize" and not ev.name.startswith(layout.REQUESTS):
+            ended = layout.parse_extract_report(ev.name)
+            failed = layout.parse_run_end(ev.name)
+            if ended is not None or (failed is not None and failed[2] == "failed"):
+                drain(s, wait_for=ended)  # an extract's end: its slot goes to the next queued request
+            return None
         if ev.bucket != s.staging_bucket or not ev.name.startswith(layout.REQUESTS) or ev.kind != "finalize":
             return None  # another object in a shared notification stream: not ours
         pair = layout.parse_request(ev.name)
@@ -84,14 +131,17 @@ def handle(s: Settings, cloud_event: Any) -> claims.Outcome | None:
         body = parse_request_body(raw)
         if "pair" in body and validate_pair(body["pair"]) != pair:
             raise BadRequest(f"request {ev.name} names pair {body['pair']!r}, which is not {pair!r}")
+        if "pairs" in body:
+            raise BadRequest(f"request {ev.name} is for {pair}; a list of pairs goes in a message to the requests "
+                             "topic")
         run_id = ids.run_id_for_object(ev.bucket, ev.name, ev.generation)
-        origin = {"origin": "object", "object": ev.key}
-    else:
-        body = parse_request_body(ev.data)
-        if "pair" not in body:
-            raise BadRequest('message must carry {"pair": "<pair>"}')
-        pair = validate_pair(body["pair"])
-        run_id = ids.run_id_for_message(ev.message_id)
-        origin = {"origin": "message", "message_id": ev.message_id}
-    return start_run(s, pair, run_id, origin, force=bool(body.get("force", False)),
-                     accept_drift=bool(body.get("accept_drift", False)))
+        return request(s, [pair], [run_id], {"origin": "object", "object": ev.key}, body)
+    body = parse_request_body(ev.data)
+    origin = {"origin": str(body.get("origin") or "message"), "message_id": ev.message_id}
+    if "pairs" in body:
+        pairs = body["pairs"]
+        return request(s, pairs, [ids.run_id_for_pair_message(ev.message_id, p) for p in pairs], origin, body)
+    if "pair" not in body:
+        raise BadRequest('message must carry {"pair": "<pair>"} or {"pairs": ["<pair>", ...]}')
+    pair = validate_pair(body["pair"])
+    return request(s, [pair], [ids.run_id_for_message(ev.message_id)], origin, body)

@@ -45,6 +45,11 @@ def handle(s: Settings, cloud_event: Any) -> claims.Outcome | None:
         raise BadRequest("completion expects storage events, got a plain Pub/Sub message")
     if ev.bucket != s.staging_bucket or ev.kind != "finalize":
         return None
+    if (ended := layout.parse_run_end(ev.name)) is not None:  # done.json or error.json: the run's end, for run events
+        from bqx import notify
+
+        notify.run_ended(s, *ended)
+        return None
     if ev.name.startswith(layout.CHECKPOINTS):
         cp = layout.parse_checkpoint(ev.name)
         pair, run_id, table = cp.pair, cp.run_id, cp.table

@@ -91,6 +91,21 @@ def executions_client(settings: Settings) -> run_v2.ExecutionsClient:
 
 
 @functools.cache
+def publisher_client(settings: Settings):  # type: ignore[no-untyped-def]
+    """Pub/Sub publisher (the emulator through PUBSUB_EMULATOR_HOST in local mode)."""
+    from google.cloud import pubsub_v1
+
+    return pubsub_v1.PublisherClient(credentials=_credentials(settings))
+
+
+def publish(settings: Settings, topic: str, data: bytes, timeout: float = 60.0, **attributes: str) -> str:
+    """Publish one message to `topic` (a name in settings.project); returns its message id."""
+    client = publisher_client(settings)
+    future = client.publish(client.topic_path(settings.project, topic), data, **attributes)
+    return str(future.result(timeout=timeout))
+
+
+@functools.cache
 def bigquery_client(settings: Settings) -> bigquery.Client:
     from google.cloud import bigquery
 

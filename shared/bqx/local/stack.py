@@ -323,7 +323,7 @@ class Stack:
         from google.api_core.exceptions import AlreadyExists
 
         pub = self._publisher()
-        for t in (self.s.events_topic, self.s.request_topic, self.s.dead_letter_topic):
+        for t in (self.s.events_topic, self.s.request_topic, self.s.dead_letter_topic, self.s.run_events_topic):
             try:
                 pub.create_topic(name=self.topic(t))
             except AlreadyExists:

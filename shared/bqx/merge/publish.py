@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
 
 from bqx import layout
+from bqx import versions as kept
 from bqx.catalog import Manifest
 from bqx.config import Settings, check_merge_method
 from bqx.errors import BadCheckpoint, ConfigError, TerminalError, TransientError
@@ -173,7 +174,10 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     summary["crc32c"], summary["md5"] = temp.crc32c, temp.md5_hash
     summary["cost"], summary["reused"] = _cost(settings, manifest, summary["seconds"])
     summary["ignored_tables"] = [{"name": t.name, "reason": t.reason} for t in manifest.ignored_tables]
+    summary["drift"] = kept.drift_since_published(settings, manifest, summary)
     publish(settings, manifest, temp, summary)
+    kept.keep_published(settings, manifest, summary)  # schema beside the file; this run kept (bqx history)
+    record_done(settings, summary)
     if composed is not None:
         from bqx.merge import compose
 
@@ -221,6 +225,7 @@ def publish(settings: Settings, manifest: Manifest, temp: Any, summary: dict[str
             log.info("the summary changed while publishing; deciding again", pair=pair, run_id=run_id,
                      attempt=attempt)
             continue
+        kept.keep_file(settings, pair, run_id, temp)  # every published run stays reachable (bqx history)
         temp.delete()
         summary.update(body)
         return int(final.generation)
@@ -263,6 +268,28 @@ def choose_method(method: str, manifest: Manifest, listed: dict[str, Any]) -> st
                             "--method stream (or auto)")
     log.info(f"stream merge: {why}", pair=manifest.pair, run_id=manifest.run_id)
     return "stream"
+
+
+def promote(settings: Settings, pair: str, source: Any) -> Any:
+    """Make `source` (a checked blob in the output bucket) training_<pair>.parquet in one server-side copy, trusted
+    only if the copy's crc32c is the source's. `bqx restore` publishes a kept run through it."""
+    final = storage.bucket(settings, settings.output_bucket).blob(layout.output(pair))
+    token, _, _ = final.rewrite(source)
+    while token is not None:
+        token, _, _ = final.rewrite(source, token=token)
+    if final.crc32c != source.crc32c:  # the rewrite response carries the new object's checksum
+        raise TransientError(f"published object's crc32c {final.crc32c} != merged {source.crc32c}; not trusted")
+    return final
+
+
+def record_done(settings: Settings, summary: dict[str, Any]) -> None:
+    """runs/<pair>/<run>/done.json: the run's end in the staging bucket, whose event the completion function turns
+    into a run event (bqx.notify). Best effort: the training file is published either way."""
+    try:
+        storage.write_json(settings, settings.staging_bucket, layout.run_done(summary["pair"], summary["run_id"]),
+                           summary)
+    except Exception as exc:  # noqa: BLE001
+        log.warning(f"could not record the run's end: {exc}", pair=summary["pair"], run_id=summary["run_id"])
 
 
 def _cost(settings: Settings, manifest: Manifest, merge_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
