@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -64,7 +65,8 @@ def main() -> None:
             for _ in range(args.repeat):
                 for mode in ("unaligned", "aligned"):
                     run_id = f"b{uuid.uuid4().hex[:10]}"
-                    env = {"BQX_RUN_ID": run_id, "BQX_STAGING_BUCKET": bucket,
+                    # warnings only: the job's 668 "checkpoint written" lines would fill the pipe run_tree reads last
+                    env = {"BQX_RUN_ID": run_id, "BQX_STAGING_BUCKET": bucket, "BQX_LOG_LEVEL": "WARNING",
                            "BQX_EXTRACT_ALIGNED": "1" if mode == "aligned" else "0"}
                     r = run_tree([sys.executable, "-m", "bqx.extract.job", PAIR], args.timeout, env=env)
                     if r.status != "ok":
@@ -80,6 +82,7 @@ def main() -> None:
             print(f"{rows:>7}  aligned/unaligned extract seconds: {med['aligned'] / med['unaligned']:.3f}", flush=True)
     finally:
         stack.down()
+        shutil.rmtree(home, ignore_errors=True)  # the warehouse and the checkpoints: ~1 GB at 20,000 rows
 
 
 if __name__ == "__main__":
