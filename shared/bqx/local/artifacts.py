@@ -28,9 +28,8 @@ from types import ModuleType
 from bqx.errors import BqxError
 
 JOB_REQUIREMENTS = ("requirements/jobs.txt", "requirements/local-jobs.txt")
-# What jobs/Dockerfile copies into /app (its .dockerignore keeps bqx/local out).
-JOB_TREES = (("shared/bqx", "shared/bqx"), ("jobs", "jobs"))
-_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "local")
+APP = "/app/"  # the image's WORKDIR: where jobs/Dockerfile's COPY lines put the code
+_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "local")  # what .dockerignore keeps out of the image
 
 
 class ArtifactError(BqxError):
@@ -57,16 +56,40 @@ def function_source(repo: Path, name: str, out: Path, requirements: Path | None 
     return _built(out, name, files, lambda tmp: packager.build_dir(name, spec, tmp, req))
 
 
+def job_trees(repo: Path) -> list[tuple[str, str]]:
+    """(source in the repo, destination under /app) of every `COPY` into /app in jobs/Dockerfile, read from the file:
+    a file the image lacks is missing here too (pricing's deploy/names.json was, once)."""
+    trees = []
+    for line in (repo / "jobs" / "Dockerfile").read_text().splitlines():
+        parts = line.split()
+        if not parts or parts[0] != "COPY" or any(p.startswith("--from") for p in parts):
+            continue
+        src, dest = [p for p in parts[1:] if not p.startswith("--")][-2:]
+        if dest.startswith(APP):
+            trees.append((src, dest[len(APP):]))
+    if not trees:
+        raise ArtifactError("jobs/Dockerfile copies nothing into /app")
+    return trees
+
+
 def job_source(repo: Path, out: Path) -> Path:
-    """The job image's /app (shared/bqx and jobs/, as jobs/Dockerfile copies them), under `out` in a folder named
-    by the digest of those files."""
-    files = [f for src, _ in JOB_TREES for f in sorted((repo / src).rglob("*"))
-             if f.is_file() and not _IGNORED(str(f.parent), [f.name]) and "local" not in f.relative_to(repo).parts
-             and "__pycache__" not in f.parts]
+    """The job image's /app (what jobs/Dockerfile copies into it), under `out` in a folder named by the digest of
+    those files."""
+    trees = job_trees(repo)
+    files = []
+    for src, _ in trees:
+        root = repo / src
+        found = [root] if root.is_file() else sorted(root.rglob("*"))
+        files += [f for f in found if f.is_file() and not _IGNORED(str(f.parent), [f.name])
+                  and "local" not in f.relative_to(repo).parts and "__pycache__" not in f.parts]
 
     def copy(tmp: Path) -> Path:
-        for src, dest in JOB_TREES:
-            shutil.copytree(repo / src, tmp / dest, ignore=_IGNORED)
+        for src, dest in trees:
+            if (repo / src).is_file():
+                (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(repo / src, tmp / dest)
+            else:
+                shutil.copytree(repo / src, tmp / dest, ignore=_IGNORED)
         return tmp
 
     return _built(out, "app", files, copy)
