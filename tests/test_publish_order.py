@@ -75,3 +75,18 @@ def test_item1_a_reader_never_gets_the_file_of_another_run_than_the_summary(isol
     with pytest.raises(TransientError, match="being replaced"):
         runs.published_output(s, PAIR)
     assert summary["output_generation"] == int(blob.generation)
+
+
+def test_item1_a_restored_run_is_read_as_one_unit_too(isolated_output) -> None:  # type: ignore[no-untyped-def]
+    """`bqx restore` makes a kept run current again: its summary names the file's new generation, so readers find
+    the restored file (the kept summary's generation is the one its first publish wrote, since replaced)."""
+    from bqx import versions
+
+    s = isolated_output
+    first = _registered_run(s, 300)
+    publish.merge_run(s, first, "stream")
+    publish.merge_run(s, _registered_run(s, 305), "stream")
+    versions.restore(s, PAIR, first.run_id)
+    summary, blob = runs.published_output(s, PAIR)  # type: ignore[misc]
+    assert summary["run_id"] == first.run_id == _file_run_id(s)
+    assert int(blob.generation) == summary["output_generation"]

@@ -214,9 +214,10 @@ def restore(s: Settings, pair: str, run_id: str) -> dict[str, Any]:
     if summary.get("crc32c") and source.crc32c != summary["crc32c"]:
         raise TransientError(f"kept file of run {run_id} has crc32c {source.crc32c}, its summary says "
                              f"{summary['crc32c']}; not restored")
-    promote(s, pair, source)
+    final = promote(s, pair, source)
     storage.write_json(s, s.output_bucket, layout.schema(pair), schema(s, pair, run_id))
-    summary.update(restored_from=run_id, restored_at=time.time())
+    # the summary names the file's new generation: readers read the file at it (bqx.runs.published_output)
+    summary.update(restored_from=run_id, restored_at=time.time(), output_generation=int(final.generation))
     storage.write_json(s, s.output_bucket, layout.summary(pair), summary)
     log.info("training file restored", pair=pair, run_id=run_id, crc32c=source.crc32c)
     return summary
