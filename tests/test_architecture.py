@@ -69,8 +69,8 @@ def violations(rule: str) -> set[tuple[str, str]]:
                 continue
             if rule == "library imports no entrypoint" and m.split(".")[0] in ("functions", "jobs", "main"):
                 found.add((importer, m))
-            if rule == "local only from cli" and within(m, "bqx.local") and not (
-                    importer == "bqx.cli" or within(importer, "bqx.local")):
+            if rule == "local only from the cli and api" and within(m, "bqx.local") and not (
+                    importer in ("bqx.cli", "bqx.api") or within(importer, "bqx.local")):
                 found.add((importer, m))
             if rule == "gcp imports no stage" and within(importer, "bqx.gcp") and not any(
                     within(m, ok) for ok in ("bqx.gcp", "bqx.config", "bqx.errors", "bqx.logs")):
@@ -81,7 +81,8 @@ def violations(rule: str) -> set[tuple[str, str]]:
     return found
 
 
-RULES = ["library imports no entrypoint", "local only from cli", "gcp imports no stage", "parquet imports only errors"]
+RULES = ["library imports no entrypoint", "local only from the cli and api", "gcp imports no stage",
+         "parquet imports only errors"]
 
 
 @pytest.mark.parametrize("rule", RULES)
