@@ -13,6 +13,7 @@ locals {
   request_topic     = local.names.settings.request_topic
   dead_letter_topic = local.names.settings.dead_letter_topic
   run_events_topic  = local.names.settings.run_events_topic
+  keep_versions     = coalesce(var.keep_versions, local.names.settings.keep_versions)
   merge_method      = coalesce(var.merge_method, local.names.settings.merge_method)
   pairs             = coalesce(var.pairs, local.names.pairs)
   schedule_pairs    = coalesce(var.schedule_pairs, local.names.pairs)
@@ -40,6 +41,7 @@ locals {
     BQX_RUN_EVENTS_TOPIC    = local.run_events_topic
     BQX_MAX_ACTIVE_EXTRACTS = tostring(local.names.settings.max_active_extracts)
     BQX_CLAIM_LEASE_SECONDS = tostring(local.names.settings.claim_lease_seconds)
+    BQX_KEEP_VERSIONS       = tostring(local.keep_versions)
   }
 
   # What only the jobs read (the warehouse dataset is read in the deployment project).

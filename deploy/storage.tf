@@ -65,11 +65,12 @@ resource "google_storage_bucket" "output" {
     }
   }
 
-  # Keep the keep_versions newest superseded versions of each training file (one a day with daily runs), not
-  # forever. No age rule beside it: lifecycle rules are OR'ed, so one would cut the kept versions short.
+  # Keep the keep_versions newest superseded generations of each training file, not forever: a backstop beside the
+  # per-run copies bqx keeps (versions/<pair>/<run>/, pruned to keep_versions by the merge job). No age rule beside
+  # it: lifecycle rules are OR'ed, so one would cut the kept versions short.
   lifecycle_rule {
     condition {
-      num_newer_versions = var.keep_versions
+      num_newer_versions = local.keep_versions
       with_state         = "ARCHIVED"
     }
     action {

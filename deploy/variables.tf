@@ -150,12 +150,12 @@ variable "alert_notification_channels" {
 }
 
 variable "keep_versions" {
-  description = "Superseded versions of each training file (and its summary) kept in the output bucket."
+  description = "Published runs of each pair kept reachable (versions/<pair>/<run>/, bqx history/get/restore; BQX_KEEP_VERSIONS), and superseded generations of the current file kept as a backstop (default: names.json)."
   type        = number
-  default     = 30
+  default     = null
 
   validation {
-    condition     = var.keep_versions >= 1
+    condition     = coalesce(var.keep_versions, 1) >= 1
     error_message = "keep_versions must be at least 1."
   }
 }

@@ -460,11 +460,14 @@ def test_lifecycle_deletes_old_checkpoints_and_tmp(tf, ev):
 
 
 def test_output_keeps_the_last_versions_of_each_training_file(tf, ev):
-    assert tf["variable"]["keep_versions"]["default"] == 30
+    # one number for both: the per-run copies bqx prunes (BQX_KEEP_VERSIONS) and the file's superseded generations
+    assert tf["variable"]["keep_versions"]["default"] is None
+    assert ev.value("${local.common_env}")["BQX_KEEP_VERSIONS"] == str(NAMES["settings"]["keep_versions"])
+    assert Settings().keep_versions == NAMES["settings"]["keep_versions"]
     rules = resources(tf, "google_storage_bucket")["output"]["lifecycle_rule"]
     noncurrent = [one(r["condition"]) for r in rules if one(r["action"])["type"] == "Delete"
                   and one(r["condition"]).get("with_state") == "ARCHIVED"]
-    assert [ev.value(c["num_newer_versions"]) for c in noncurrent] == [30]
+    assert [ev.value(c["num_newer_versions"]) for c in noncurrent] == [NAMES["settings"]["keep_versions"]]
     # rules are OR'ed: an age rule on noncurrent versions would delete kept versions early
     assert not any("days_since_noncurrent_time" in c or "age" in c for c in noncurrent)
     assert Evaluator(tf, {"project": "p", "keep_versions": 5}).value(noncurrent[0]["num_newer_versions"]) == 5
