@@ -4,6 +4,7 @@ after every test, and helpers to build CloudEvents the way Eventarc and Pub/Sub 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import threading
@@ -46,10 +47,10 @@ class LocalStack:
         serving.settings.cache_clear()
 
 
-@pytest.fixture(scope="session")
-def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """The whole embedded stack, as `bqx stack up` starts it, on free ports."""
-    home = tmp_path_factory.mktemp("bqx-home")
+@contextlib.contextmanager
+def started_stack(home: Path) -> Iterator[LocalStack]:
+    """A whole embedded stack, as `bqx stack up` starts it, on free ports, with its state under `home`; the
+    environment is restored when it stops."""
     saved = dict(os.environ)
     os.environ.update({"BQX_LOCAL": "1", "BQX_HOME": str(home), "BQX_CLAIM_LEASE_SECONDS": "5"})
     use_free_ports()
@@ -65,6 +66,14 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         stack.down()
         os.environ.clear()
         os.environ.update(saved)
+        serving.settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The session's stack, shared by the tests that use it."""
+    with started_stack(tmp_path_factory.mktemp("bqx-home")) as stack:
+        yield stack
 
 
 @pytest.fixture

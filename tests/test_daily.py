@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from bqx import runs
 from bqx.cli import main
 from bqx.local.warehouse import Shape, Warehouse
 from bqx.pairs import PAIRS
+
+from conftest import LocalStack, started_stack
 
 TINY = Shape(rows=40, seed=5, table_scale=0.001, column_scale=0.05)  # one table per family: 22 tables a pair
 
@@ -38,6 +41,23 @@ def _extract_executions(stack, since: float) -> list[tuple[float, float]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def daily_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A stack of this module's own: these tests run every pair, change the warehouse and restore old runs, which
+    the session stack's other tests must not see (a published run with another schema is drift to them)."""
+    with started_stack(tmp_path_factory.mktemp("bqx-daily")) as stack:
+        yield stack
+
+
+@pytest.fixture
+def _daily_env(daily_stack: LocalStack) -> LocalStack:
+    daily_stack.apply_env()
+    return daily_stack
+
+
+pytestmark = pytest.mark.usefixtures("_daily_env")
+
+
 def _most_at_once(spans: list[tuple[float, float]]) -> int:
     points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda p: (p[0], p[1]))
     most = now = 0
@@ -48,8 +68,8 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_all_pairs_in_one_request_run_at_most_max_active_extracts_at_once(stack_env):
-    s = stack_env.settings
+def test_all_pairs_in_one_request_run_at_most_max_active_extracts_at_once(daily_stack):
+    s = daily_stack.settings
     wh = Warehouse(Path(s.warehouse), s.dataset)
     have = wh.pairs()
     for pair in PAIRS:
@@ -78,7 +98,7 @@ def test_all_pairs_in_one_request_run_at_most_max_active_extracts_at_once(stack_
     summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert sorted(x["pair"] for x in summaries) == sorted(PAIRS)
     assert "in one message" in result.stderr
-    spans = _extract_executions(stack_env, since)
+    spans = _extract_executions(daily_stack, since)
     assert len(spans) == len(PAIRS)
     most = _most_at_once(spans)
     if most > s.max_active_extracts:  # say what happened: each execution's span, each slot the trigger freed
@@ -108,13 +128,13 @@ def _events(s, subscription: str, count: int) -> list[dict]:
     return got
 
 
-def test_two_runs_give_drift_history_get_restore_and_run_events(stack_env, tmp_path):
+def test_two_runs_give_drift_history_get_restore_and_run_events(daily_stack, tmp_path):
     """A run, then the warehouse changes (a table gains a column, another loses rows), then a second run: its
     summary, `bqx report` and `bqx diff` show the drift; both runs are kept, downloadable and restorable; each
     run's end came as one message on the run events topic."""
     from bqx import notify
 
-    s = stack_env.settings
+    s = daily_stack.settings
     notify.subscribe(s, "test-daily-done").close()
     cli = CliRunner()
     first = cli.invoke(main, ["run", "eurusd", "--force", "--json"])
@@ -196,10 +216,10 @@ def _second_run(s, cli, one, gains, loses, before_rows, after_rows, tmp_path):  
         assert event["summary"]["crc32c"] == run["crc32c"] and event["error"] is None
 
 
-def test_a_failed_run_is_one_event_and_one_run_failed_error_line(stack_env):
+def test_a_failed_run_is_one_event_and_one_run_failed_error_line(daily_stack):
     from bqx import notify
 
-    s = stack_env.settings
+    s = daily_stack.settings
     pair = "chfjpy"
     wh = Warehouse(Path(s.warehouse), s.dataset)
     if pair not in wh.pairs():

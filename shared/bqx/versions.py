@@ -112,11 +112,17 @@ def drift_since_published(s: Settings, manifest: Manifest, summary: dict[str, An
     return drift(before[0], schema_of(manifest), rows_before, summary.get("rows"))
 
 
+def keep_schema(s: Settings, manifest: Manifest) -> None:
+    """Before publishing: the run's schema, kept by run. Readers of the current schema find it through the summary,
+    which publishing then commits, so they never see the file without its schema."""
+    storage.write_json(s, s.output_bucket, layout.version(manifest.pair, manifest.run_id, "schema.json"),
+                       schema_of(manifest))
+
+
 def keep_published(s: Settings, manifest: Manifest, summary: dict[str, Any]) -> None:
-    """After publishing: training_<pair>.schema.json beside the file, and the run's schema and summary kept."""
-    schema = schema_of(manifest)
-    storage.write_json(s, s.output_bucket, layout.version(manifest.pair, manifest.run_id, "schema.json"), schema)
-    storage.write_json(s, s.output_bucket, layout.schema(manifest.pair), schema)
+    """After publishing: training_<pair>.schema.json beside the file (for people and tools that look there), and the
+    run's summary kept."""
+    storage.write_json(s, s.output_bucket, layout.schema(manifest.pair), schema_of(manifest))
     keep_summary(s, summary)
 
 
@@ -180,8 +186,15 @@ def version_summary(s: Settings, pair: str, run_id: str) -> dict[str, Any]:
 
 
 def schema(s: Settings, pair: str, run_id: str | None = None) -> dict[str, Any]:
-    name = layout.schema(pair) if run_id is None else layout.version(pair, run_id, "schema.json")
-    found = storage.read_json(s, s.output_bucket, name)
+    """The schema of run `run_id`, or of the published run (the one the summary names: training_<pair>.schema.json
+    is written after the summary, so right after a publish it can still be the previous run's)."""
+    published = run_id is None
+    if published:
+        current = storage.read_json(s, s.output_bucket, layout.summary(pair))
+        run_id = current[0].get("run_id") if current is not None else None
+    found = storage.read_json(s, s.output_bucket, layout.version(pair, run_id, "schema.json")) if run_id else None
+    if found is None and published:
+        found = storage.read_json(s, s.output_bucket, layout.schema(pair))
     if found is None:
         raise TerminalError(f"no schema for {pair}{f' run {run_id}' if run_id else ''}: published before schemas "
                             "were kept, or not kept any more")

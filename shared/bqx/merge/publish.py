@@ -175,6 +175,7 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     summary["cost"], summary["reused"] = _cost(settings, manifest, summary["seconds"])
     summary["ignored_tables"] = [{"name": t.name, "reason": t.reason} for t in manifest.ignored_tables]
     summary["drift"] = kept.drift_since_published(settings, manifest, summary)
+    kept.keep_schema(settings, manifest)  # by run, before the summary commits the run
     publish(settings, manifest, temp, summary)
     kept.keep_published(settings, manifest, summary)  # schema beside the file; this run kept (bqx history)
     record_done(settings, summary)
