@@ -67,7 +67,6 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
     return most
 
 
-@pytest.mark.timeout(900)
 def test_all_pairs_in_one_request_run_at_most_max_active_extracts_at_once(daily_stack):
     s = daily_stack.settings
     wh = Warehouse(Path(s.warehouse), s.dataset)
