@@ -224,6 +224,19 @@ CHILD = textwrap.dedent("""
     print(json.dumps({"baseline": baseline, "peak": rss()["VmHWM"], "group_rows": stats.group_rows}))
 """)
 
+def assert_merges_within_budget(src: Path, out: Path, timeout: int) -> None:
+    """Merge `src` into `out` under BUDGET in a child process (CHILD) and assert its peak RSS grew by less than
+    BUDGET + ALLOWANCE over its baseline."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(BUDGET)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = r["peak"] - r["baseline"]
+    assert growth < BUDGET + ALLOWANCE, (
+        f"peak RSS grew {growth / 2**20:.0f} MiB over a {r['baseline'] / 2**20:.0f} MiB baseline; "
+        f"budget {BUDGET / 2**20:.0f} MiB (+{ALLOWANCE / 2**20:.0f} MiB allowance)")
+
+
 
 def test_peak_memory_stays_under_budget(tmp_path: Path) -> None:
     # ~22 tables x 120 columns x 20k rows in one row group each: ~400 MiB of decoded values, 19 MiB per table.
@@ -233,14 +246,7 @@ def test_peak_memory_stays_under_budget(tmp_path: Path) -> None:
     decoded = sum(pq.ParquetFile(p).metadata.num_rows * pq.ParquetFile(p).metadata.num_columns * 8
                   for p in src.glob("*.parquet"))
     assert decoded > 2 * BUDGET  # an unbounded merge could not pass
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out.parquet"), str(BUDGET)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    growth = r["peak"] - r["baseline"]
-    assert growth < BUDGET + ALLOWANCE, (
-        f"peak RSS grew {growth / 2**20:.0f} MiB over a {r['baseline'] / 2**20:.0f} MiB baseline; "
-        f"budget {BUDGET / 2**20:.0f} MiB (+{ALLOWANCE / 2**20:.0f} MiB allowance)")
+    assert_merges_within_budget(src, tmp_path / "out.parquet", timeout=120)
     assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_rows == shape.rows
 
 
@@ -393,14 +399,7 @@ def test_item9_long_history_before_the_targets_stays_within_budget(tmp_path: Pat
                        **WRITER_OPTIONS)
     decoded = history * 17 * 8
     assert decoded > 4 * BUDGET
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out.parquet"), str(BUDGET)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    growth = r["peak"] - r["baseline"]
-    assert growth < BUDGET + ALLOWANCE, (
-        f"peak RSS grew {growth / 2**20:.0f} MiB over a {r['baseline'] / 2**20:.0f} MiB baseline; "
-        f"budget {BUDGET / 2**20:.0f} MiB (+{ALLOWANCE / 2**20:.0f} MiB allowance)")
+    assert_merges_within_budget(src, tmp_path / "out.parquet", timeout=300)
     out = pq.read_table(tmp_path / "out.parquet")
     assert out.num_rows == n
     assert out.column("ret_w1_c3").to_pylist()[:3] == [3.0 + (HISTORY_ROWS + j) % 65_536 % 64 for j in range(3)]
@@ -422,13 +421,6 @@ def test_item9_string_columns_are_sliced_by_their_real_width(tmp_path: Path) -> 
     for i in range(2):  # two small tables the child warms up with
         pq.write_table(pa.table({KEY: keys, "v": np.arange(n, dtype=np.float64)}), src / f"a{i}_{PAIR}.parquet",
                        **WRITER_OPTIONS)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out.parquet"), str(BUDGET)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    growth = r["peak"] - r["baseline"]
-    assert growth < BUDGET + ALLOWANCE, (
-        f"peak RSS grew {growth / 2**20:.0f} MiB over a {r['baseline'] / 2**20:.0f} MiB baseline; "
-        f"budget {BUDGET / 2**20:.0f} MiB (+{ALLOWANCE / 2**20:.0f} MiB allowance)")
+    assert_merges_within_budget(src, tmp_path / "out.parquet", timeout=300)
     out = pq.read_table(tmp_path / "out.parquet", columns=["txt_w1_s15"])
     assert out.column(0).to_pylist()[:3] == [None, text[1].as_py(), text[2].as_py()]
