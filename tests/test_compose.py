@@ -483,9 +483,29 @@ def test_compose_tree_keeps_order_at_every_level(gcs: str, tmp_path: Path) -> No
         b.upload_from_string(p)
         blobs.append(bucket.blob(b.name, generation=b.generation))
     parts: list[str] = []
-    out = compose.compose_tree(bucket, blobs, "composed", lambda lv, i: f"parts/{lv}-{i}", parts, fan_in=4)
+    heard: list[int] = []
+    out = compose.compose_tree(bucket, blobs, "composed", lambda lv, i: f"parts/{lv}-{i}", parts, fan_in=4,
+                               on_call=heard.append)
     assert bucket.blob(out.name).download_as_bytes() == b"".join(pieces)
     assert len(parts) == 18 + 5 + 2  # 71 -> 18 -> 5 -> 2 -> 1
+    # progress hears of every call, and the count it is told to expect is the count made
+    assert sorted(heard) == list(range(1, 18 + 5 + 2 + 2)) == list(range(1, compose.compose_calls(71, 4) + 1))
+    assert [compose.compose_calls(n) for n in (1, 32, 33, 669, 1024, 1025)] == [1, 1, 3, 22, 33, 36]
+
+
+def test_compose_merge_reports_footers_read_then_compose_calls(gcs: str, wide: dict, tmp_path: Path) -> None:
+    s = _settings(tmp_path, gcs, "prog")
+    manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rprog")
+    listed: dict = {}
+    publish.verify_checkpoints(s, manifest, listed=listed)
+    heard: list[tuple[str, int, int]] = []
+    composed = compose.merge_gcs(s, manifest, listed, progress=lambda d, t, step: heard.append((step, d, t)))
+    footers = [(d, t) for step, d, t in heard if step == "footers read"]
+    calls = [(d, t) for step, d, t in heard if step == "compose calls"]
+    assert sorted(footers) == [(i, len(wide["paths"])) for i in range(1, len(wide["paths"]) + 1)]
+    assert sorted(calls) == [(i, 4) for i in range(1, 5)]  # 72 sources: 3 parts, then the file
+    assert heard.index(("compose calls", 1, 4)) > max(heard.index(("footers read", *f)) for f in footers)
+    assert int(composed.blob.size) == composed.plan.size
 
 
 def test_auto_merges_an_unaligned_run_by_stream_and_compose_refuses_it(gcs: str, tmp_path: Path) -> None:

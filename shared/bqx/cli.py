@@ -327,7 +327,9 @@ def _watch(s, pairs: list[str], interval: float, explicit: bool) -> None:  # typ
                 if rs.state == "handoff":
                     extra = f"{rs.validated} validated; starting the merge"
                 if rs.state in ("merging", "publishing") and rs.merge_progress:
-                    extra = f"{rs.merge_progress.get('tables_written')}/{rs.merge_progress.get('tables')} tables merged"
+                    p = rs.merge_progress
+                    extra = (f"{p.get('done')}/{p.get('total')} {p['step']}" if p.get("step") else
+                             f"{p.get('tables_written')}/{p.get('tables')} tables merged")
                 if rs.state == "failed" and rs.error:
                     extra = f"{rs.error.get('stage')}: {str(rs.error.get('error'))[:80]}"
                 if rs.summary:
@@ -421,7 +423,10 @@ def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-un
         return f"{rs.pair}: all {rs.expected} checkpoints in, {rs.validated} validated; starting the merge{clock}"
     if rs.state == "merging":
         p = rs.merge_progress or {}
-        tables = f" {p.get('tables_written', 0)}/{p.get('tables')} tables written" if p.get("tables") else ""
+        if p.get("step"):  # the compose merge: footers read, then compose calls
+            tables = f" {p.get('done', 0)}/{p.get('total')} {p['step']}"
+        else:
+            tables = f" {p.get('tables_written', 0)}/{p.get('tables')} tables written" if p.get("tables") else ""
         return f"{rs.pair}: merging{tables} ({(rs.merge_execution or '').rsplit('/', 1)[-1]}){clock}"
     if rs.state == "publishing":
         return f"{rs.pair}: publishing: checking the merged file and copying it to the output bucket{clock}"

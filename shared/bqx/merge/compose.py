@@ -27,6 +27,7 @@ import base64
 import hashlib
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -771,9 +772,10 @@ class Composed:
 
 
 def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata: dict[str, str] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> Composed:
+              progress: Callable[..., None] | None = None) -> Composed:
     """Compose the run's training file in the staging bucket (layout.compose_output); nothing is published here.
-    `blobs`: the run's checkpoints as listed (name -> blob with size, generation, metadata)."""
+    `blobs`: the run's checkpoints as listed (name -> blob with size, generation, metadata). `progress(done, total,
+    step=...)` hears of footers read, then of compose calls made."""
     from bqx.gcp import storage
 
     started = time.time()
@@ -789,7 +791,7 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
     components = sum(int(getattr(blobs[t.checkpoint], "component_count", None) or 1) for t in manifest.tables) + 1
     if components > MAX_COMPONENTS:
         raise TerminalError(f"run {run_id}: {components} components, over GCS's {MAX_COMPONENTS} for one object")
-    fps = _footers(sources, FOOTER_THREADS, progress)
+    fps = _footers(sources, FOOTER_THREADS, (lambda d, t: progress(d, t, step="footers read")) if progress else None)
     read_at = time.time()
     p = plan(fps[0], fps[1:], grid, metadata)
     planned_at = time.time()
@@ -801,8 +803,10 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
         srcs = [bucket.blob(t.checkpoint, generation=int(blobs[t.checkpoint].generation))
                 for t in [manifest.targets, *manifest.features]]
         srcs.append(bucket.blob(footer.name, generation=int(footer.generation)))
+        calls = compose_calls(len(srcs))
         out = compose_tree(bucket, srcs, layout.compose_output(pair, run_id),
-                           lambda level, i: layout.compose_part(pair, run_id, level, i), parts)
+                           lambda level, i: layout.compose_part(pair, run_id, level, i), parts,
+                           on_call=(lambda d: progress(d, calls, step="compose calls")) if progress else None)
     finally:
         delete_quietly(bucket, [*parts, footer.name])
     if int(out.size) != p.size:
@@ -815,11 +819,32 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
     return Composed(stats, out, p)
 
 
+def compose_calls(sources: int, fan_in: int = COMPOSE_SOURCES) -> int:
+    """How many compose calls compose_tree makes for `sources` objects."""
+    calls = 0
+    while sources > fan_in:
+        sources = -(-sources // fan_in)
+        calls += sources
+    return calls + 1
+
+
 def compose_tree(bucket: Any, sources: list[Any], name: str, part_name: Callable[[int, int], str],
-                 parts: list[str], fan_in: int = COMPOSE_SOURCES) -> Any:
+                 parts: list[str], fan_in: int = COMPOSE_SOURCES,
+                 on_call: Callable[[int], None] | None = None) -> Any:
     """Compose `sources` (blobs, in order) into object `name`: at most `fan_in` sources a call, so in a tree whose
-    intermediate objects (named by part_name(level, index)) are appended to `parts` for the caller to delete."""
+    intermediate objects (named by part_name(level, index)) are appended to `parts` for the caller to delete.
+    `on_call(n)`: n compose calls done so far."""
     level = 0
+    made = [0]
+    lock = threading.Lock()
+
+    def called() -> None:
+        with lock:
+            made[0] += 1
+            n = made[0]
+        if on_call:
+            on_call(n)
+
     while len(sources) > fan_in:
         level += 1
         batches = [sources[i : i + fan_in] for i in range(0, len(sources), fan_in)]
@@ -830,6 +855,7 @@ def compose_tree(bucket: Any, sources: list[Any], name: str, part_name: Callable
             dest = bucket.blob(job[0])
             dest.content_type = "application/octet-stream"
             dest.compose(job[1], timeout=COMPOSE_TIMEOUT)
+            called()
             return bucket.blob(dest.name, generation=int(dest.generation))
 
         with ThreadPoolExecutor(min(COMPOSE_THREADS, len(batches)), thread_name_prefix="compose") as pool:
@@ -837,6 +863,7 @@ def compose_tree(bucket: Any, sources: list[Any], name: str, part_name: Callable
     dest = bucket.blob(name)
     dest.content_type = "application/vnd.apache.parquet"
     dest.compose(sources, timeout=COMPOSE_TIMEOUT)
+    called()
     return dest
 
 

@@ -14,6 +14,7 @@ so a reader sees the file and the summary of one run, or is told to read again; 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -103,15 +104,29 @@ class Progress:
         self.s, self.m = settings, manifest
         self.name = layout.merge_progress(manifest.pair, manifest.run_id)
         self.last = 0.0
+        self.lock = threading.Lock()  # called from the compose merge's reader threads: one write at a time
 
-    def __call__(self, done: int, total: int, phase: str = "merging", force: bool = False) -> None:
+    def __call__(self, done: int, total: int, phase: str = "merging", force: bool = False,
+                 step: str = "") -> None:
+        """`step`: what is being counted when it is not tables written (the compose merge: "footers read",
+        "compose calls"); `bqx run` shows it."""
+        if not self.lock.acquire(blocking=force):
+            return  # another thread is writing the progress right now
+        try:
+            self._write(done, total, phase, force, step)
+        finally:
+            self.lock.release()
+
+    def _write(self, done: int, total: int, phase: str, force: bool, step: str) -> None:
         now = time.time()
         if not force and now - self.last < PROGRESS_SECONDS:
             return
         self.last = now
+        body: dict[str, Any] = {"phase": phase, "tables_written": done, "tables": total, "at": now}
+        if step:  # no table is written until the whole file is composed
+            body.update(step=step, done=done, total=total, tables_written=0, tables=len(self.m.features))
         try:
-            storage.write_json(self.s, self.s.staging_bucket, self.name,
-                               {"phase": phase, "tables_written": done, "tables": total, "at": now})
+            storage.write_json(self.s, self.s.staging_bucket, self.name, body)
         except Exception as exc:  # noqa: BLE001
             log.warning(f"could not write merge progress: {exc}", pair=self.m.pair, run_id=self.m.run_id)
 
