@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import replace
@@ -356,6 +357,8 @@ class ComposeGate:
         self.hold_after: int | None = None  # compose calls let through before the rest are held
         self.held = threading.Event()
         self.release = threading.Event()
+        self.stall = threading.Event()  # while set, every request waits (a server busy composing a large object)
+        self.unstalled = threading.Event()
         gate = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -366,6 +369,8 @@ class ComposeGate:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if gate.stall.is_set():
+                    gate.unstalled.wait(60)
                 if "/compose" in self.path:
                     gate.composes += 1
                     if gate.hold_after is not None and gate.composes > gate.hold_after:
@@ -506,6 +511,32 @@ def test_compose_merge_reports_footers_read_then_compose_calls(gcs: str, wide: d
     assert sorted(calls) == [(i, 4) for i in range(1, 5)]  # 72 sources: 3 parts, then the file
     assert heard.index(("compose calls", 1, 4)) > max(heard.index(("footers read", *f)) for f in footers)
     assert int(composed.blob.size) == composed.plan.size
+
+
+def test_following_a_run_never_goes_quiet_while_storage_stalls(gcs: str, tmp_path: Path) -> None:
+    """fake-gcs-server answers nothing while it composes or copies a large object (one lock for every write):
+    `bqx run` still hears of the run's last state every second, so its clock line keeps moving."""
+    from bqx import runs
+
+    gate = ComposeGate(gcs)
+    try:
+        s = _settings(tmp_path, gate.endpoint, "stall")
+        heard: list[tuple[float, str]] = []
+
+        def stall_after_first(rs) -> None:  # type: ignore[no-untyped-def]
+            heard.append((time.monotonic(), rs.state))
+            if len(heard) == 1:
+                gate.stall.set()
+                threading.Timer(3.5, gate.unstalled.set).start()
+
+        with pytest.raises(TerminalError, match="still requested after 5s"):
+            runs.follow(s, PAIR, "rstall", timeout=5, on_update=stall_after_first, poll=0.2)
+        during = [t for t, _ in heard if heard[0][0] < t < heard[0][0] + 3.4]
+        assert len(during) >= 3, heard  # once a second while the poll waited, not silent for 3.5 s
+        assert {state for _, state in heard} == {"requested"}
+    finally:
+        gate.unstalled.set()
+        gate.close()
 
 
 def test_auto_merges_an_unaligned_run_by_stream_and_compose_refuses_it(gcs: str, tmp_path: Path) -> None:

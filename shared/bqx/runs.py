@@ -328,20 +328,41 @@ def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
 
 
 def follow(settings: Settings, pair: str, run_id: str, timeout: float, on_update=None, poll: float = 0.5):  # type: ignore[no-untyped-def]
-    """Poll until the run is done or failed; returns the final RunState."""
+    """Poll until the run is done or failed; returns the final RunState. `on_update` hears of the last state at
+    least once a second, also while a poll is still waiting for storage (fake-gcs-server answers nothing while it
+    composes or copies a large object), so a follower's clock keeps moving."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Pending
+
     deadline = time.time() + timeout
-    while True:
-        rs = state(settings, pair, run_id)
-        if on_update:
-            on_update(rs)
-        if rs.state in ("done", "failed"):
-            return rs
-        if time.time() > deadline:
-            raise TerminalError(
-                f"{pair}: run {run_id} still {rs.state} after {timeout:.0f}s "
-                f"({rs.present}/{rs.expected} checkpoints); see `bqx status {pair}`"
-            )
-        time.sleep(poll)
+    last = None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="follow")
+    try:
+        while True:
+            polling = pool.submit(state, settings, pair, run_id)
+            while True:
+                try:
+                    rs = polling.result(timeout=1.0)
+                    break
+                except Pending:
+                    if on_update and last is not None:
+                        on_update(last)
+                    if time.time() > deadline + 60:
+                        raise TerminalError(f"{pair}: run {run_id}: storage did not answer for 60 s after the "
+                                            f"{timeout:.0f}s timeout; see `bqx status {pair}`") from None
+            last = rs
+            if on_update:
+                on_update(rs)
+            if rs.state in ("done", "failed"):
+                return rs
+            if time.time() > deadline:
+                raise TerminalError(
+                    f"{pair}: run {run_id} still {rs.state} after {timeout:.0f}s "
+                    f"({rs.present}/{rs.expected} checkpoints); see `bqx status {pair}`"
+                )
+            time.sleep(poll)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def record_failure(s: Settings, pair: str, run_id: str, stage: str, error: str, error_type: str, retry: str,
