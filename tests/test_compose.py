@@ -539,6 +539,25 @@ def test_following_a_run_never_goes_quiet_while_storage_stalls(gcs: str, tmp_pat
         gate.close()
 
 
+def test_a_file_larger_than_the_gcs_can_compose_is_refused_before_any_compose(gcs: str, wide: dict,
+                                                                              tmp_path: Path) -> None:
+    gate = ComposeGate(gcs)
+    try:
+        s = _settings(tmp_path, gate.endpoint, "big")
+        manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rbig")
+        total = sum(p.stat().st_size for p in wide["paths"])
+        small = replace(s, compose_max_bytes=total - 1)
+        with pytest.raises(TerminalError, match=r"BQX_COMPOSE_MAX_BYTES=.*bqx merge --from") as refused:
+            publish.merge_run(small, manifest, "auto")
+        assert f"checkpoints/{PAIR}/rbig/" in str(refused.value)
+        assert gate.composes == 0
+        assert storage.bucket(s, s.output_bucket).get_blob(layout.output(PAIR)) is None
+        summary = publish.merge_run(replace(s, compose_max_bytes=total + 4096), manifest, "auto")  # room for the footer
+        assert summary["method"] == "compose" and gate.composes == 4
+    finally:
+        gate.close()
+
+
 def test_auto_merges_an_unaligned_run_by_stream_and_compose_refuses_it(gcs: str, tmp_path: Path) -> None:
     grid, paths = build(tmp_path / "cp", tables=3, rows=400, row_group=150, seed=5)
     s = _settings(tmp_path, gcs, "unal")

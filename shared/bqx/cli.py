@@ -306,14 +306,14 @@ def warehouse_info() -> None:
 def _watch(s, pairs: list[str], interval: float, explicit: bool) -> None:  # type: ignore[no-untyped-def]
     from rich.console import Console
     from rich.live import Live
-    from rich.progress import BarColumn, Progress, TextColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bqx import runs
 
     console = Console(stderr=True)
     progress = Progress(TextColumn("{task.fields[pair]:7s}"), TextColumn("{task.fields[state]:10s}"), BarColumn(),
                         TextColumn("{task.completed:.0f}/{task.total:.0f}"), TextColumn("{task.fields[extra]}"),
-                        console=console)
+                        TimeElapsedColumn(), console=console)  # the clock moves even while a poll waits on GCS
     tasks: dict[str, Any] = {}
     with Live(progress, console=console, refresh_per_second=4):
         while True:

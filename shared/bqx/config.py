@@ -146,6 +146,9 @@ class Settings:
     """Merge method: auto (compose for aligned runs, else stream), stream, compose, polars or bigquery."""
     memory_budget: int = parse_bytes(MEMORY_BUDGET)
     """Bytes the merge may hold at once (BQX_MEMORY_BUDGET, e.g. 1GiB)."""
+    compose_max_bytes: int = 0
+    """Largest training file the compose merge builds (0: no limit). The local stack sets what its GCS emulator can
+    hold: fake-gcs-server keeps a composed object whole in memory (docs/LOCAL-GCS.md)."""
     extract_concurrency: int = 4
     """Tables extracted at once by one task."""
     extract_retries: int = 4
@@ -238,6 +241,7 @@ class Settings:
             merge_job=_env("BQX_MERGE_JOB", d.merge_job),
             merge_method=_env("MERGE_METHOD", _env("BQX_MERGE_METHOD", d.merge_method)),
             memory_budget=parse_bytes(_env("BQX_MEMORY_BUDGET", MEMORY_BUDGET)),
+            compose_max_bytes=parse_bytes(limit) if (limit := _env("BQX_COMPOSE_MAX_BYTES", "0")) != "0" else 0,
             extract_concurrency=_env_int("BQX_EXTRACT_CONCURRENCY", d.extract_concurrency),
             extract_retries=_env_int("BQX_EXTRACT_RETRIES", d.extract_retries),
             task_max_retries=_env_int("BQX_TASK_MAX_RETRIES", d.task_max_retries),

@@ -90,6 +90,12 @@ def pubsub_emulator() -> Path:
     return path
 
 
+def local_compose_max_bytes() -> int:
+    """The largest training file the local GCS can compose and copy: fake-gcs-server peaked at 2.25x the object's
+    size (6.3 GiB for 2.8 GB, GOMEMLIMIT set; docs/LOCAL-GCS.md), so a third of this machine's memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 3
+
+
 def client_env(s: Settings) -> dict[str, str]:
     """What every process talking to the local stack needs in its environment."""
     p = s.ports
@@ -139,6 +145,7 @@ class Stack:
         env = {**os.environ, **client_env(s), "PYTHONUNBUFFERED": "1", "BQX_LOG_FORMAT": "json"}
         env.setdefault("BQX_CLAIM_LEASE_SECONDS", LOCAL_LEASE_SECONDS)
         env.setdefault("BQX_TASK_MAX_RETRIES", "1")
+        env.setdefault("BQX_COMPOSE_MAX_BYTES", str(local_compose_max_bytes()))
         for leak in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # artifacts import only what they carry
             env.pop(leak, None)
         py = sys.executable

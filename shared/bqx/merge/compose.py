@@ -788,6 +788,14 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
         if src.tag != grid.keys_sha256:
             raise Misaligned(src.table, f"object metadata {GRID_OBJECT_KEY}={(src.tag or '(none)')[:16]}, the "
                                         f"grid's is {grid.keys_sha256[:16]}...")
+    total = sum(src.size for src in sources)
+    if settings.compose_max_bytes and total > settings.compose_max_bytes:
+        raise TerminalError(
+            f"run {run_id}: the training file would be {total / 1e9:.1f} GB, more than BQX_COMPOSE_MAX_BYTES="
+            f"{settings.compose_max_bytes / 1e9:.1f} GB, what this GCS can compose (the local stack's fake-gcs-server "
+            f"holds a composed object whole in memory, ~2.3x its size: docs/LOCAL-GCS.md). Its checkpoints are "
+            f"gs://{settings.staging_bucket}/{layout.checkpoints_prefix(pair, run_id)} (the local stack keeps "
+            f"objects as files under $BQX_HOME/gcs/<bucket>/): merge them with `bqx merge --from DIR --to FILE`")
     components = sum(int(getattr(blobs[t.checkpoint], "component_count", None) or 1) for t in manifest.tables) + 1
     if components > MAX_COMPONENTS:
         raise TerminalError(f"run {run_id}: {components} components, over GCS's {MAX_COMPONENTS} for one object")
