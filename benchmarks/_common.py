@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bqx.catalog import GRID_FILE_KEY, KEY, targets_table
 from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
-from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, WRITER_OPTIONS
+from bqx.parquet.conventions import CHECKPOINT_OPTIONS, CHECKPOINT_ROW_GROUP, write_checkpoint
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -39,7 +38,7 @@ class BenchShape:
 
     @property
     def dir(self) -> Path:
-        settings = zlib.crc32(json.dumps([WRITER_OPTIONS, CHECKPOINT_ROW_GROUP], sort_keys=True).encode())
+        settings = zlib.crc32(json.dumps([CHECKPOINT_OPTIONS, CHECKPOINT_ROW_GROUP], sort_keys=True).encode())
         return CACHE / (f"{self.key}-r{self.rows}-c{self.value_columns or 'real'}-t{self.table_scale}"
                         f"{'-aligned-grid' if self.aligned else ''}-w{settings:08x}")
 
@@ -82,7 +81,7 @@ def _write_one(args: tuple[BenchShape, str | None]) -> int:
     if meta:
         data = data.replace_schema_metadata({**(data.schema.metadata or {}), **meta})
     tmp = shape.dir / f".{name}.parquet.tmp"
-    pq.write_table(data, tmp, row_group_size=CHECKPOINT_ROW_GROUP, **WRITER_OPTIONS)
+    write_checkpoint(data, tmp, CHECKPOINT_ROW_GROUP)
     tmp.replace(shape.dir / f"{name}.parquet")
     return data.num_columns
 

@@ -36,8 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from bqx import layout
 from bqx.catalog import Column, Manifest, TableEntry, targets_table
 from bqx.config import Settings
@@ -46,7 +44,7 @@ from bqx.gcp import storage
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import Stack, client_env, gate_ports, use_free_ports
 from bqx.local.warehouse import Shape, feature_arrow, table_specs, targets_arrow
-from bqx.parquet.conventions import WRITER_OPTIONS, type_name
+from bqx.parquet.conventions import type_name, write_checkpoint
 
 PAIR = "eurusd"
 GOALS = {"p50": 1.0, "p99": 2.0, "cpu_median_ms": 10.0, "cpu_p99_ms": 50.0}
@@ -61,7 +59,7 @@ def checkpoints(shape: Shape) -> list[tuple[str, str, tuple[Column, ...], bytes]
     tables += [(spec.name, "feature", feature_arrow(PAIR, spec, shape)) for spec in table_specs(PAIR, shape)]
     for name, kind, table in tables:
         buf = io.BytesIO()
-        pq.write_table(table, buf, **WRITER_OPTIONS)
+        write_checkpoint(table, buf)
         columns = tuple(Column(f.name, type_name(f.type)) for f in table.schema)
         out.append((name, kind, columns, buf.getvalue()))
     return out

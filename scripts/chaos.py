@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import requests
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
@@ -66,7 +65,7 @@ from bqx.local import artifacts, gate
 from bqx.local.runapi import RunApi, make_handler
 from bqx.local.stack import free_port
 from bqx.pairs import PAIRS
-from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
+from bqx.parquet.conventions import KEY_TYPE, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SENDERS = 8
@@ -86,7 +85,7 @@ def checkpoint_bytes() -> bytes:
     keys = pa.array([1_700_000_000_000_000 + 60_000_000 * i for i in range(5)], pa.int64()).cast(KEY_TYPE)
     table = pa.table({"interval_time": keys, "f000": pa.array([0.5 * i for i in range(5)], pa.float64())})
     buf = io.BytesIO()
-    pq.write_table(table, buf, **WRITER_OPTIONS)
+    write_checkpoint(table, buf)
     return buf.getvalue()
 
 

@@ -41,7 +41,7 @@ from bqx.merge import compose, publish
 from bqx.merge.plan import MergeInput, local_inputs
 from bqx.merge.stream import merge
 from bqx.parquet.chunks import row_groups
-from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, type_name
+from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, type_name, write_checkpoint
 
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings, validate_all
 
@@ -82,16 +82,21 @@ def _aligned(keys: pa.Table, table: pa.Table) -> pa.Table:
     return joined.select(table.column_names).cast(table.schema)
 
 
-def _write(path: Path, table: pa.Table, row_group: int, digest: str | None) -> None:
+def _write(path: Path, table: pa.Table, row_group: int, digest: str | None, stored_schema: bool = False) -> None:
     meta = {"bqx.pair": PAIR, "bqx.table": path.stem}
     if digest is not None:
         meta[GRID_FILE_KEY] = digest
-    pq.write_table(table.replace_schema_metadata(meta), path, row_group_size=row_group, **WRITER_OPTIONS)
+    table = table.replace_schema_metadata(meta)
+    if stored_schema:  # as the extract wrote them before checkpoints stopped storing the Arrow schema
+        pq.write_table(table, path, row_group_size=row_group, **WRITER_OPTIONS)
+    else:
+        write_checkpoint(table, path, row_group)
 
 
 def build(directory: Path, tables: int, rows: int, row_group: int, seed: int = 1,
-          misaligned: dict[int, str] | None = None) -> tuple[Grid, list[Path]]:
-    """Aligned checkpoints of `tables` feature tables in `directory` (targets first in the returned list).
+          misaligned: dict[int, str] | None = None, stored_schema: bool = False) -> tuple[Grid, list[Path]]:
+    """Aligned checkpoints of `tables` feature tables in `directory` (targets first in the returned list), written
+    as the extract writes them (no stored Arrow schema, unless `stored_schema`: an earlier version's checkpoints).
     `misaligned`: feature index -> 'row_groups' | 'digest' | 'no_digest' for a checkpoint that is not."""
     directory.mkdir(parents=True, exist_ok=True)
     t = _targets(rows, seed)
@@ -99,14 +104,14 @@ def build(directory: Path, tables: int, rows: int, row_group: int, seed: int = 1
     groups = tuple(min(row_group, rows - s) for s in range(0, rows, row_group))
     grid = Grid(rows, groups, digest)
     paths = [directory / f"targets_{PAIR}.parquet"]
-    _write(paths[0], t, row_group, digest)
+    _write(paths[0], t, row_group, digest, stored_schema)
     keys = t.select([KEY])
     for i in range(tables):
         p = directory / f"f{i % 7}_{PAIR}_t{i:03d}.parquet"
         f = _aligned(keys, _feature(t.column(KEY).combine_chunks(), seed * 1000 + i))
         how = (misaligned or {}).get(i)
         _write(p, f, row_group + 1 if how == "row_groups" else row_group,
-               {"digest": "0" * 64, "no_digest": None}.get(how or "", digest))  # type: ignore[arg-type]
+               {"digest": "0" * 64, "no_digest": None}.get(how or "", digest), stored_schema)  # type: ignore[arg-type]
         paths.append(p)
     return grid, [paths[0], *sorted(paths[1:])]  # the order bqx merge --from takes them in (names)
 
@@ -260,7 +265,8 @@ COMPOSED_SHA256 = {
 @pytest.mark.parametrize("shape", sorted(COMPOSED_SHA256))
 def test_composed_bytes_are_those_recorded_before_the_light_footer_walk(shape: tuple, tmp_path: Path) -> None:
     tables, rows, row_group, seed = shape
-    build(tmp_path, tables=tables, rows=rows, row_group=row_group, seed=seed)
+    # the inputs as they were recorded: checkpoints with a stored Arrow schema (the light walk reads both kinds)
+    build(tmp_path, tables=tables, rows=rows, row_group=row_group, seed=seed, stored_schema=True)
     data = composed_local(tmp_path)
     assert hashlib.sha256(data).hexdigest() == COMPOSED_SHA256[shape]
 
@@ -289,18 +295,29 @@ def test_light_footer_walk_encodes_what_chunk_prepare_does(options: dict, tmp_pa
                 assert c.encode(name, delta) == chunk.prepare(name).at(delta)
 
 
-def test_checkpoints_the_light_walk_does_not_read_compose_the_general_way(tmp_path: Path) -> None:
-    """A checkpoint without a stored Arrow schema (another writer's shape) is read by pyarrow instead: the composed
-    file still reads back as the stream merge."""
-    grid, paths = build(tmp_path, tables=3, rows=500, row_group=200)
-    f = pq.read_table(paths[2])
-    kv = {k.decode(): v.decode() for k, v in (f.schema.metadata or {}).items() if k != b"ARROW:schema"}
-    with pq.ParquetWriter(paths[2], f.schema, store_schema=False, **WRITER_OPTIONS) as w:
-        w.write_table(f, row_group_size=200)
-        w.add_key_value_metadata(kv)
-    assert set(pq.read_metadata(paths[2]).metadata) == {b"bqx.pair", b"bqx.table", GRID_FILE_KEY.encode()}
-    src = compose.local_source(local_inputs(tmp_path, pair=PAIR)[1][1])
-    assert not compose.read_footer(src).elements  # the general reading
+@pytest.mark.parametrize("stored_schema", [False, True])
+def test_the_light_walk_and_pyarrows_reading_give_the_same_footer(tmp_path: Path, stored_schema: bool) -> None:
+    """Checkpoints with no stored Arrow schema (as the extract writes them) or with one (an earlier version's) are
+    read by the light footer walk; any other writer's shape is read by pyarrow (the general way). Both readings
+    give the same schemas, row groups, key statistics and the same training file footer."""
+    grid, paths = build(tmp_path, tables=3, rows=500, row_group=200, stored_schema=stored_schema)
+    assert (b"ARROW:schema" in (pq.read_metadata(paths[1]).metadata or {})) == stored_schema
+    t, features = local_inputs(tmp_path, pair=PAIR)
+    sources = [compose.local_source(i) for i in [t, *features]]
+    light = [compose.read_footer(src) for src in sources]
+    assert all(fp.elements for fp in light)  # the light walk read every one
+    general = []
+    for src in sources:
+        data = src.read(0, src.size)
+        n = struct.unpack("<I", data[-8:-4])[0]
+        general.append(compose._general_footer(src, data[-8 - n : -8], n + 8))
+    assert not any(fp.elements for fp in general)
+    for a, b in zip(light, general, strict=True):
+        assert (a.schema.names, a.schema.types) == (b.schema.names, b.schema.types)
+        assert a.schema.field(KEY).type == KEY_TYPE
+        assert (a.rows, a.grid) == (b.rows, b.grid)
+        assert [s is not None for s in a.key_stats] == [s is not None for s in b.key_stats]
+    assert compose.plan(light[0], light[1:], grid).tail == compose.plan(general[0], general[1:], grid).tail
     composed = pq.read_table(io.BytesIO(composed_local(tmp_path)))
     assert_same_values(composed, pq.read_table(io.BytesIO(stream_reference(tmp_path))))
 

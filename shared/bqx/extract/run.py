@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from google.api_core import exceptions as gexc
 
 from bqx import layout, runs
@@ -32,7 +31,14 @@ from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.extract.sources import BATCH_ROWS, Discovery, Source, SourceTable, open_source
 from bqx.gcp import storage
 from bqx.logs import Log
-from bqx.parquet.conventions import CHECKPOINT_ROW_GROUP, KEY_TYPE, WRITER_OPTIONS, arrow_type, schema_of, type_name
+from bqx.parquet.conventions import (
+    CHECKPOINT_ROW_GROUP,
+    KEY_TYPE,
+    CheckpointWriter,
+    arrow_type,
+    schema_of,
+    type_name,
+)
 from bqx.parquet.keys import key_micros
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # multiple of 256 KiB, as resumable uploads require
@@ -282,7 +288,7 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
     try:
         with storage.ObjectSink(blob, UPLOAD_CHUNK, UPLOAD_CHUNK, "application/vnd.apache.parquet",
                                 if_generation_match=0) as sink:
-            writer = pq.ParquetWriter(sink, schema, **WRITER_OPTIONS)
+            writer = CheckpointWriter(sink, schema)
             try:
                 for batch in _batches(source, manifest, entry, schema, grid_keys or _GridKeys()):
                     batch = _conform(batch, schema, entry.name)

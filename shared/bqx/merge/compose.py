@@ -328,6 +328,7 @@ def _light_footer(src: Source, footer: bytes, got: int) -> Footer:
     data = footer
     pos = last = 0
     elements: list[tuple[str, bytes]] = []
+    schema_list = b""
     groups: list[list[Column]] = []
     rows: list[int] = []
     kv: dict[bytes, bytes] = {}
@@ -337,7 +338,9 @@ def _light_footer(src: Source, footer: bytes, got: int) -> Footer:
         if not fid:
             break
         if fid == 2 and t == LIST:
+            schema_at = pos
             elements, pos = _elements(data, pos)
+            schema_list = data[schema_at:pos]
         elif fid == 4 and t == LIST:
             _, n, pos = list_header(data, pos)
             for _ in range(n):
@@ -371,9 +374,12 @@ def _light_footer(src: Source, footer: bytes, got: int) -> Footer:
             pos = skip(data, pos, t)
         last = fid
     stored = kv.get(b"ARROW:schema")
-    if stored is None:
-        raise _Slow("no stored Arrow schema")
-    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(stored)))
+    if stored is not None:  # a checkpoint of an earlier version, or another writer's
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(stored)))
+    elif elements:
+        schema = _schema_of(schema_list)
+    else:
+        raise _Slow("no schema")
     names = [e[0] for e in elements]
     if schema.names != names:
         raise _Slow("the stored Arrow schema is not the Parquet schema")
@@ -386,6 +392,13 @@ def _light_footer(src: Source, footer: bytes, got: int) -> Footer:
         stats.append(_min_max(data, key.stats) if key is not None and key.stats else None)
     return Footer(src, schema, [e[1] for e in elements], rows, stats, kv.get(GRID_FILE_KEY.encode(), b"").decode(),
                   groups, got, footer)
+
+
+def _schema_of(schema_list: bytes) -> pa.Schema:
+    """The Arrow schema pyarrow reads from a footer's encoded schema list (a checkpoint stores no Arrow schema):
+    pyarrow parses a footer holding only that list (version 1, 0 rows, no row groups), ~15 us a table."""
+    meta = b"\x15\x02\x19" + schema_list + b"\x16\x00\x19\x0c\x00"
+    return pq.ParquetFile(pa.BufferReader(meta + struct.pack("<I", len(meta)) + MAGIC)).schema_arrow
 
 
 def _min_max(data: bytes, span: tuple[int, int]) -> tuple[int, int] | None:
@@ -720,12 +733,12 @@ def merge_local(targets: MergeInput, features: list[MergeInput], sink: BinaryIO,
 
 # ------------------------------------------------------------------------------------------------ GCS
 def tail_guess(columns: list[str], row_groups: int) -> int:
-    """Bytes that most likely hold a checkpoint's whole footer (one request): per column its schema element (~59
-    bytes and its name), its ColumnChunk in each row group (~60 and its name) and its Arrow schema entry (base64:
-    ~1.2x its name). A footer longer than this costs one more request for exactly the rest; a shorter one reads
-    bytes of data for nothing. Fitted to the extract's checkpoints (668 footers at 2,000 rows: 5 take a second
-    request, 0.8 % more bytes than the footers; the old, rounder guess read 19 % more, 1.14 % of the inputs)."""
-    return int(400 + sum(59 + 60 * row_groups + (row_groups + 2.2) * len(c) for c in columns))
+    """Bytes that most likely hold a checkpoint's whole footer (one request): per column its schema element (~4
+    bytes and its name) and its ColumnChunk in each row group (~58 and its name). A footer longer than this costs
+    one more request for exactly the rest (a checkpoint of an earlier version, which stored an Arrow schema, always
+    does); a shorter one reads bytes of data for nothing. Fitted to the extract's checkpoints: at 2,000 rows (one
+    row group) all 668 footers in one request, 5.8 % more bytes than the footers; at 100,000 rows (two) 3.1 %."""
+    return int(350 + sum(4 + 58 * row_groups + (row_groups + 1) * len(c) for c in columns))
 
 
 def object_grid_tag(blob: Any) -> str:
@@ -760,7 +773,7 @@ def gcs_sources(settings: Any, manifest: Manifest, blobs: dict[str, Any]) -> lis
         pinned = bucket.blob(t.checkpoint, generation=int(b.generation))
         prefix = "" if t.role == "targets" else layout.prefix_of(manifest.pair, t.name)
         out.append(Source(t.name, prefix, int(b.size or 0), lambda s, e, blob=pinned: download(blob, s, e),
-                          tail_guess(["ARROW:schema", *(c.name for c in t.columns)], groups), object_grid_tag(b)))
+                          tail_guess([c.name for c in t.columns], groups), object_grid_tag(b)))
     return out
 
 
