@@ -93,7 +93,16 @@ def merge_kills(s: Settings, n: int, out: list[dict[str, Any]], log: Any) -> Non
 def slow_for(s: Settings, delay: float, seconds: float) -> None:
     """Every launch takes `delay` (past run_job's 30 s timeout) for `seconds`, then back to normal."""
     tf.faults_post(s, {"fail_next": 0, "delay": delay})
-    threading.Timer(seconds, lambda: tf.faults_post(s, {"fail_next": 0, "delay": 0.0})).start()
+
+    def back_to_normal() -> None:
+        try:
+            tf.faults_post(s, {"fail_next": 0, "delay": 0.0})
+        except OSError:
+            pass  # the plan ended first and its stack is down: nothing left to slow
+
+    timer = threading.Timer(seconds, back_to_normal)
+    timer.daemon = True
+    timer.start()
 
 
 def restarts(tmp: Path, rounds: int, out: list[dict[str, Any]], log: Any) -> None:
