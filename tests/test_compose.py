@@ -567,6 +567,7 @@ def test_a_file_larger_than_the_gcs_can_compose_is_refused_before_any_compose(gc
         with pytest.raises(TerminalError, match=r"BQX_COMPOSE_MAX_BYTES=.*bqx merge --from") as refused:
             publish.merge_run(small, manifest, "auto")
         assert f"checkpoints/{PAIR}/rbig/" in str(refused.value)
+        assert refused.value.retry.startswith(f"bqx merge --from $BQX_HOME/gcs/{s.staging_bucket}/checkpoints/")
         assert gate.composes == 0
         assert storage.bucket(s, s.output_bucket).get_blob(layout.output(PAIR)) is None
         summary = publish.merge_run(replace(s, compose_max_bytes=total + 4096), manifest, "auto")  # room for the footer

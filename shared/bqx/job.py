@@ -218,7 +218,8 @@ def recorded_failure(ctx: JobContext, stage: str) -> dict[str, object] | None:
 
 def record_error(ctx: JobContext, stage: str, exc: BaseException, started: float) -> None:
     """Record the failure in the run's error.json (bqx.runs.record_failure: the first error of a run wins)."""
-    retry = f"bqx merge {ctx.pair} --run-id {ctx.run_id}" if stage == "merge" else f"bqx run {ctx.pair}"
+    retry = getattr(exc, "retry", None) or (
+        f"bqx merge {ctx.pair} --run-id {ctx.run_id}" if stage == "merge" else f"bqx run {ctx.pair}")
     try:
         recorded = runs.record_failure(ctx.settings, ctx.pair, ctx.run_id, stage, str(exc), type(exc).__name__, retry,
                                        table=getattr(exc, "table", None), seconds=round(time.time() - started, 3),

@@ -75,6 +75,14 @@ COMPOSE_TIMEOUT = 600
 FOOTER_OPTIONS = {**WRITER_OPTIONS, "write_page_index": False, "store_schema": False}
 
 
+class TooLarge(TerminalError):
+    """A training file larger than this GCS can compose (BQX_COMPOSE_MAX_BYTES); `retry` says how to merge it."""
+
+    def __init__(self, message: str, retry: str) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
 class Misaligned(BadCheckpoint):
     """A checkpoint that is not cut to the run's grid: the compose merge cannot use it (it names the table)."""
 
@@ -803,12 +811,15 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
                                         f"grid's is {grid.keys_sha256[:16]}...")
     total = sum(src.size for src in sources)
     if settings.compose_max_bytes and total > settings.compose_max_bytes:
-        raise TerminalError(
+        where = f"{settings.staging_bucket}/{layout.checkpoints_prefix(pair, run_id)}"
+        raise TooLarge(
             f"run {run_id}: the training file would be {total / 1e9:.1f} GB, more than BQX_COMPOSE_MAX_BYTES="
             f"{settings.compose_max_bytes / 1e9:.1f} GB, what this GCS can compose (the local stack's fake-gcs-server "
             f"holds a composed object whole in memory, ~2.3x its size: docs/LOCAL-GCS.md). Its checkpoints are "
-            f"gs://{settings.staging_bucket}/{layout.checkpoints_prefix(pair, run_id)} (the local stack keeps "
-            f"objects as files under $BQX_HOME/gcs/<bucket>/): merge them with `bqx merge --from DIR --to FILE`")
+            f"gs://{where} (the local stack keeps objects as files under $BQX_HOME/gcs/<bucket>/): merge them with "
+            f"`bqx merge --from DIR --to FILE`",
+            retry=f"bqx merge --from $BQX_HOME/gcs/{where} --to training_{pair}.parquet  (local stack; "
+                  f"elsewhere: gcloud storage cp -r gs://{where} DIR first)")
     components = sum(int(getattr(blobs[t.checkpoint], "component_count", None) or 1) for t in manifest.tables) + 1
     if components > MAX_COMPONENTS:
         raise TerminalError(f"run {run_id}: {components} components, over GCS's {MAX_COMPONENTS} for one object")
