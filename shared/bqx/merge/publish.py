@@ -159,7 +159,10 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     md = {"bqx.pair": pair, "bqx.run_id": run_id, "bqx.method": method}
     progress = Progress(settings, manifest)
     features_total = len(manifest.features)
-    progress(0, features_total, force=True)
+    if method == "compose":
+        progress(0, len(manifest.tables), force=True, step="footers read")
+    else:
+        progress(0, features_total, force=True)
     composed = None
     if method == "compose":
         from bqx.merge import compose
