@@ -468,16 +468,20 @@ def _settings(tmp_path: Path, endpoint: str, suffix: str):  # type: ignore[no-un
     return s
 
 
-def test_run_of_70_tables_is_composed_in_a_tree_and_published(gcs: str, wide: dict, tmp_path: Path) -> None:
+def test_run_of_70_tables_is_composed_in_a_tree_and_published(gcs: str, wide: dict, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     gate = ComposeGate(gcs)
     try:
         s = _settings(tmp_path, gate.endpoint, "tree")
         manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rtree")
         checkpoint_bytes = sum(p.stat().st_size for p in wide["paths"])
         gate.media_bytes = gate.media_requests = 0
-        summary = publish.merge_run(s, manifest, "auto")
+        with caplog.at_level("INFO", logger="bqx.merge.publish"):
+            summary = publish.merge_run(s, manifest, "auto")
         assert summary["method"] == "compose"
         assert gate.composes == 4  # 72 sources: 3 parts of at most 32, then one compose of the 3
+        published = [r for r in caplog.records if r.getMessage() == "training file published"]
+        assert len(published) == 1 and published[0].fields["peak_rss_mib"] > 50  # type: ignore[attr-defined]
         out = storage.bucket(s, s.output_bucket).get_blob(layout.output(PAIR))
         data = out.download_as_bytes()
         # GCS's checksum of the composed object (real GCS keeps no MD5 of a composite: crc32c is the one recorded)

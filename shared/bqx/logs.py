@@ -15,6 +15,13 @@ _LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERR
 _FIELDS = ("pair", "run_id", "table", "event_id", "stage", "seconds", "component")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (what a Cloud Run job's memory limit is measured against)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

@@ -30,7 +30,7 @@ from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
 from bqx.extract.sources import BATCH_ROWS, Discovery, Source, SourceTable, open_source
 from bqx.gcp import storage
-from bqx.logs import Log
+from bqx.logs import Log, peak_rss_mib
 from bqx.parquet.conventions import (
     CHECKPOINT_ROW_GROUP,
     KEY_TYPE,
@@ -483,5 +483,6 @@ def run(
     report.seconds = time.time() - started
     save_report(settings, report)
     rlog.info("extract finished", written=report.written, reused=report.reused,
-              skipped=len(report.tables) - report.written, seconds=round(report.seconds, 2))
+              skipped=len(report.tables) - report.written, seconds=round(report.seconds, 2),
+              peak_rss_mib=peak_rss_mib())
     return report

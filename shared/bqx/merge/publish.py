@@ -29,7 +29,7 @@ from bqx.catalog import Manifest
 from bqx.config import Settings, check_merge_method
 from bqx.errors import BadCheckpoint, ConfigError, TerminalError, TransientError
 from bqx.gcp import storage
-from bqx.logs import Log
+from bqx.logs import Log, peak_rss_mib
 from bqx.merge.plan import MergeJob, MergeStats, Method, targets_rows, upload_chunk
 
 READ_CHUNK = 4 * 1024 * 1024
@@ -202,7 +202,7 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
 
         compose.cleanup(settings, pair, run_id)  # the parts, the footer, and whatever a killed attempt left
     log.info("training file published", pair=pair, run_id=run_id, rows=stats.rows, columns=stats.columns,
-             seconds=round(stats.seconds, 2), output=summary["output"])
+             seconds=round(stats.seconds, 2), output=summary["output"], peak_rss_mib=peak_rss_mib())
     return summary
 
 
