@@ -148,3 +148,18 @@ def test_object_events_carry_the_object_resource() -> None:
     other = gcs_notification("b", "checkpoints/x.parquet", 8)
     other.data["message"]["data"] = base64.b64encode(json.dumps(resource).encode()).decode()
     assert (events.parse(other).size, events.parse(other).crc32c) == (None, None)
+
+
+def test_request_nesting_is_refused_before_parsing_and_brackets_in_strings_do_not_count() -> None:
+    from bqx.errors import BadRequest
+    from bqx.trigger import MAX_REQUEST_DEPTH, parse_request_body
+
+    note = '[{"quoted \\" bracket [[[[' + "[" * 40 + '"'
+    body = parse_request_body(json.dumps({"pairs": ["eurusd", "gbpusd"], "note": note}).encode())
+    assert body["note"] == note
+    deep = "[" * (MAX_REQUEST_DEPTH + 1) + "]" * (MAX_REQUEST_DEPTH + 1)
+    for raw in (deep, '{"pair": ' + deep + "}", '{"a":' * 10_000 + "1" + "}" * 10_000):
+        with pytest.raises(BadRequest, match="nested too deeply"):
+            parse_request_body(raw.encode())
+    shallow = '{"pair": "eurusd", "note": ' + "[" * (MAX_REQUEST_DEPTH - 1) + "]" * (MAX_REQUEST_DEPTH - 1) + "}"
+    assert parse_request_body(shallow.encode())["pair"] == "eurusd"

@@ -16,9 +16,37 @@ from bqx.logs import Log
 from bqx.pairs import validate_pair
 
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_DEPTH = 16  # a request is an object of strings, booleans and one list of pairs: two levels
 REQUEST_FIELDS = {"pair", "pairs", "origin", "force", "accept_drift", "requested_by", "note"}
 
 log = Log("bqx.functions")
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON `text` (brackets inside strings do not count)."""
+    if text.count("[") + text.count("{") <= MAX_REQUEST_DEPTH:
+        return 0  # cannot be deeper than this many openings
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_REQUEST_DEPTH:
+                    return deepest
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def parse_request_body(raw: bytes) -> dict[str, Any]:
@@ -27,10 +55,15 @@ def parse_request_body(raw: bytes) -> dict[str, Any]:
     try:
         if not raw.strip():
             raise BadRequest('request is empty; write a JSON object such as {"pair": "eurusd"}')
-        body = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        # Refused before parsing: json.loads of nesting near the interpreter's recursion limit raises RecursionError
+        # at a depth that varies, and what it leaves behind was once reported as an unraisable exception.
+        if _nesting(text) > MAX_REQUEST_DEPTH:
+            raise BadRequest("request is nested too deeply to be a request")
+        body = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request is not valid JSON: {exc}") from None
-    except RecursionError:  # nesting deeper than the parser goes, within the size limit: still just bad input
+    except RecursionError:  # a backstop: the depth check above makes this unreachable for valid UTF-8
         raise BadRequest("request is nested too deeply to be a request") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request must be a JSON object, got {type(body).__name__}")
