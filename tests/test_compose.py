@@ -461,6 +461,18 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"dir": d, "grid": grid, "paths": paths, "stream": pq.read_table(io.BytesIO(stream_reference(d)))}
 
 
+@pytest.fixture
+def gate(gcs: str) -> Iterator[ComposeGate]:
+    """A ComposeGate in front of the module's fake-gcs-server, released and closed after the test."""
+    proxy = ComposeGate(gcs)
+    try:
+        yield proxy
+    finally:
+        proxy.unstalled.set()
+        proxy.release.set()
+        proxy.close()
+
+
 def _settings(tmp_path: Path, endpoint: str, suffix: str):  # type: ignore[no-untyped-def]
     apply_env(gcs_env(endpoint))
     s = local_settings(tmp_path, endpoint, staging_bucket=f"st-{suffix}", output_bucket=f"out-{suffix}")
@@ -468,35 +480,31 @@ def _settings(tmp_path: Path, endpoint: str, suffix: str):  # type: ignore[no-un
     return s
 
 
-def test_run_of_70_tables_is_composed_in_a_tree_and_published(gcs: str, wide: dict, tmp_path: Path,
+def test_run_of_70_tables_is_composed_in_a_tree_and_published(gate: ComposeGate, wide: dict, tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    gate = ComposeGate(gcs)
-    try:
-        s = _settings(tmp_path, gate.endpoint, "tree")
-        manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rtree")
-        checkpoint_bytes = sum(p.stat().st_size for p in wide["paths"])
-        gate.media_bytes = gate.media_requests = 0
-        with caplog.at_level("INFO", logger="bqx.merge.publish"):
-            summary = publish.merge_run(s, manifest, "auto")
-        assert summary["method"] == "compose"
-        assert gate.composes == 4  # 72 sources: 3 parts of at most 32, then one compose of the 3
-        published = [r for r in caplog.records if r.getMessage() == "training file published"]
-        assert len(published) == 1 and published[0].fields["peak_rss_mib"] > 50  # type: ignore[attr-defined]
-        out = storage.bucket(s, s.output_bucket).get_blob(layout.output(PAIR))
-        data = out.download_as_bytes()
-        # GCS's checksum of the composed object (real GCS keeps no MD5 of a composite: crc32c is the one recorded)
-        crc = base64.b64encode(struct.pack(">I", google_crc32c.value(data))).decode()
-        assert summary["crc32c"] == out.crc32c == crc
-        assert_same_values(pq.read_table(io.BytesIO(data)), wide["stream"])
-        assert pq.ParquetFile(io.BytesIO(data)).metadata.metadata[b"bqx.method"] == b"compose"
-        assert storage.list_names(s, s.staging_bucket, layout.compose_prefix(PAIR, "rtree")) == {}  # cleaned up
-        # The job read footers, not data: one tail request per checkpoint (the targets' also read by publishing's
-        # row count check, up to 64 KiB), the tail sized from the manifest's column names.
-        footers = sum(int.from_bytes(p.read_bytes()[-8:-4], "little") + 8 for p in wide["paths"])
-        assert gate.media_requests <= len(wide["paths"]) + 3, gate.media_requests
-        assert gate.media_bytes <= 1.3 * footers + (64 << 10), (gate.media_bytes, footers, checkpoint_bytes)
-    finally:
-        gate.close()
+    s = _settings(tmp_path, gate.endpoint, "tree")
+    manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rtree")
+    checkpoint_bytes = sum(p.stat().st_size for p in wide["paths"])
+    gate.media_bytes = gate.media_requests = 0
+    with caplog.at_level("INFO", logger="bqx.merge.publish"):
+        summary = publish.merge_run(s, manifest, "auto")
+    assert summary["method"] == "compose"
+    assert gate.composes == 4  # 72 sources: 3 parts of at most 32, then one compose of the 3
+    published = [r for r in caplog.records if r.getMessage() == "training file published"]
+    assert len(published) == 1 and published[0].fields["peak_rss_mib"] > 50  # type: ignore[attr-defined]
+    out = storage.bucket(s, s.output_bucket).get_blob(layout.output(PAIR))
+    data = out.download_as_bytes()
+    # GCS's checksum of the composed object (real GCS keeps no MD5 of a composite: crc32c is the one recorded)
+    crc = base64.b64encode(struct.pack(">I", google_crc32c.value(data))).decode()
+    assert summary["crc32c"] == out.crc32c == crc
+    assert_same_values(pq.read_table(io.BytesIO(data)), wide["stream"])
+    assert pq.ParquetFile(io.BytesIO(data)).metadata.metadata[b"bqx.method"] == b"compose"
+    assert storage.list_names(s, s.staging_bucket, layout.compose_prefix(PAIR, "rtree")) == {}  # cleaned up
+    # The job read footers, not data: one tail request per checkpoint (the targets' also read by publishing's
+    # row count check, up to 64 KiB), the tail sized from the manifest's column names.
+    footers = sum(int.from_bytes(p.read_bytes()[-8:-4], "little") + 8 for p in wide["paths"])
+    assert gate.media_requests <= len(wide["paths"]) + 3, gate.media_requests
+    assert gate.media_bytes <= 1.3 * footers + (64 << 10), (gate.media_bytes, footers, checkpoint_bytes)
 
 
 def test_compose_tree_keeps_order_at_every_level(gcs: str, tmp_path: Path) -> None:
@@ -534,50 +542,41 @@ def test_compose_merge_reports_footers_read_then_compose_calls(gcs: str, wide: d
     assert int(composed.blob.size) == composed.plan.size
 
 
-def test_following_a_run_never_goes_quiet_while_storage_stalls(gcs: str, tmp_path: Path) -> None:
+def test_following_a_run_never_goes_quiet_while_storage_stalls(gate: ComposeGate, tmp_path: Path) -> None:
     """fake-gcs-server answers nothing while it composes or copies a large object (one lock for every write):
     `bqx run` still hears of the run's last state every second, so its clock line keeps moving."""
     from bqx import runs
 
-    gate = ComposeGate(gcs)
-    try:
-        s = _settings(tmp_path, gate.endpoint, "stall")
-        heard: list[tuple[float, str]] = []
+    s = _settings(tmp_path, gate.endpoint, "stall")
+    heard: list[tuple[float, str]] = []
 
-        def stall_after_first(rs) -> None:  # type: ignore[no-untyped-def]
-            heard.append((time.monotonic(), rs.state))
-            if len(heard) == 1:
-                gate.stall.set()
-                threading.Timer(3.5, gate.unstalled.set).start()
+    def stall_after_first(rs) -> None:  # type: ignore[no-untyped-def]
+        heard.append((time.monotonic(), rs.state))
+        if len(heard) == 1:
+            gate.stall.set()
+            threading.Timer(3.5, gate.unstalled.set).start()
 
-        with pytest.raises(TerminalError, match="still requested after 5s"):
-            runs.follow(s, PAIR, "rstall", timeout=5, on_update=stall_after_first, poll=0.2)
-        during = [t for t, _ in heard if heard[0][0] < t < heard[0][0] + 3.4]
-        assert len(during) >= 3, heard  # once a second while the poll waited, not silent for 3.5 s
-        assert {state for _, state in heard} == {"requested"}
-    finally:
-        gate.unstalled.set()
-        gate.close()
+    with pytest.raises(TerminalError, match="still requested after 5s"):
+        runs.follow(s, PAIR, "rstall", timeout=5, on_update=stall_after_first, poll=0.2)
+    during = [t for t, _ in heard if heard[0][0] < t < heard[0][0] + 3.4]
+    assert len(during) >= 3, heard  # once a second while the poll waited, not silent for 3.5 s
+    assert {state for _, state in heard} == {"requested"}
 
 
-def test_a_file_larger_than_the_gcs_can_compose_is_refused_before_any_compose(gcs: str, wide: dict,
+def test_a_file_larger_than_the_gcs_can_compose_is_refused_before_any_compose(gate: ComposeGate, wide: dict,
                                                                               tmp_path: Path) -> None:
-    gate = ComposeGate(gcs)
-    try:
-        s = _settings(tmp_path, gate.endpoint, "big")
-        manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rbig")
-        total = sum(p.stat().st_size for p in wide["paths"])
-        small = replace(s, compose_max_bytes=total - 1)
-        with pytest.raises(TerminalError, match=r"BQX_COMPOSE_MAX_BYTES=.*bqx merge --from") as refused:
-            publish.merge_run(small, manifest, "auto")
-        assert f"checkpoints/{PAIR}/rbig/" in str(refused.value)
-        assert refused.value.retry.startswith(f"bqx merge --from $BQX_HOME/gcs/{s.staging_bucket}/checkpoints/")
-        assert gate.composes == 0
-        assert storage.bucket(s, s.output_bucket).get_blob(layout.output(PAIR)) is None
-        summary = publish.merge_run(replace(s, compose_max_bytes=total + 4096), manifest, "auto")  # room for the footer
-        assert summary["method"] == "compose" and gate.composes == 4
-    finally:
-        gate.close()
+    s = _settings(tmp_path, gate.endpoint, "big")
+    manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rbig")
+    total = sum(p.stat().st_size for p in wide["paths"])
+    small = replace(s, compose_max_bytes=total - 1)
+    with pytest.raises(TerminalError, match=r"BQX_COMPOSE_MAX_BYTES=.*bqx merge --from") as refused:
+        publish.merge_run(small, manifest, "auto")
+    assert f"checkpoints/{PAIR}/rbig/" in str(refused.value)
+    assert refused.value.retry.startswith(f"bqx merge --from $BQX_HOME/gcs/{s.staging_bucket}/checkpoints/")
+    assert gate.composes == 0
+    assert storage.bucket(s, s.output_bucket).get_blob(layout.output(PAIR)) is None
+    summary = publish.merge_run(replace(s, compose_max_bytes=total + 4096), manifest, "auto")  # room for the footer
+    assert summary["method"] == "compose" and gate.composes == 4
 
 
 def test_auto_merges_an_unaligned_run_by_stream_and_compose_refuses_it(gcs: str, tmp_path: Path) -> None:
@@ -592,40 +591,36 @@ def test_auto_merges_an_unaligned_run_by_stream_and_compose_refuses_it(gcs: str,
     assert publish.choose_method("auto", no_grid, {}) == "stream"
 
 
-def test_a_merge_killed_mid_compose_leaves_no_output_and_the_rerun_publishes(gcs: str, wide: dict,
+def test_a_merge_killed_mid_compose_leaves_no_output_and_the_rerun_publishes(gate: ComposeGate, wide: dict,
                                                                              tmp_path: Path) -> None:
-    gate = ComposeGate(gcs)
+    s = _settings(tmp_path, gate.endpoint, "kill")
+    manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rkill")
+    gate.hold_after = 1  # the first part is composed; the job dies during the second
+    script = (
+        "import json, sys\n"
+        "from bqx.catalog import Manifest\n"
+        "from bqx.merge import publish\n"
+        "from fakes import local_settings\n"
+        "s = local_settings(*sys.argv[1:3], staging_bucket=sys.argv[3], output_bucket=sys.argv[4])\n"
+        "m = Manifest.from_json(json.loads(sys.argv[5]))\n"
+        "publish.merge_run(s, m, 'auto')\n"
+    )
+    env = {**os.environ, **gcs_env(gate.endpoint), "PYTHONPATH": f"{REPO / 'tests'}:{REPO / 'shared'}"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), gate.endpoint, s.staging_bucket,
+                             s.output_bucket, json.dumps(manifest.to_json())], env=env, start_new_session=True)
     try:
-        s = _settings(tmp_path, gate.endpoint, "kill")
-        manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rkill")
-        gate.hold_after = 1  # the first part is composed; the job dies during the second
-        script = (
-            "import json, sys\n"
-            "from bqx.catalog import Manifest\n"
-            "from bqx.merge import publish\n"
-            "from fakes import local_settings\n"
-            "s = local_settings(*sys.argv[1:3], staging_bucket=sys.argv[3], output_bucket=sys.argv[4])\n"
-            "m = Manifest.from_json(json.loads(sys.argv[5]))\n"
-            "publish.merge_run(s, m, 'auto')\n"
-        )
-        env = {**os.environ, **gcs_env(gate.endpoint), "PYTHONPATH": f"{REPO / 'tests'}:{REPO / 'shared'}"}
-        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), gate.endpoint, s.staging_bucket,
-                                 s.output_bucket, json.dumps(manifest.to_json())], env=env, start_new_session=True)
-        try:
-            assert gate.held.wait(60), "the merge never reached its second compose call"
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-        gate.release.set()
-        out = storage.bucket(s, s.output_bucket)
-        assert out.get_blob(layout.output(PAIR)) is None and out.get_blob(layout.summary(PAIR)) is None
-        left = storage.list_names(s, s.staging_bucket, layout.compose_prefix(PAIR, "rkill"))
-        assert left and layout.compose_output(PAIR, "rkill") not in left  # parts, no composed file
-        gate.hold_after = None
-        summary = publish.merge_run(s, manifest, "auto")
-        assert summary["method"] == "compose"
-        assert_same_values(pq.read_table(io.BytesIO(out.blob(layout.output(PAIR)).download_as_bytes())),
-                           wide["stream"])
-        assert storage.list_names(s, s.staging_bucket, layout.compose_prefix(PAIR, "rkill")) == {}
+        assert gate.held.wait(60), "the merge never reached its second compose call"
     finally:
-        gate.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    gate.release.set()
+    out = storage.bucket(s, s.output_bucket)
+    assert out.get_blob(layout.output(PAIR)) is None and out.get_blob(layout.summary(PAIR)) is None
+    left = storage.list_names(s, s.staging_bucket, layout.compose_prefix(PAIR, "rkill"))
+    assert left and layout.compose_output(PAIR, "rkill") not in left  # parts, no composed file
+    gate.hold_after = None
+    summary = publish.merge_run(s, manifest, "auto")
+    assert summary["method"] == "compose"
+    assert_same_values(pq.read_table(io.BytesIO(out.blob(layout.output(PAIR)).download_as_bytes())),
+                       wide["stream"])
+    assert storage.list_names(s, s.staging_bucket, layout.compose_prefix(PAIR, "rkill")) == {}
