@@ -49,3 +49,16 @@ def test_version() -> None:
 
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"bqx, version {version('bqx')}"
+
+
+def test_rows_other_than_the_generated_warehouse_are_refused_with_how_to_regenerate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {"BQX_HOME": str(tmp_path), "BQX_LOCAL": "1"}
+    made = CliRunner().invoke(main, ["warehouse", "generate", "eurusd", "--rows", "40", "--table-scale", "0.01",
+                                     "--column-scale", "0.1"], env=env)
+    assert made.exit_code == 0, made.output
+    for args in (["run", "eurusd", "--dry-run", "--rows", "60"], ["run", "eurusd", "--rows", "60"]):
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 1, result.output
+        assert "generated with rows=40, not rows=60" in result.output
+        assert "bqx warehouse generate eurusd --rows 60" in result.output
+        assert not (tmp_path / "stack").exists()  # refused before the stack was started

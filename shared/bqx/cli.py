@@ -394,11 +394,11 @@ def _dry_run(s, pairs: list[str], as_json: bool) -> None:  # type: ignore[no-unt
 def _prepare_local(s, pairs: list[str], rows: int | None) -> None:  # type: ignore[no-untyped-def]
     from bqx.local.stack import Stack
 
+    _prepare_local_warehouse(s, pairs, rows)  # first: a --rows the warehouse does not have is refused at once
     st = Stack(s)
     if not st.is_up():
         _echo("starting the local stack ...")
         st.up(progress=lambda m: _echo("  " + m))
-    _prepare_local_warehouse(s, pairs, rows)
 
 
 def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # type: ignore[no-untyped-def]
@@ -408,6 +408,12 @@ def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # 
     for pair in pairs:
         if pair not in have:
             _generate(s, pair, Shape(rows or s.warehouse_rows or DEFAULT_ROWS))
+        elif rows and f"rows={rows} " not in have[pair] + " ":
+            # --rows shapes a warehouse being generated; silently running the old shape would mislead
+            raise click.ClickException(
+                f"{pair}'s local warehouse was generated with {have[pair].split()[0]}, not rows={rows}: --rows "
+                f"applies when a pair's warehouse is generated. To run at {rows:,} rows, regenerate it first (its "
+                f"tables change, so the next run extracts them all): bqx warehouse generate {pair} --rows {rows}")
 
 
 def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-untyped-def]
