@@ -22,7 +22,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import replace
 from http.client import HTTPConnection
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import google_crc32c
@@ -37,6 +37,7 @@ from bqx.catalog import GRID_FILE_KEY, GRID_OBJECT_KEY, KEY, Column, Grid, Manif
 from bqx.cli import main as cli
 from bqx.errors import TerminalError
 from bqx.gcp import storage
+from bqx.local.servers import KeepAliveHandler
 from bqx.merge import compose, publish
 from bqx.merge.plan import MergeInput, local_inputs
 from bqx.merge.stream import merge
@@ -378,12 +379,7 @@ class ComposeGate:
         self.unstalled = threading.Event()
         gate = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(KeepAliveHandler):
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if gate.stall.is_set():

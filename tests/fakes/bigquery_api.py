@@ -36,6 +36,8 @@ import pyarrow.parquet as pq
 import sqlglot
 from sqlglot import exp
 
+from bqx.local.servers import KeepAliveHandler
+
 LOCATION = "US"
 
 
@@ -534,15 +536,7 @@ _ROUTES = [
 
 
 def make_handler(fake: FakeBigQuery) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # A keep-alive reply goes out as two writes (headers, body): with Nagle on, the second waits for the
-        # client's delayed ACK, 40 ms a request (668 footer reads through the gate took 29 s on one thread).
-        disable_nagle_algorithm = True
-
-        def log_message(self, *args: object) -> None:  # quiet
-            pass
-
+    class Handler(KeepAliveHandler):
         def _reply(self, code: int, body: dict[str, Any] | None) -> None:
             data = json.dumps(body).encode() if body is not None else b""
             self.send_response(code)

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from bqx.config import Settings
 from bqx.local.iam import Policy, Resource
+from bqx.local.servers import KeepAliveHandler
 
 BLOCK = 1 << 20
 MAX_INSPECTED_BODY = 64 << 20  # a multipart upload's body is read whole to find the object's name (the client
@@ -230,15 +231,7 @@ def _drop_upstream(port: int) -> None:
 
 
 def make_handler(gate: Gate) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # A keep-alive reply goes out as two writes (headers, body): with Nagle on, the second waits for the
-        # client's delayed ACK, 40 ms a request (668 footer reads through the gate took 29 s on one thread).
-        disable_nagle_algorithm = True
-
-        def log_message(self, fmt: str, *args: Any) -> None:
-            pass
-
+    class Handler(KeepAliveHandler):
         def handle(self) -> None:
             try:
                 super().handle()

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from bqx.local.servers import KeepAliveHandler
+
 EXECUTION_TYPE = "type.googleapis.com/google.cloud.run.v2.Execution"
 V1_API_VERSION = "run.googleapis.com/v1"
 JOB_LABEL = "run.googleapis.com/job"
@@ -513,15 +515,7 @@ def _local_run_host(hostname: str | None) -> re.Match[str] | None:
 
 
 def make_handler(api: RunApi) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # A keep-alive reply goes out as two writes (headers, body): with Nagle on, the second waits for the
-        # client's delayed ACK, 40 ms a request (668 footer reads through the gate took 29 s on one thread).
-        disable_nagle_algorithm = True
-
-        def log_message(self, fmt: str, *args: Any) -> None:  # quiet: executions.jsonl is the record
-            pass
-
+    class Handler(KeepAliveHandler):  # quiet: executions.jsonl is the record
         def _reply(self, code: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
