@@ -327,9 +327,7 @@ def _watch(s, pairs: list[str], interval: float, explicit: bool) -> None:  # typ
                 if rs.state == "handoff":
                     extra = f"{rs.validated} validated; starting the merge"
                 if rs.state in ("merging", "publishing") and rs.merge_progress:
-                    p = rs.merge_progress
-                    extra = (f"{p.get('done')}/{p.get('total')} {p['step']}" if p.get("step") else
-                             f"{p.get('tables_written')}/{p.get('tables')} tables merged")
+                    extra = _merge_counts(rs.merge_progress)
                 if rs.state == "failed" and rs.error:
                     extra = f"{rs.error.get('stage')}: {str(rs.error.get('error'))[:80]}"
                 if rs.summary:
@@ -416,6 +414,14 @@ def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # 
                 f"tables change, so the next run extracts them all): bqx warehouse generate {pair} --rows {rows}")
 
 
+def _merge_counts(p: dict[str, Any]) -> str:
+    """The merge job's progress (bqx.merge.publish.Progress): tables written, or the compose merge's current step
+    (footers read, then compose calls)."""
+    if p.get("step"):
+        return f"{p.get('done', 0)}/{p.get('total')} {p['step']}"
+    return f"{p.get('tables_written', 0)}/{p.get('tables')} tables written"
+
+
 def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-untyped-def]
     """One line for the run's stage; `since` (when the stage began) adds its elapsed time in 5 s steps, so a
     stage that shows no other change still updates at least every 5 s."""
@@ -429,10 +435,7 @@ def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-un
         return f"{rs.pair}: all {rs.expected} checkpoints in, {rs.validated} validated; starting the merge{clock}"
     if rs.state == "merging":
         p = rs.merge_progress or {}
-        if p.get("step"):  # the compose merge: footers read, then compose calls
-            tables = f" {p.get('done', 0)}/{p.get('total')} {p['step']}"
-        else:
-            tables = f" {p.get('tables_written', 0)}/{p.get('tables')} tables written" if p.get("tables") else ""
+        tables = f" {_merge_counts(p)}" if p.get("tables") or p.get("step") else ""
         return f"{rs.pair}: merging{tables} ({(rs.merge_execution or '').rsplit('/', 1)[-1]}){clock}"
     if rs.state == "publishing":
         return f"{rs.pair}: publishing: checking the merged file and copying it to the output bucket{clock}"
