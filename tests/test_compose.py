@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from bqx import layout
+from bqx import footer_index, layout
 from bqx.catalog import GRID_FILE_KEY, GRID_OBJECT_KEY, KEY, Column, Grid, Manifest, TableEntry
 from bqx.cli import main as cli
 from bqx.errors import TerminalError
@@ -43,6 +43,7 @@ from bqx.merge.plan import MergeInput, local_inputs
 from bqx.merge.stream import merge
 from bqx.parquet.chunks import row_groups
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, type_name, write_checkpoint
+from bqx.parquet.tails import FooterIndex, KeptFooter, TailKeeper, parse_index
 
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings, validate_all
 
@@ -426,6 +427,17 @@ def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield endpoint
 
 
+def kept_footer(path: Path) -> KeptFooter:
+    """The footer the extract's TailKeeper keeps of a checkpoint file, written through it as the extract writes."""
+    keeper = TailKeeper(io.BytesIO())
+    data = path.read_bytes()
+    for i in range(0, len(data), 100_000):
+        keeper.write(data[i : i + 100_000])
+    kept = keeper.footer()
+    assert kept is not None
+    return kept
+
+
 def upload_run(settings, directory: Path, paths: list[Path], grid: Grid | None, run_id: str,  # type: ignore[no-untyped-def]
                tag: bool = True) -> Manifest:
     """The run as the extract leaves it: checkpoints (with their grid tag) and a manifest, validated."""
@@ -501,6 +513,60 @@ def test_run_of_70_tables_is_composed_in_a_tree_and_published(gate: ComposeGate,
     footers = sum(int.from_bytes(p.read_bytes()[-8:-4], "little") + 8 for p in wide["paths"])
     assert gate.media_requests <= len(wide["paths"]) + 3, gate.media_requests
     assert gate.media_bytes <= 1.3 * footers + (64 << 10), (gate.media_bytes, footers, checkpoint_bytes)
+
+
+def test_footers_the_extract_kept_spare_the_merge_its_tail_reads(gate: ComposeGate, wide: dict,
+                                                                 tmp_path: Path) -> None:
+    s = _settings(tmp_path, gate.endpoint, "kept")
+    manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rkept")
+    names = [t.checkpoint for t in manifest.tables]
+    by_name = {layout.checkpoint(PAIR, "rkept", p.stem): p for p in wide["paths"]}
+    first, second = FooterIndex(), FooterIndex()  # two tasks' indexes
+    for i, name in enumerate(names[:-2]):  # the last two kept by no index (an attempt killed before saving)
+        (first if i % 2 else second).add(name, kept_footer(by_name[name]))
+    # a stale entry: another table's footer under this name (its size and crc32c are not the object's)
+    first.footers[names[3]] = kept_footer(by_name[names[4]])
+    footer_index.save(s, PAIR, "rkept", 0, first)
+    footer_index.save(s, PAIR, "rkept", 1, second)
+    storage.bucket(s, s.staging_bucket).blob(layout.extract_footers(PAIR, "rkept", 2, 0)).upload_from_string(
+        b"{not json")  # an index that does not parse is passed over
+    gate.media_bytes = gate.media_requests = 0
+    summary = publish.merge_run(s, manifest, "auto")
+    assert summary["method"] == "compose"
+    assert summary["stats"]["footers_indexed"] == len(names) - 3
+    # the three indexes, the three footers no index matched, publishing's row count check of the targets
+    assert gate.media_requests <= 3 + 3 * 2 + 2, gate.media_requests
+    out = storage.bucket(s, s.output_bucket).blob(layout.output(PAIR)).download_as_bytes()
+    assert_same_values(pq.read_table(io.BytesIO(out)), wide["stream"])
+    # what the merge says it read: the indexes and the three tails, not 1 % of the checkpoints
+    indexes = sum(storage.list_names(s, s.staging_bucket, layout.extract_footers_prefix(PAIR, "rkept")).values())
+    assert indexes <= summary["stats"]["bytes_read"] <= indexes + 3 * 64 * 1024
+
+
+def test_the_kept_footer_is_the_files_tail_size_and_crc32c(tmp_path: Path) -> None:
+    table = _targets(3000, 9)
+    path = tmp_path / "cp.parquet"
+    write_checkpoint(table, str(path), row_group_size=1000)
+    data = path.read_bytes()
+    kept = kept_footer(path)
+    assert kept.tail == data[-len(kept.tail) :] and kept.size == len(data)
+    assert int.from_bytes(data[-8:-4], "little") + 8 == len(kept.tail)
+    assert kept.matches(len(data), base64.b64encode(struct.pack(">I", google_crc32c.value(data))).decode())
+    assert not kept.matches(len(data) + 1, kept.crc32c) and not kept.matches(len(data), None)
+    small = TailKeeper(io.BytesIO(), keep=64)  # a footer longer than what is kept: none, the merge reads it
+    small.write(data)
+    assert small.footer() is None
+    with pytest.raises(ValueError):
+        KeptFooter(kept.size, kept.crc32c, kept.tail[1:])
+
+    index = FooterIndex()
+    index.add("a", kept)
+    index.add("b", KeptFooter(kept.size + 5, "x", kept.tail))
+    index.add("c", None)  # nothing kept: no entry
+    raw = index.encode()
+    assert parse_index(raw) == {"a": kept, "b": KeptFooter(kept.size + 5, "x", kept.tail)}
+    assert parse_index(raw[: len(raw) - 3]) == {"a": kept}  # cut short: what can still be placed
+    assert parse_index(b"{not an index") == {} and parse_index(raw[:10]) == {}
 
 
 def test_compose_tree_keeps_order_at_every_level(gcs: str, tmp_path: Path) -> None:

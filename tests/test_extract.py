@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bqx import layout
+from bqx import footer_index, layout
 from bqx.catalog import KEY, Manifest
 from bqx.errors import DuplicateKeys
 from bqx.extract import run as extract
@@ -33,7 +33,7 @@ def _read(settings, name: str) -> pa.Table:  # type: ignore[no-untyped-def]
     return pq.read_table(pa.BufferReader(data))
 
 
-def test_extract_writes_manifest_and_every_checkpoint_then_resumes(isolated) -> None:  # type: ignore[no-untyped-def]
+def test_extract_writes_manifest_and_every_checkpoint_then_resumes(isolated, request) -> None:  # type: ignore[no-untyped-def]
     s = isolated
     run_id = "t" + uuid.uuid4().hex[:10]
     report = extract.run(s, "eurusd", run_id)
@@ -43,6 +43,7 @@ def test_extract_writes_manifest_and_every_checkpoint_then_resumes(isolated) -> 
     names = storage.list_names(s, s.staging_bucket, layout.checkpoints_prefix("eurusd", run_id))
     assert set(names) == manifest.expected_objects() and report.written == len(manifest.tables)
     con = duckdb.connect(s.warehouse, read_only=True)
+    request.addfinalizer(con.close)  # the session's warehouse: a connection left open blocks later writers
     con.execute("SET TimeZone='UTC'")
     targets = con.execute(f'SELECT count(*) FROM "{s.dataset}"."{manifest.targets.name}"').fetchall()[0][0]
     assert manifest.grid is not None and manifest.grid.rows == targets and manifest.snapshot_at > 0
@@ -57,8 +58,19 @@ def test_extract_writes_manifest_and_every_checkpoint_then_resumes(isolated) -> 
                            'USING (interval_time) ORDER BY k.interval_time').to_arrow_table()
         assert t.num_rows == targets and t.equals(expected.cast(t.schema))
         assert [c.name for c in entry.columns] == t.schema.names
+    # Every checkpoint's footer kept in the task's footer index, matching the object as listed, byte for byte.
+    kept, _ = footer_index.load(s, "eurusd", run_id)
+    assert set(kept) == manifest.expected_objects()
+    blobs = {b.name: b for b in storage.list_blobs(s, s.staging_bucket, layout.checkpoints_prefix("eurusd", run_id))}
+    assert all(kept[n].matches(int(b.size), b.crc32c) for n, b in blobs.items())
+    for entry in manifest.tables[:3]:
+        data = storage.bucket(s, s.staging_bucket).blob(entry.checkpoint).download_as_bytes()
+        assert data.endswith(kept[entry.checkpoint].tail)
+    indexes = storage.list_names(s, s.staging_bucket, layout.extract_footers_prefix("eurusd", run_id))
     again = extract.run(s, "eurusd", run_id)
     assert again.written == 0 and len(again.tables) == len(manifest.tables)
+    # a rerun that wrote nothing saves no index of its own
+    assert storage.list_names(s, s.staging_bucket, layout.extract_footers_prefix("eurusd", run_id)) == indexes
 
 
 def test_tasks_shard_the_tables_without_overlap(isolated) -> None:  # type: ignore[no-untyped-def]

@@ -159,6 +159,8 @@ def test_touched_tables_alone_are_extracted_and_the_file_is_the_same(local_stack
     assert sorted(t["table"] for t in results if not t["reused"]) == touched
     assert sum(t["reused"] for t in results) == len(new.tables) - 3
     assert summary["reused"] == {"tables": len(new.tables) - 3, "extracted": 3, "from": [before["run_id"]]}
+    # The merge job took every footer from the extract's index: copies carry the first run's kept footers.
+    assert summary["method"] == "compose" and summary["stats"]["footers_indexed"] == len(new.tables)
 
     # Every checkpoint of the run, copies included, was validated by the completion function before the merge.
     blobs = list(storage_client(s).list_blobs(s.staging_bucket, prefix=layout.checkpoints_prefix(PAIR, run_id)))

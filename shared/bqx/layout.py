@@ -11,6 +11,7 @@ Staging bucket:
     queue/requests/<pair>/<run_id>.json           a request waiting for an extract slot (bqx.schedule)
     queue/slots/<n>.json                          one of the max_active_extracts slots, held by a run's extract
     runs/<pair>/<run_id>/extract/task-<i>-attempt-<a>.json   per-table timings of one extract task attempt
+    runs/<pair>/<run_id>/footers/task-<i>-attempt-<a>.footers   the footers of the checkpoints that attempt wrote
     runs/<pair>/<run_id>/compose/...              the compose merge's footer, parts and composed file (deleted after)
     checkpoints/<pair>/<run_id>/<table>.parquet   one table's rows, sorted by interval_time
     quarantine/<pair>/<run_id>/<table>.parquet    a checkpoint set aside because it was bad
@@ -194,6 +195,15 @@ def parse_extract_report(name: str) -> tuple[str, str] | None:
     except TerminalError:  # an unknown pair or a run id outside the layout
         return None
     return m.group(1), m.group(2)
+
+
+def extract_footers(pair: str, run_id: str, task_index: int, attempt: int) -> str:
+    """The footer index of one extract task attempt (bqx.footer_index): what the compose merge need not read."""
+    return f"{run_prefix(pair, run_id)}footers/task-{int(task_index):04d}-attempt-{int(attempt):02d}.footers"
+
+
+def extract_footers_prefix(pair: str, run_id: str) -> str:
+    return f"{run_prefix(pair, run_id)}footers/"
 
 
 def checkpoints_prefix(pair: str, run_id: str) -> str:

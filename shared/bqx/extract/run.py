@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from google.api_core import exceptions as gexc
 
-from bqx import layout, runs
+from bqx import footer_index, layout, runs
 from bqx.catalog import GRID_FILE_KEY, GRID_OBJECT_KEY, KEY, Column, Grid, IgnoredTable, Manifest, TableEntry
 from bqx.config import Settings
 from bqx.errors import BadCheckpoint, TerminalError, TransientError
@@ -40,6 +40,7 @@ from bqx.parquet.conventions import (
     type_name,
 )
 from bqx.parquet.keys import key_micros
+from bqx.parquet.tails import FooterIndex, KeptFooter, TailKeeper
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # multiple of 256 KiB, as resumable uploads require
 COPY_CONCURRENCY = 16  # server-side copies at once, beside the reads: each is one request's latency and no CPU here
@@ -270,7 +271,8 @@ def _batches(source: Source, manifest: Manifest, entry: TableEntry, schema: pa.S
 
 
 def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, entry: TableEntry,
-                     grid_keys: _GridKeys | None = None) -> TableResult:
+                     grid_keys: _GridKeys | None = None, footers: FooterIndex | None = None) -> TableResult:
+    """Stream the table to its checkpoint; its footer, once uploaded, goes into `footers` (the task's index)."""
     result = TableResult(entry.name, started_at=time.time())
     grid = manifest.grid
     meta = {"bqx.pair": manifest.pair, "bqx.run_id": manifest.run_id, "bqx.table": entry.name}
@@ -288,7 +290,8 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
     try:
         with storage.ObjectSink(blob, UPLOAD_CHUNK, UPLOAD_CHUNK, "application/vnd.apache.parquet",
                                 if_generation_match=0) as sink:
-            writer = CheckpointWriter(sink, schema)
+            keeper = TailKeeper(sink)
+            writer = CheckpointWriter(keeper, schema)
             try:
                 for batch in _batches(source, manifest, entry, schema, grid_keys or _GridKeys()):
                     batch = _conform(batch, schema, entry.name)
@@ -316,6 +319,8 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
                 writer.is_open = False  # the upload is being cancelled: no footer, no __del__ close
                 raise
             result.bytes = sink.tell()
+        if footers is not None:
+            footers.add(entry.checkpoint, keeper.footer())
     except gexc.PreconditionFailed:
         # create-once: this checkpoint exists already (a duplicated task, or an attempt whose answer was lost)
         log.info("checkpoint already written; kept as it is", pair=manifest.pair, run_id=manifest.run_id,
@@ -325,9 +330,25 @@ def write_checkpoint(settings: Settings, source: Source, manifest: Manifest, ent
     return result
 
 
-def copy_checkpoint(settings: Settings, source: Source, manifest: Manifest, entry: TableEntry) -> TableResult:
+class _ReusedFooters:
+    """The footer indexes of the runs whose checkpoints this task copies, each read once."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict[str, KeptFooter]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, settings: Settings, pair: str, run_id: str, name: str) -> KeptFooter | None:
+        with self.lock:
+            if run_id not in self.runs:
+                self.runs[run_id] = footer_index.load(settings, pair, run_id)[0]
+            return self.runs[run_id].get(name)
+
+
+def copy_checkpoint(settings: Settings, source: Source, manifest: Manifest, entry: TableEntry,
+                    footers: FooterIndex | None = None, reused: _ReusedFooters | None = None) -> TableResult:
     """Copy the checkpoint of `entry.reused_from` to this run's name, server-side and create-once. If that checkpoint
-    is gone meanwhile, the table is extracted instead (its fingerprint is the warehouse's current one)."""
+    is gone meanwhile, the table is extracted instead (its fingerprint is the warehouse's current one). The copy's
+    footer is the original's, as that run's index kept it (if it did): it goes into `footers`."""
     result = TableResult(entry.name, started_at=time.time(), reused=True, reused_from=entry.reused_from)
     bucket = storage.bucket(settings, settings.staging_bucket)
     src = bucket.blob(layout.checkpoint(manifest.pair, entry.reused_from, entry.name))
@@ -347,9 +368,13 @@ def copy_checkpoint(settings: Settings, source: Source, manifest: Manifest, entr
     except gexc.NotFound:
         log.warning("the checkpoint to reuse is gone; extracting the table", pair=manifest.pair,
                     run_id=manifest.run_id, table=entry.name, reused_from=entry.reused_from)
-        return write_checkpoint(settings, source, manifest, entry)
+        return write_checkpoint(settings, source, manifest, entry, footers=footers)
     else:
         result.bytes = int(size)
+        if footers is not None and reused is not None:
+            kept = reused.get(settings, manifest.pair, entry.reused_from, src.name)
+            if kept is not None and kept.matches(int(dst.size or 0), dst.crc32c):
+                footers.add(dst.name, kept)
     result.seconds = time.time() - result.started_at
     return result
 
@@ -458,14 +483,15 @@ def run(
               task_count=task_count, source=source.name)
     progress = _Progress(rlog, len(todo))
     grid_keys = _GridKeys()
+    footers, reused_footers = FooterIndex(), _ReusedFooters()
     # Reads and copies in pools of their own: the copies (a request each) never wait behind the reads.
     with ThreadPoolExecutor(settings.extract_concurrency, thread_name_prefix="extract") as pool, \
             ThreadPoolExecutor(COPY_CONCURRENCY, thread_name_prefix="copy") as copier:
         futures = {
             (copier if entry.reused_from else pool).submit(
                 _with_retries, settings, rlog,
-                lambda e=entry: copy_checkpoint(settings, source, manifest, e) if e.reused_from
-                else write_checkpoint(settings, source, manifest, e, grid_keys),
+                lambda e=entry: copy_checkpoint(settings, source, manifest, e, footers, reused_footers)
+                if e.reused_from else write_checkpoint(settings, source, manifest, e, grid_keys, footers),
                 entry.name): entry
             for entry in todo
         }
@@ -478,9 +504,11 @@ def run(
             for fut in futures:
                 fut.cancel()
             report.seconds = time.time() - started
+            footer_index.save(settings, pair, run_id, task_index, footers)
             save_report(settings, report, failed=True)
             raise
     report.seconds = time.time() - started
+    footer_index.save(settings, pair, run_id, task_index, footers)  # before the report that may start the merge
     save_report(settings, report)
     rlog.info("extract finished", written=report.written, reused=report.reused,
               skipped=len(report.tables) - report.written, seconds=round(report.seconds, 2),

@@ -48,6 +48,7 @@ from bqx.parquet import thrift
 from bqx.parquet.chunks import Chunk
 from bqx.parquet.chunks import row_groups as chunks_of
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
+from bqx.parquet.tails import KeptFooter
 from bqx.parquet.thrift import (
     BINARY,
     I64,
@@ -767,22 +768,40 @@ def aligned_run(manifest: Manifest, blobs: dict[str, Any]) -> str:
     return ""
 
 
-def gcs_sources(settings: Any, manifest: Manifest, blobs: dict[str, Any]) -> list[Source]:
+def gcs_sources(settings: Any, manifest: Manifest, blobs: dict[str, Any],
+                kept: dict[str, KeptFooter] | None = None) -> tuple[list[Source], set[str]]:
     """The run's checkpoints (targets first, then the features in manifest order), each pinned to the generation
-    it was listed with."""
+    it was listed with, and the tables whose footer is in `kept` (the extract's footer indexes): those whose listed
+    size and crc32c are the kept entry's are read from it, the others from the object."""
     from bqx.gcp import storage
     from bqx.gcp.objectfile import download
 
     bucket = storage.bucket(settings, settings.staging_bucket)
     groups = len(manifest.grid.row_groups) if manifest.grid else 1
-    out = []
+    out, from_index = [], set()
     for t in [manifest.targets, *manifest.features]:
         b = blobs[t.checkpoint]
+        size = int(b.size or 0)
         pinned = bucket.blob(t.checkpoint, generation=int(b.generation))
         prefix = "" if t.role == "targets" else layout.prefix_of(manifest.pair, t.name)
-        out.append(Source(t.name, prefix, int(b.size or 0), lambda s, e, blob=pinned: download(blob, s, e),
-                          tail_guess([c.name for c in t.columns], groups), object_grid_tag(b)))
-    return out
+        read: Callable[[int, int], bytes] = lambda s, e, blob=pinned: download(blob, s, e)  # noqa: E731
+        guess = tail_guess([c.name for c in t.columns], groups)
+        k = (kept or {}).get(t.checkpoint)
+        if k is not None and k.matches(size, b.crc32c):
+            read, guess = _kept_tail(k, read), len(k.tail)
+            from_index.add(t.name)
+        out.append(Source(t.name, prefix, size, read, guess, object_grid_tag(b)))
+    return out, from_index
+
+
+def _kept_tail(kept: KeptFooter, read: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
+    """`read`, but the object's last bytes come from its kept footer."""
+    start = kept.size - len(kept.tail)
+
+    def serve(s: int, e: int) -> bytes:
+        return kept.tail[s - start : e - start] if s >= start else read(s, e)
+
+    return serve
 
 
 @dataclass
@@ -796,7 +815,9 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
               progress: Callable[..., None] | None = None) -> Composed:
     """Compose the run's training file in the staging bucket (layout.compose_output); nothing is published here.
     `blobs`: the run's checkpoints as listed (name -> blob with size, generation, metadata). `progress(done, total,
-    step=...)` hears of footers read, then of compose calls made."""
+    step=...)` hears of footers read (from the extract's footer indexes where they match, else from the objects),
+    then of compose calls made."""
+    from bqx import footer_index
     from bqx.gcp import storage
 
     started = time.time()
@@ -804,7 +825,8 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
     if grid is None:
         raise TerminalError(f"run {manifest.run_id} has no grid: its checkpoints cannot be composed")
     pair, run_id = manifest.pair, manifest.run_id
-    sources = gcs_sources(settings, manifest, blobs)
+    kept, index_bytes = footer_index.load(settings, pair, run_id)
+    sources, from_index = gcs_sources(settings, manifest, blobs, kept)
     for src in sources:  # cheap checks first: a checkpoint that says it is not aligned is refused before reading
         if src.tag != grid.keys_sha256:
             raise Misaligned(src.table, f"object metadata {GRID_OBJECT_KEY}={(src.tag or '(none)')[:16]}, the "
@@ -844,8 +866,12 @@ def merge_gcs(settings: Any, manifest: Manifest, blobs: dict[str, Any], metadata
     if int(out.size) != p.size:
         raise BadCheckpoint(f"composed {out.name} has {out.size} bytes, the plan {p.size}")
     stats = _stats(p, started)
+    # what was read: the footer indexes, and the tails of the checkpoints they did not cover
+    stats.bytes_read = index_bytes + sum(fp.bytes_read for fp in fps if fp.source.table not in from_index)
+    stats.footers_indexed = len(from_index)
     log.info("training file composed", pair=pair, run_id=run_id, sources=len(srcs), parts=len(parts),
-             bytes=p.size, bytes_read=p.bytes_read, seconds=round(stats.seconds, 2),
+             bytes=p.size, bytes_read=stats.bytes_read, footers_indexed=len(from_index),
+             seconds=round(stats.seconds, 2),
              footers_seconds=round(read_at - started, 2), plan_seconds=round(planned_at - read_at, 2),
              compose_seconds=round(time.time() - planned_at, 2))
     return Composed(stats, out, p)

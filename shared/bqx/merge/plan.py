@@ -114,6 +114,7 @@ class MergeStats:
     copied_tables: int = 0  # tables whose column chunks were copied as they are (already aligned)
     memory_releases: int = 0  # times the process reached its budget and gave the allocator's free pages back
     bytes_read: int = 0  # of the checkpoints, when the method counts them (compose: their footers)
+    footers_indexed: int = 0  # compose: footers taken from the extract's footer indexes, not read from checkpoints
     table_seconds: dict[str, float] = field(default_factory=dict)
 
 
