@@ -62,3 +62,26 @@ def test_rows_other_than_the_generated_warehouse_are_refused_with_how_to_regener
         assert "generated with rows=40, not rows=60" in result.output
         assert "bqx warehouse generate eurusd --rows 60" in result.output
         assert not (tmp_path / "stack").exists()  # refused before the stack was started
+
+
+def test_a_stack_started_before_the_code_changed_is_called_stale(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from bqx.config import Settings
+    from bqx.local import artifacts
+    from bqx.local.stack import STALE_HINT, Stack, repo_root
+
+    monkeypatch.setenv("BQX_HOME", str(tmp_path))
+    monkeypatch.setenv("BQX_LOCAL", "1")
+    st = Stack(Settings.from_env())
+    st.dir.mkdir(parents=True)
+    current = artifacts.function_source(repo_root(), "trigger", tmp_path / "artifacts" / "functions")
+    (st.dir / "trigger.pid").write_text(str(os.getpid()))  # a running service: this process stands in for it
+    (st.dir / "trigger.artifact").write_text(str(current.parent / "trigger-0123456789abcdef"))
+    assert st.stale() == ["trigger"]
+    assert "trigger" in STALE_HINT.format("trigger") and "bqx stack down" in STALE_HINT
+    (st.dir / "trigger.artifact").write_text(str(current))
+    assert st.stale() == []
+    (st.dir / "trigger.pid").write_text("999999999")  # not running: nothing to call stale
+    (st.dir / "trigger.artifact").write_text("elsewhere")
+    assert st.stale() == []

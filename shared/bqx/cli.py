@@ -397,6 +397,10 @@ def _prepare_local(s, pairs: list[str], rows: int | None) -> None:  # type: igno
     if not st.is_up():
         _echo("starting the local stack ...")
         st.up(progress=lambda m: _echo("  " + m))
+    elif stale := st.stale():
+        from bqx.local.stack import STALE_HINT
+
+        _echo("warning: " + STALE_HINT.format(", ".join(stale)))
 
 
 def _prepare_local_warehouse(s, pairs: list[str], rows: int | None) -> None:  # type: ignore[no-untyped-def]

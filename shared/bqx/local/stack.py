@@ -44,6 +44,7 @@ class Service:
     env: dict[str, str]
     cwd: Path | None = None
     identity: str = ""
+    artifact: str = ""  # the built code it runs (a folder named by its content's digest), recorded when started
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ def local_compose_max_bytes() -> int:
     """The largest training file the local GCS can compose and copy: fake-gcs-server peaked at 2.25x the object's
     size (6.3 GiB for 2.8 GB, GOMEMLIMIT set; docs/LOCAL-GCS.md), so a third of this machine's memory."""
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 3
+
+
+STALE_HINT = ("the running local stack runs older code than this checkout ({}): `bqx stack down` and start again to "
+              "run the current code")
 
 
 def client_env(s: Settings) -> dict[str, str]:
@@ -178,7 +183,7 @@ class Stack:
                         "--host", "127.0.0.1", "--port", str(port)]
                 cwd = source
             return Service(name, port, argv, {**env, **endpoints(name), "THREADS": "16"}, cwd,
-                           accounts.get(name, ""))
+                           accounts.get(name, ""), str(runtime.functions[name][0]) if runtime else "")
 
         jobs = {s.extract_job: job("extract"), s.merge_job: job("merge")}
         gcs_root = s.home / "gcs"
@@ -195,7 +200,8 @@ class Stack:
                 # (a 2.4 GB compose + rewrite peaked at 14.2 GiB without, 7.1 GiB with: docs/LOCAL-GCS.md)
                 {**env, "GOMEMLIMIT": "1GiB"}),
             Service("run_api", p.run_api, [py, "-m", "bqx.local.runapi"],
-                    {**env, "BQX_RUN_API_HOME": str(s.home / "run-api"), "BQX_LOCAL_JOBS": json.dumps(jobs)}),
+                    {**env, "BQX_RUN_API_HOME": str(s.home / "run-api"), "BQX_LOCAL_JOBS": json.dumps(jobs)},
+                    artifact=str(runtime.job_app) if runtime else ""),
             *([Service("gate", gates["trigger"], [py, "-m", "bqx.local.gate"],
                        {**env, "BQX_GATE_IDENTITIES": json.dumps(identities)})] if s.iam_gate else []),
             fn("trigger", p.trigger),
@@ -206,6 +212,32 @@ class Stack:
 
     def _pidfile(self, name: str) -> Path:
         return self.dir / f"{name}.pid"
+
+    def _artifact_file(self, name: str) -> Path:
+        return self.dir / f"{name}.artifact"
+
+    def stale(self, runtime: Runtime | None = None) -> list[str]:
+        """The running services whose code is not this checkout's (started before it changed): they keep running
+        what they were started with until the stack is restarted."""
+        from bqx.local import artifacts
+
+        if runtime is None:
+            root, out = repo_root(), self.s.home / "artifacts"
+            current = {name: str(artifacts.function_source(root, name, out / "functions"))
+                       for name in ("trigger", "completion")}
+            current["run_api"] = str(artifacts.job_source(root, out / "jobs"))
+        else:
+            current = {name: str(src) for name, (src, _) in runtime.functions.items()}
+            current["run_api"] = str(runtime.job_app)
+        found = []
+        for name, artifact in current.items():
+            try:
+                recorded = self._artifact_file(name).read_text()
+            except FileNotFoundError:
+                continue  # started before artifacts were recorded, or not running
+            if self.pid(name) and recorded and recorded != artifact:
+                found.append("jobs" if name == "run_api" else name)
+        return found
 
     def pid(self, name: str) -> int | None:
         try:
@@ -226,6 +258,7 @@ class Stack:
         proc = subprocess.Popen(svc.argv, env=svc.env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(svc.cwd or self.s.home))
         self._pidfile(svc.name).write_text(str(proc.pid))
+        self._artifact_file(svc.name).write_text(svc.artifact)
         deadline = time.time() + timeout
         while not port_open(svc.port):
             if proc.poll() is not None:
@@ -268,6 +301,8 @@ class Stack:
     def up(self, progress=print) -> None:  # type: ignore[no-untyped-def]
         self.s.home.mkdir(parents=True, exist_ok=True)
         runtime = self.build(progress)
+        if stale := self.stale(runtime):
+            progress(f"{STALE_HINT.format(', '.join(stale))}")
         services = {svc.name: svc for svc in self.services(runtime)}
         for name in ("pubsub", "gcs", "run_api", "gate", "trigger", "completion"):
             if name not in services:
