@@ -33,10 +33,12 @@ sys.path.insert(0, str(HERE))
 from _common import PAIR, SHAPES, BenchShape, Result, ensure_data, gib, input_bytes, quick, run_tree  # noqa: E402
 
 KEY = "interval_time"
-CONTENDERS = ("floor", "copy", "ours", "ours-gcs", "compose", "compose-gcs", "polars", "duckdb")
-GCS_CONTENDERS = ("ours-gcs", "compose-gcs")
+CONTENDERS = ("floor", "copy", "ours", "ours-gcs", "compose", "compose-gcs", "compose-gcs-tails", "polars", "duckdb")
+GCS_CONTENDERS = ("ours-gcs", "compose-gcs", "compose-gcs-tails")
+# compose-gcs: the run as the extract leaves it, footer index included; -tails: without it (one tail read each)
+COMPOSE_GCS = ("compose-gcs", "compose-gcs-tails")
 BUCKET = "bench-checkpoints"
-REPEATED = ("floor", "copy", "ours", "ours-gcs", "compose", "compose-gcs")
+REPEATED = ("floor", "copy", "ours", "ours-gcs", "compose", *COMPOSE_GCS)
 DISK_RESERVE = 4 << 30  # a contender whose output or scratch would leave less free disk than this is stopped
 PY = sys.executable
 
@@ -148,7 +150,7 @@ def run_compose(src: Path, dst: Path, scratch: Path) -> dict:
 
 def run_compose_gcs(src: Path, dst: Path, scratch: Path) -> dict:
     """The compose merge against fake-gcs-server as the merge job runs it (bqx.merge.compose.merge_gcs): footers
-    read with one tail request each, the footer uploaded, the file composed in a tree in the bucket. The composed
+    taken from the extract's footer index, the footer uploaded, the file composed in a tree in the bucket. The composed
     object stays there (the parent downloads it to compare)."""
     from bqx.catalog import Manifest
     from bqx.config import Settings
@@ -163,6 +165,7 @@ def run_compose_gcs(src: Path, dst: Path, scratch: Path) -> dict:
     done = compose.merge_gcs(settings, manifest, blobs)
     total = input_bytes(src)
     return {"bytes": done.stats.bytes, "rows": done.stats.rows, "bytes_read": done.stats.bytes_read,
+            "footers_indexed": done.stats.footers_indexed,
             "read_share": done.stats.bytes_read / total, "merge_seconds": round(done.stats.seconds, 2),
             "object": done.blob.name}
 
@@ -204,7 +207,7 @@ class FakeGcs:
             list(pool.map(lambda p: bucket.blob(p.name).upload_from_filename(str(p)), src.glob("*.parquet")))
         self.client = client
 
-    def load_run(self, src: Path) -> None:
+    def load_run(self, src: Path, footer_index: bool = True) -> None:
         """The aligned inputs as an extracted run: checkpoints named as the layout does, tagged with the grid's
         digest (object metadata), and a manifest with the grid (bucket/manifest.json)."""
         import pyarrow.parquet as pq
@@ -212,6 +215,7 @@ class FakeGcs:
         from bqx import layout
         from bqx.catalog import GRID_FILE_KEY, GRID_OBJECT_KEY, Column, Grid, Manifest, TableEntry
         from bqx.parquet.conventions import type_name
+        from bqx.parquet.tails import FooterIndex, TailKeeper
 
         bucket = self.client.bucket(BUCKET)
         targets, features = _tables(src)
@@ -231,6 +235,15 @@ class FakeGcs:
 
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(up, zip([targets, *features], entries, strict=True)))
+        # The extract's footer index, as its task saves it: the merge job takes the footers from it.
+        index = FooterIndex() if footer_index else None
+        for p, e in zip([targets, *features], entries, strict=True):
+            if index is not None:
+                keeper = TailKeeper(io.BytesIO())
+                keeper.write(p.read_bytes())
+                index.add(e.checkpoint, keeper.footer())
+        if index is not None:
+            bucket.blob(layout.extract_footers(PAIR, "bench", 0, 0)).upload_from_string(index.encode())
         manifest = Manifest(PAIR, "bench", tuple(entries), grid=grid)
         bucket.blob("manifest.json").upload_from_string(json.dumps(manifest.to_json()))
 
@@ -326,7 +339,8 @@ def compare(ours: Path, other: Path, sample: int = 300) -> str:
 def _child(args: argparse.Namespace) -> None:
     src, dst, scratch = Path(args.src), Path(args.dst), Path(args.scratch)
     fn = {"floor": run_floor, "copy": run_copy, "polars": run_polars, "duckdb": run_duckdb,
-          "ours-gcs": run_ours_gcs, "compose": run_compose, "compose-gcs": run_compose_gcs}[args.child]
+          "ours-gcs": run_ours_gcs, "compose": run_compose, "compose-gcs": run_compose_gcs,
+          "compose-gcs-tails": run_compose_gcs}[args.child]
     t0 = time.time()
     report = fn(src, dst, scratch)
     report["inner_seconds"] = round(time.time() - t0, 2)
@@ -439,8 +453,8 @@ def main() -> None:
                     print(f"#   {name}: loading the inputs into fake-gcs-server ...", file=sys.stderr, flush=True)
                     gcs = FakeGcs(out_dir / "gcs")
                     gcs.load(src)
-                    if name == "compose-gcs":
-                        gcs.load_run(src)
+                    if name in COMPOSE_GCS:
+                        gcs.load_run(src, footer_index=name == "compose-gcs")
                 tries = []
                 for _ in range(args.repeat if name in REPEATED else 1):
                     # The same start for everyone: the last output deleted, dirty pages flushed, the page cache
@@ -456,13 +470,13 @@ def main() -> None:
                     if tries[-1][0].status != "ok":
                         break
                 res, scratch = median_of(tries)
-                if gcs and name == "compose-gcs" and res.status == "ok" and res.output:
+                if gcs and name in COMPOSE_GCS and res.status == "ok" and res.output:
                     gcs.download(res.output["object"], dst)  # to compare with ours (not timed)
             finally:
                 if gcs:
                     gcs.stop()
             eq = "-"
-            if res.status == "ok" and name in ("compose", "compose-gcs") and ours_path.exists():
+            if res.status == "ok" and name in ("compose", *COMPOSE_GCS) and ours_path.exists():
                 eq = compare(ours_path, dst, sample=10**6)  # every column: same values, other row groups
             elif res.status == "ok" and name == "ours-gcs" and ours_path.exists():
                 import filecmp
@@ -475,8 +489,10 @@ def main() -> None:
             results[name] = (res, scratch)
             if res.status == "ok" and res.output and "read_share" in res.output:
                 res.detail = (f"read {res.output['bytes_read'] / 2**20:.1f} MiB = {res.output['read_share']:.2%} of "
-                              f"the inputs; merge {res.output['merge_seconds']} s" + (f"; {res.detail}" if res.detail
-                                                                                      else ""))
+                              f"the inputs; merge {res.output['merge_seconds']} s"
+                              + (f"; {res.output['footers_indexed']} footers from the index"
+                                 if "footers_indexed" in res.output else "")
+                              + (f"; {res.detail}" if res.detail else ""))
             print(f"#   {name}: {res.status} {res.seconds:.1f}s {gib(res.peak_rss)} {eq} {res.detail}",
                   file=sys.stderr, flush=True)
             rows.append((shape, name, res, scratch, eq))

@@ -271,8 +271,9 @@ resource "google_storage_bucket_iam_member" "extract_checkpoints" {
   }
 }
 
-# Task reports (runs/<pair>/<run>/extract/task-<i>-attempt-<a>.json) have no fixed suffix a condition can name, so
-# this one lists what the extract may not touch under runs/: the merge's claim, progress and BigQuery exports.
+# Task reports (runs/<pair>/<run>/extract/task-<i>-attempt-<a>.json) and footer indexes (.../footers/...) have no
+# fixed suffix a condition can name, so this one lists what the extract may not touch under runs/: the merge's
+# claim, progress and BigQuery exports.
 resource "google_storage_bucket_iam_member" "extract_run_state" {
   bucket = google_storage_bucket.staging.name
   role   = "roles/storage.objectUser"

@@ -43,7 +43,7 @@ from bqx.merge.plan import MergeInput, local_inputs
 from bqx.merge.stream import merge
 from bqx.parquet.chunks import row_groups
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS, type_name, write_checkpoint
-from bqx.parquet.tails import FooterIndex, KeptFooter, TailKeeper, parse_index
+from bqx.parquet.tails import FooterIndex, KeptFooter, KeptFooters, TailKeeper, parse_index
 
 from fakes import apply_env, create_buckets, fake_gcs_server, gcs_env, local_settings, validate_all
 
@@ -551,8 +551,13 @@ def test_the_kept_footer_is_the_files_tail_size_and_crc32c(tmp_path: Path) -> No
     kept = kept_footer(path)
     assert kept.tail == data[-len(kept.tail) :] and kept.size == len(data)
     assert int.from_bytes(data[-8:-4], "little") + 8 == len(kept.tail)
-    assert kept.matches(len(data), base64.b64encode(struct.pack(">I", google_crc32c.value(data))).decode())
-    assert not kept.matches(len(data) + 1, kept.crc32c) and not kept.matches(len(data), None)
+    assert kept.crc32c == base64.b64encode(struct.pack(">I", google_crc32c.value(data))).decode()
+    found = KeptFooters()
+    found.update({"a": kept, "b": kept})
+    found.update({"a": KeptFooter(kept.size + 1, "other", kept.tail)})  # another attempt's footer of "a"
+    assert found.find("a", len(data), kept.crc32c) == kept and found.find("a", kept.size + 1, "other") is not None
+    assert found.find("a", len(data) + 1, kept.crc32c) is None and found.find("a", len(data), None) is None
+    assert found.find("c", len(data), kept.crc32c) is None
     small = TailKeeper(io.BytesIO(), keep=64)  # a footer longer than what is kept: none, the merge reads it
     small.write(data)
     assert small.footer() is None

@@ -68,6 +68,10 @@ def test_policy_grants_what_the_pipeline_needs(policy: Policy) -> None:
     assert policy.allows(COMPLETION, "storage.objects.update", obj(staging, "checkpoints/eurusd/r1/t.parquet"))
     report = "runs/eurusd/r1/extract/task-0000-attempt-01.json"
     assert policy.allows(EXTRACT, "storage.objects.create", obj(staging, report))
+    footers = layout.extract_footers("eurusd", "r1", 0, 1)  # the extract writes its footer index, the merge reads it
+    assert policy.allows(EXTRACT, "storage.objects.create", obj(staging, footers))
+    assert policy.allows(MERGE, "storage.objects.get", obj(staging, footers))
+    assert not policy.allows(MERGE, "storage.objects.create", obj(staging, footers))
     assert policy.allows(EXTRACT, "storage.objects.create", obj(staging, "checkpoints/eurusd/r1/t.parquet"))
     assert policy.allows(MERGE, "storage.objects.create", obj(output, "training_eurusd.parquet"))
     export = "runs/eurusd/r1/bigquery/stage-000-a/part-0.parquet"  # the bigquery method's exports

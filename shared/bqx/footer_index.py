@@ -15,7 +15,7 @@ from bqx import layout
 from bqx.config import Settings
 from bqx.gcp import storage
 from bqx.logs import Log
-from bqx.parquet.tails import FooterIndex, KeptFooter, parse_index
+from bqx.parquet.tails import FooterIndex, KeptFooter, KeptFooters, parse_index
 
 log = Log("bqx.footer_index")
 READ_THREADS = 8
@@ -33,9 +33,9 @@ def save(s: Settings, pair: str, run_id: str, task_index: int, index: FooterInde
         log.warning(f"could not save the footer index: {exc}", pair=pair, run_id=run_id)
 
 
-def load(s: Settings, pair: str, run_id: str) -> tuple[dict[str, KeptFooter], int]:
-    """Every footer the run's extract tasks kept, by checkpoint name, and the bytes read to get them. An index
-    that cannot be read or parsed is skipped."""
+def load(s: Settings, pair: str, run_id: str) -> tuple[KeptFooters, int]:
+    """Every footer the run's extract tasks kept, and the bytes read to get them. An index that cannot be read or
+    parsed is skipped."""
     names = sorted(storage.list_names(s, s.staging_bucket, layout.extract_footers_prefix(pair, run_id)))
 
     def one(name: str) -> tuple[dict[str, KeptFooter], int]:
@@ -46,7 +46,7 @@ def load(s: Settings, pair: str, run_id: str) -> tuple[dict[str, KeptFooter], in
             log.warning(f"footer index {name} not used: {exc}", pair=pair, run_id=run_id)
             return {}, 0
 
-    kept: dict[str, KeptFooter] = {}
+    kept = KeptFooters()
     read = 0
     with ThreadPoolExecutor(max(1, min(READ_THREADS, len(names)))) as pool:
         for footers, n in pool.map(one, names):

@@ -40,7 +40,7 @@ from bqx.parquet.conventions import (
     type_name,
 )
 from bqx.parquet.keys import key_micros
-from bqx.parquet.tails import FooterIndex, KeptFooter, TailKeeper
+from bqx.parquet.tails import FooterIndex, KeptFooter, KeptFooters, TailKeeper
 
 UPLOAD_CHUNK = 8 * 1024 * 1024  # multiple of 256 KiB, as resumable uploads require
 COPY_CONCURRENCY = 16  # server-side copies at once, beside the reads: each is one request's latency and no CPU here
@@ -334,14 +334,16 @@ class _ReusedFooters:
     """The footer indexes of the runs whose checkpoints this task copies, each read once."""
 
     def __init__(self) -> None:
-        self.runs: dict[str, dict[str, KeptFooter]] = {}
+        self.runs: dict[str, KeptFooters] = {}
         self.lock = threading.Lock()
 
-    def get(self, settings: Settings, pair: str, run_id: str, name: str) -> KeptFooter | None:
+    def find(self, settings: Settings, pair: str, run_id: str, name: str, size: int,
+             crc32c: str | None) -> KeptFooter | None:
+        """The footer run `run_id` kept of its object `name`, if that object was `size` bytes of crc32c `crc32c`."""
         with self.lock:
             if run_id not in self.runs:
                 self.runs[run_id] = footer_index.load(settings, pair, run_id)[0]
-            return self.runs[run_id].get(name)
+            return self.runs[run_id].find(name, size, crc32c)
 
 
 def copy_checkpoint(settings: Settings, source: Source, manifest: Manifest, entry: TableEntry,
@@ -372,9 +374,9 @@ def copy_checkpoint(settings: Settings, source: Source, manifest: Manifest, entr
     else:
         result.bytes = int(size)
         if footers is not None and reused is not None:
-            kept = reused.get(settings, manifest.pair, entry.reused_from, src.name)
-            if kept is not None and kept.matches(int(dst.size or 0), dst.crc32c):
-                footers.add(dst.name, kept)
+            # the copy is the original's bytes: the footer kept of the original, if its size and crc32c are the copy's
+            footers.add(dst.name, reused.find(settings, manifest.pair, entry.reused_from, src.name,
+                                              int(dst.size or 0), dst.crc32c))
     result.seconds = time.time() - result.started_at
     return result
 

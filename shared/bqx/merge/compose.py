@@ -48,7 +48,7 @@ from bqx.parquet import thrift
 from bqx.parquet.chunks import Chunk
 from bqx.parquet.chunks import row_groups as chunks_of
 from bqx.parquet.conventions import KEY_TYPE, WRITER_OPTIONS
-from bqx.parquet.tails import KeptFooter
+from bqx.parquet.tails import KeptFooter, KeptFooters
 from bqx.parquet.thrift import (
     BINARY,
     I64,
@@ -769,7 +769,7 @@ def aligned_run(manifest: Manifest, blobs: dict[str, Any]) -> str:
 
 
 def gcs_sources(settings: Any, manifest: Manifest, blobs: dict[str, Any],
-                kept: dict[str, KeptFooter] | None = None) -> tuple[list[Source], set[str]]:
+                kept: KeptFooters | None = None) -> tuple[list[Source], set[str]]:
     """The run's checkpoints (targets first, then the features in manifest order), each pinned to the generation
     it was listed with, and the tables whose footer is in `kept` (the extract's footer indexes): those whose listed
     size and crc32c are the kept entry's are read from it, the others from the object."""
@@ -786,8 +786,8 @@ def gcs_sources(settings: Any, manifest: Manifest, blobs: dict[str, Any],
         prefix = "" if t.role == "targets" else layout.prefix_of(manifest.pair, t.name)
         read: Callable[[int, int], bytes] = lambda s, e, blob=pinned: download(blob, s, e)  # noqa: E731
         guess = tail_guess([c.name for c in t.columns], groups)
-        k = (kept or {}).get(t.checkpoint)
-        if k is not None and k.matches(size, b.crc32c):
+        k = kept.find(t.checkpoint, size, b.crc32c) if kept is not None else None
+        if k is not None:
             read, guess = _kept_tail(k, read), len(k.tail)
             from_index.add(t.name)
         out.append(Source(t.name, prefix, size, read, guess, object_grid_tag(b)))

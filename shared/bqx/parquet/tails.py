@@ -4,7 +4,7 @@ The extract writes each checkpoint through a TailKeeper, which sees every byte o
 its crc32c (the checksum GCS computes and lists for the object) and its last bytes, the footer. What a task wrote
 becomes one footer index (bqx.footer_index). An entry names a checkpoint's content, not an object generation, so
 a server-side copy of the checkpoint (a reused table) has the same entry; a reader takes an entry only for an
-object whose listed size and crc32c are the entry's.
+object whose listed size and crc32c are the entry's (KeptFooters.find).
 """
 
 from __future__ import annotations
@@ -45,8 +45,25 @@ class KeptFooter:
         if self.size < len(self.tail) + 4:
             raise NotParquet(f"a kept tail of {len(self.tail)} bytes for a file of {self.size}")
 
-    def matches(self, size: int, crc32c: str | None) -> bool:
-        return self.size == size and crc32c is not None and self.crc32c == crc32c
+
+
+class KeptFooters:
+    """Footers from any number of indexes (task attempts, runs), found by what an object is: its name, size and
+    crc32c. Two attempts may each have kept a footer under one name (a checkpoint set aside and written again): the
+    object's checksum picks the one that describes it."""
+
+    def __init__(self) -> None:
+        self.footers: dict[tuple[str, int, str], KeptFooter] = {}
+
+    def update(self, footers: dict[str, KeptFooter]) -> None:
+        for name, kept in footers.items():
+            self.footers[(name, kept.size, kept.crc32c)] = kept
+
+    def find(self, name: str, size: int, crc32c: str | None) -> KeptFooter | None:
+        return self.footers.get((name, size, crc32c)) if crc32c else None
+
+    def __len__(self) -> int:
+        return len(self.footers)
 
 
 class TailKeeper:
