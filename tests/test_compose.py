@@ -617,17 +617,32 @@ def test_following_a_run_never_goes_quiet_while_storage_stalls(gate: ComposeGate
     s = _settings(tmp_path, gate.endpoint, "stall")
     heard: list[tuple[float, str]] = []
 
+    rs_seen: list = []
+
     def stall_after_first(rs) -> None:  # type: ignore[no-untyped-def]
-        heard.append((time.monotonic(), rs.state))
+        heard.append((time.monotonic(), rs.state, rs.storage_wait))
+        rs_seen.append(rs)
         if len(heard) == 1:
             gate.stall.set()
             threading.Timer(3.5, gate.unstalled.set).start()
 
     with pytest.raises(TerminalError, match="still requested after 5s"):
         runs.follow(s, PAIR, "rstall", timeout=5, on_update=stall_after_first, poll=0.2)
-    during = [t for t, _ in heard if heard[0][0] < t < heard[0][0] + 3.4]
+    during = [t for t, _, _ in heard if heard[0][0] < t < heard[0][0] + 3.4]
     assert len(during) >= 3, heard  # once a second while the poll waited, not silent for 3.5 s
-    assert {state for _, state in heard} == {"requested"}
+    assert {state for _, state, _ in heard} == {"requested"}
+    assert max(w for _, _, w in heard) >= 2.0, heard  # each hears how long the poll has been waiting
+    assert heard[0][2] == 0.0  # a state just read: no wait
+    # what `bqx run` shows once a poll has waited 5 s: the last state, and that storage is not answering
+    from bqx.cli import _progress_line
+
+    line = _progress_line(replace(rs_seen[0], storage_wait=7.2), time.time() - 12)
+    assert line == f"{PAIR}: requested; storage busy, no answer for 5s", line
+    merging = replace(rs_seen[0], state="merging", storage_wait=11.0, merge_execution="x/bqx-ml-merge-1",
+                      merge_progress={"done": 22, "total": 22, "step": "compose calls"})
+    line = _progress_line(merging, time.time() - 12)
+    assert line == f"{PAIR}: merging 22/22 compose calls (bqx-ml-merge-1) (10s); storage busy, no answer for 10s"
+    assert "storage busy" not in _progress_line(rs_seen[0], time.time())
 
 
 def test_a_file_larger_than_the_gcs_can_compose_is_refused_before_any_compose(gate: ComposeGate, wide: dict,

@@ -426,10 +426,21 @@ def _merge_counts(p: dict[str, Any]) -> str:
     return f"{p.get('tables_written', 0)}/{p.get('tables')} tables written"
 
 
+STORAGE_WAIT_SHOWN = 5.0  # seconds a status poll may wait before the line says storage is busy
+
+
 def _progress_line(rs, since: float | None = None) -> str:  # type: ignore[no-untyped-def]
     """One line for the run's stage; `since` (when the stage began) adds its elapsed time in 5 s steps, so a
-    stage that shows no other change still updates at least every 5 s."""
-    clock = f" ({int(time.time() - since) // 5 * 5}s)" if since is not None else ""
+    stage that shows no other change still updates at least every 5 s. While storage does not answer the status
+    poll, the last state stands, and the line says so (the local stack's fake-gcs-server answers nothing else
+    while it composes or copies a large object)."""
+    line = _stage_line(rs, f" ({int(time.time() - since) // 5 * 5}s)" if since is not None else "")
+    if rs.storage_wait >= STORAGE_WAIT_SHOWN:
+        line += f"; storage busy, no answer for {int(rs.storage_wait) // 5 * 5}s"
+    return line
+
+
+def _stage_line(rs, clock: str) -> str:  # type: ignore[no-untyped-def]
     if rs.state == "extracting" and rs.expected:
         width = 30
         filled = int(width * rs.present / rs.expected)

@@ -36,6 +36,7 @@ class RunState:
     tables_per_second: float | None = None
     eta_seconds: float | None = None
     queued_ahead: int | None = None  # queued: requests (of any pair) that start before this one
+    storage_wait: float = 0.0  # set by `follow`: seconds its status poll has been waiting for storage to answer
 
 
     def to_json(self) -> dict[str, Any]:
@@ -333,6 +334,7 @@ def follow(settings: Settings, pair: str, run_id: str, timeout: float, on_update
     composes or copies a large object), so a follower's clock keeps moving."""
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import TimeoutError as Pending
+    from dataclasses import replace
 
     deadline = time.time() + timeout
     last = None
@@ -340,13 +342,14 @@ def follow(settings: Settings, pair: str, run_id: str, timeout: float, on_update
     try:
         while True:
             polling = pool.submit(state, settings, pair, run_id)
+            asked = time.time()
             while True:
                 try:
                     rs = polling.result(timeout=1.0)
                     break
                 except Pending:
                     if on_update and last is not None:
-                        on_update(last)
+                        on_update(replace(last, storage_wait=time.time() - asked))
                     if time.time() > deadline + 60:
                         raise TerminalError(f"{pair}: run {run_id}: storage did not answer for 60 s after the "
                                             f"{timeout:.0f}s timeout; see `bqx status {pair}`") from None
