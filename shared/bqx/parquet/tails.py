@@ -113,15 +113,6 @@ class TailKeeper:
     def closed(self) -> bool:
         return bool(getattr(self.sink, "closed", False))
 
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def readable(self) -> bool:
-        return False
-
 
 class FooterIndex:
     """The footers one extract task attempt kept, by checkpoint object name (written from several threads).
