@@ -376,6 +376,7 @@ class ComposeGate:
         self.hold_after: int | None = None  # compose calls let through before the rest are held
         self.held = threading.Event()
         self.release = threading.Event()
+        self.refuse = ""  # requests whose (unquoted) path holds this are answered 403 Forbidden
         self.stall = threading.Event()  # while set, every request waits (a server busy composing a large object)
         self.unstalled = threading.Event()
         gate = self
@@ -385,6 +386,14 @@ class ComposeGate:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if gate.stall.is_set():
                     gate.unstalled.wait(60)
+                if gate.refuse and gate.refuse in urllib.parse.unquote(self.path):
+                    data = b'{"error": {"code": 403, "message": "Forbidden"}}'
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if "/compose" in self.path:
                     gate.composes += 1
                     if gate.hold_after is not None and gate.composes > gate.hold_after:
@@ -541,6 +550,21 @@ def test_footers_the_extract_kept_spare_the_merge_its_tail_reads(gate: ComposeGa
     # what the merge says it read: the indexes and the three tails, not 1 % of the checkpoints
     indexes = sum(storage.list_names(s, s.staging_bucket, layout.extract_footers_prefix(PAIR, "rkept")).values())
     assert indexes <= summary["stats"]["bytes_read"] <= indexes + 3 * 64 * 1024
+
+
+def test_footer_indexes_that_cannot_be_read_cost_tail_reads_not_the_merge(gate: ComposeGate, wide: dict,
+                                                                         tmp_path: Path) -> None:
+    s = _settings(tmp_path, gate.endpoint, "noidx")
+    manifest = upload_run(s, wide["dir"], wide["paths"], wide["grid"], "rnoidx")
+    index = FooterIndex()
+    for p in wide["paths"]:
+        index.add(layout.checkpoint(PAIR, "rnoidx", p.stem), kept_footer(p))
+    footer_index.save(s, PAIR, "rnoidx", 0, index)
+    gate.refuse = "/footers/"  # the indexes cannot be listed or read (a permission the deploy lacks)
+    summary = publish.merge_run(s, manifest, "auto")
+    assert summary["method"] == "compose" and summary["stats"]["footers_indexed"] == 0
+    out = storage.bucket(s, s.output_bucket).blob(layout.output(PAIR)).download_as_bytes()
+    assert_same_values(pq.read_table(io.BytesIO(out)), wide["stream"])
 
 
 def test_the_kept_footer_is_the_files_tail_size_and_crc32c(tmp_path: Path) -> None:

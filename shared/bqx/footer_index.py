@@ -35,8 +35,12 @@ def save(s: Settings, pair: str, run_id: str, task_index: int, index: FooterInde
 
 def load(s: Settings, pair: str, run_id: str) -> tuple[KeptFooters, int]:
     """Every footer the run's extract tasks kept, and the bytes read to get them. An index that cannot be read or
-    parsed is skipped."""
-    names = sorted(storage.list_names(s, s.staging_bucket, layout.extract_footers_prefix(pair, run_id)))
+    parsed is skipped, and so is every index when they cannot be listed (each footer is then read instead)."""
+    try:
+        names = sorted(storage.list_names(s, s.staging_bucket, layout.extract_footers_prefix(pair, run_id)))
+    except Exception as exc:  # noqa: BLE001 - a cache that cannot be listed is a cache not used
+        log.warning(f"footer indexes not used: {exc}", pair=pair, run_id=run_id)
+        return KeptFooters(), 0
 
     def one(name: str) -> tuple[dict[str, KeptFooter], int]:
         try:
