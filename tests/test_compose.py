@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.client import HTTPConnection
 from http.server import ThreadingHTTPServer
@@ -377,6 +377,9 @@ class ComposeGate:
         self.held = threading.Event()
         self.release = threading.Event()
         self.refuse = ""  # requests whose (unquoted) path holds this are answered 403 Forbidden
+        # called with each request's (unquoted) path before it is passed on, and once the server has answered it
+        self.before: Callable[[str], None] | None = None
+        self.answered: Callable[[str], None] | None = None
         self.stall = threading.Event()  # while set, every request waits (a server busy composing a large object)
         self.unstalled = threading.Event()
         gate = self
@@ -386,7 +389,10 @@ class ComposeGate:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if gate.stall.is_set():
                     gate.unstalled.wait(60)
-                if gate.refuse and gate.refuse in urllib.parse.unquote(self.path):
+                path = urllib.parse.unquote(self.path)
+                if gate.before:
+                    gate.before(path)
+                if gate.refuse and gate.refuse in path:
                     data = b'{"error": {"code": 403, "message": "Forbidden"}}'
                     self.send_response(403)
                     self.send_header("Content-Type", "application/json")
@@ -404,6 +410,8 @@ class ComposeGate:
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if gate.answered:
+                    gate.answered(path)
                 if "alt=media" in self.path:
                     gate.media_bytes += len(data)
                     gate.media_requests += 1
@@ -667,6 +675,45 @@ def test_following_a_run_never_goes_quiet_while_storage_stalls(gate: ComposeGate
     line = _progress_line(merging, time.time() - 12)
     assert line == f"{PAIR}: merging 22/22 compose calls (bqx-ml-merge-1) (10s); storage busy, no answer for 10s"
     assert "storage busy" not in _progress_line(rs_seen[0], time.time())
+
+
+def test_following_a_run_reads_again_when_an_object_changes_while_being_read(gate: ComposeGate,
+                                                                             tmp_path: Path) -> None:
+    """A run's state objects (claims, error.json) are replaced while `bqx run` polls them: a read that finds the
+    object it just listed gone (replaced: a claim taken over, deleted and created again) is asked again, not the
+    end of following the run."""
+    from bqx import runs
+
+    s = _settings(tmp_path, gate.endpoint, "flaky")
+    name = layout.run_error(PAIR, "rflaky")
+    quoted = urllib.parse.quote(name, safe="")
+    body = json.dumps({"error": "the extract failed"}).encode()
+    storage.write_json(s, s.staging_bucket, name, json.loads(body))
+    metadata_reads, gone = [], []
+
+    def upstream(method: str, path: str, data: bytes | None = None) -> None:
+        conn = HTTPConnection(gate.upstream.hostname, gate.upstream.port, timeout=10)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        conn.getresponse().read()
+        conn.close()
+
+    def back_before_the_next_read(path: str) -> None:
+        if name in path and "alt=media" not in path and gone:
+            upstream("POST", f"/upload/storage/v1/b/{s.staging_bucket}/o?uploadType=media&name={quoted}", body)
+            gone.clear()
+
+    def gone_once_its_metadata_is_read(path: str) -> None:  # so the download of that generation finds nothing
+        if name in path and "alt=media" not in path:
+            metadata_reads.append(path)
+            if len(metadata_reads) in (1, 3):  # the first poll of `bqx status`, then of `bqx run`
+                upstream("DELETE", f"/storage/v1/b/{s.staging_bucket}/o/{quoted}")
+                gone.append(path)
+
+    gate.before, gate.answered = back_before_the_next_read, gone_once_its_metadata_is_read
+    rs = runs.state(s, PAIR, "rflaky")  # `bqx status`: read again
+    assert len(metadata_reads) == 2 and rs.state == "failed" and rs.error == {"error": "the extract failed"}
+    rs = runs.follow(s, PAIR, "rflaky", timeout=30, poll=0.1)  # `bqx run`
+    assert len(metadata_reads) == 4 and rs.state == "failed" and rs.error == {"error": "the extract failed"}
 
 
 def test_a_file_larger_than_the_gcs_can_compose_is_refused_before_any_compose(gate: ComposeGate, wide: dict,

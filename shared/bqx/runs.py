@@ -261,7 +261,23 @@ def queued_state(s: Settings, pair: str, run_id: str | None) -> RunState | None:
     return RunState(pair, newest.run_id, "queued", requested_at=newest.queued_at, queued_ahead=ahead)
 
 
+STATE_READS = 3  # tries of a status read that meets an object replaced while it was read
+
+
 def state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
+    """Where the pair's run (its newest, or `run_id`) stands, from the buckets. The run's objects change while
+    they are read (a claim taken over is deleted and created again): a read that meets that is done again."""
+    for attempt in range(STATE_READS):
+        try:
+            return _state(settings, pair, run_id)
+        except TransientError:
+            if attempt == STATE_READS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _state(settings: Settings, pair: str, run_id: str | None = None) -> RunState:
     s = settings
     queued = queued_state(s, pair, run_id)
     if queued is not None and not storage.exists(s, s.staging_bucket, layout.claim(pair, queued.run_id, "extract")):
