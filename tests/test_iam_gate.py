@@ -138,6 +138,25 @@ def test_gate_answers_as_gcs_would(stack_env: LocalStack) -> None:
     assert '"permission": "storage.objects.get"' in log and "training_gatecheck.parquet" in log
 
 
+def test_download_links_lead_back_through_the_callers_gate(stack_env: LocalStack) -> None:
+    """An object's resource names its download URL (mediaLink), which the client follows for an object it listed
+    or got: it must lead through the caller's gate port (where storage.objects.get is checked), not straight to
+    fake-gcs-server, which would let a component read what deploy/ does not let it read."""
+    s, ports = stack_env.settings, gate_ports(stack_env.settings)
+    merge, trigger = _client(ports["merge"]), _client(ports["trigger"])
+    merge.bucket(s.output_bucket).blob("training_linkcheck.summary.json").upload_from_string(b"{}")
+    merge.bucket(s.output_bucket).blob("training_linkcheck.parquet").upload_from_string(b"x")
+    got = trigger.bucket(s.output_bucket).get_blob("training_linkcheck.summary.json")
+    assert got.media_link.startswith(f"http://127.0.0.1:{ports['trigger']}/download/"), got.media_link
+    assert got.download_as_bytes() == b"{}"
+    listed = list(merge.list_blobs(s.output_bucket, prefix="training_linkcheck"))
+    assert len(listed) == 2 and all(b.media_link.startswith(f"http://127.0.0.1:{ports['merge']}/") for b in listed)
+    # the trigger following the merge's link to the file it may not read is refused like any other way in
+    link = next(b.media_link for b in listed if b.name.endswith(".parquet")).replace(
+        f":{ports['merge']}/", f":{ports['trigger']}/")
+    assert requests.get(link, timeout=10).status_code == 403
+
+
 def test_gate_refuses_a_job_deploy_does_not_let_the_functions_start(stack_env: LocalStack) -> None:
     port = gate_ports(stack_env.settings)["completion"]
     body = {"overrides": {"containerOverrides": [{"args": ["eurusd"]}]}}

@@ -326,6 +326,10 @@ def make_handler(gate: Gate) -> type[BaseHTTPRequestHandler]:
                 _drop_upstream(port)
                 self._json(502, {"error": {"code": 502, "message": f"local gate: upstream {port}: {exc}"}})
                 return
+            if (port == gate.upstream["gcs"] and self.command != "HEAD"
+                    and (resp.getheader("Content-Type") or "").startswith("application/json")):
+                self._reply_links(resp, port)
+                return
             self.send_response(resp.status, resp.reason)
             length = resp.getheader("Content-Length")
             for key, value in resp.getheaders():
@@ -343,6 +347,25 @@ def make_handler(gate: Gate) -> type[BaseHTTPRequestHandler]:
             finally:
                 if resp.will_close:
                     _drop_upstream(port)
+
+        def _reply_links(self, resp: http.client.HTTPResponse, port: int) -> None:
+            """An object resource (or a listing of them) names its download URL (mediaLink) on fake-gcs-server's
+            own address; the caller is sent back through its own gate port, so a download that follows the link
+            is checked too (storage.objects.get), as GCS checks it."""
+            try:
+                data = resp.read()
+            finally:
+                if resp.will_close:
+                    _drop_upstream(port)
+            data = data.replace(f"http://127.0.0.1:{port}/".encode(),
+                                f"http://127.0.0.1:{self.server.server_address[1]}/".encode())
+            self.send_response(resp.status, resp.reason)
+            for key, value in resp.getheaders():
+                if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle  # noqa: N815
 
