@@ -69,7 +69,7 @@ def test_a_stack_started_before_the_code_changed_is_called_stale(tmp_path, monke
 
     from bqx.config import Settings
     from bqx.local import artifacts
-    from bqx.local.stack import STALE_HINT, Stack, repo_root
+    from bqx.local.stack import STALE_HINT, Stack, local_code, repo_root
 
     monkeypatch.setenv("BQX_HOME", str(tmp_path))
     monkeypatch.setenv("BQX_LOCAL", "1")
@@ -85,3 +85,9 @@ def test_a_stack_started_before_the_code_changed_is_called_stale(tmp_path, monke
     (st.dir / "trigger.pid").write_text("999999999")  # not running: nothing to call stale
     (st.dir / "trigger.artifact").write_text("elsewhere")
     assert st.stale() == []
+    # the stand-ins run this checkout's library itself: a change to it makes them stale too
+    (st.dir / "gate.pid").write_text(str(os.getpid()))
+    (st.dir / "gate.artifact").write_text(local_code())
+    assert st.stale() == []
+    (st.dir / "gate.artifact").write_text("checkout-0123456789abcdef")
+    assert st.stale() == ["IAM gate"]

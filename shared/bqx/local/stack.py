@@ -97,6 +97,17 @@ def local_compose_max_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 3
 
 
+def local_code() -> str:
+    """A digest of the library the local stand-ins (Run API, IAM gate, Eventarc relay) run from this checkout."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return f"checkout-{digest.hexdigest()[:16]}"
+
+
 STALE_HINT = ("the running local stack runs older code than this checkout ({}): `bqx stack down` and start again to "
               "run the current code")
 
@@ -186,6 +197,7 @@ class Stack:
                            accounts.get(name, ""), str(runtime.functions[name][0]) if runtime else "")
 
         jobs = {s.extract_job: job("extract"), s.merge_job: job("merge")}
+        local = local_code() if runtime else ""  # what the stand-ins below run: this checkout's library
         gcs_root = s.home / "gcs"
         gcs_root.mkdir(parents=True, exist_ok=True)
         identities = {str(port): {"component": c} for c, port in gates.items()}
@@ -201,13 +213,14 @@ class Stack:
                 {**env, "GOMEMLIMIT": "1GiB"}),
             Service("run_api", p.run_api, [py, "-m", "bqx.local.runapi"],
                     {**env, "BQX_RUN_API_HOME": str(s.home / "run-api"), "BQX_LOCAL_JOBS": json.dumps(jobs)},
-                    artifact=str(runtime.job_app) if runtime else ""),
+                    artifact=f"{runtime.job_app}|{local}" if runtime else ""),
             *([Service("gate", gates["trigger"], [py, "-m", "bqx.local.gate"],
-                       {**env, "BQX_GATE_IDENTITIES": json.dumps(identities)})] if s.iam_gate else []),
+                       {**env, "BQX_GATE_IDENTITIES": json.dumps(identities)}, artifact=local)]
+              if s.iam_gate else []),
             fn("trigger", p.trigger),
             fn("completion", p.completion),
             Service("eventarc", p.eventarc, [py, "-m", "bqx.local.eventarc"],
-                    {**env, "BQX_EVENTARC_ROUTES": json.dumps(self.routes())}),
+                    {**env, "BQX_EVENTARC_ROUTES": json.dumps(self.routes())}, artifact=local),
         ]
 
     def _pidfile(self, name: str) -> Path:
@@ -225,10 +238,12 @@ class Stack:
             root, out = repo_root(), self.s.home / "artifacts"
             current = {name: str(artifacts.function_source(root, name, out / "functions"))
                        for name in ("trigger", "completion")}
-            current["run_api"] = str(artifacts.job_source(root, out / "jobs"))
+            job_app = artifacts.job_source(root, out / "jobs")
         else:
             current = {name: str(src) for name, (src, _) in runtime.functions.items()}
-            current["run_api"] = str(runtime.job_app)
+            job_app = runtime.job_app
+        local = local_code()
+        current.update({"run_api": f"{job_app}|{local}", "gate": local, "eventarc": local})
         found = []
         for name, artifact in current.items():
             try:
@@ -236,7 +251,7 @@ class Stack:
             except FileNotFoundError:
                 continue  # started before artifacts were recorded, or not running
             if self.pid(name) and recorded and recorded != artifact:
-                found.append("jobs" if name == "run_api" else name)
+                found.append({"run_api": "jobs and the Run API", "gate": "IAM gate"}.get(name, name))
         return found
 
     def pid(self, name: str) -> int | None:
