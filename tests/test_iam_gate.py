@@ -144,11 +144,15 @@ def test_download_links_lead_back_through_the_callers_gate(stack_env: LocalStack
     fake-gcs-server, which would let a component read what deploy/ does not let it read."""
     s, ports = stack_env.settings, gate_ports(stack_env.settings)
     merge, trigger = _client(ports["merge"]), _client(ports["trigger"])
-    merge.bucket(s.output_bucket).blob("training_linkcheck.summary.json").upload_from_string(b"{}")
+    # an object's own bytes are never rewritten, even JSON that names fake-gcs-server's address
+    content = json.dumps({"error": f"upstream http://127.0.0.1:{s.ports.gcs}/storage/v1/b refused"}).encode()
+    merge.bucket(s.output_bucket).blob("training_linkcheck.summary.json").upload_from_string(
+        content, content_type="application/json")
     merge.bucket(s.output_bucket).blob("training_linkcheck.parquet").upload_from_string(b"x")
     got = trigger.bucket(s.output_bucket).get_blob("training_linkcheck.summary.json")
     assert got.media_link.startswith(f"http://127.0.0.1:{ports['trigger']}/download/"), got.media_link
-    assert got.download_as_bytes() == b"{}"
+    assert got.download_as_bytes() == content
+    assert trigger.bucket(s.output_bucket).blob("training_linkcheck.summary.json").download_as_bytes() == content
     listed = list(merge.list_blobs(s.output_bucket, prefix="training_linkcheck"))
     assert len(listed) == 2 and all(b.media_link.startswith(f"http://127.0.0.1:{ports['merge']}/") for b in listed)
     # the trigger following the merge's link to the file it may not read is refused like any other way in

@@ -326,7 +326,7 @@ def make_handler(gate: Gate) -> type[BaseHTTPRequestHandler]:
                 _drop_upstream(port)
                 self._json(502, {"error": {"code": 502, "message": f"local gate: upstream {port}: {exc}"}})
                 return
-            if (port == gate.upstream["gcs"] and self.command != "HEAD"
+            if (port == gate.upstream["gcs"] and self.command != "HEAD" and not _is_media(self.path)
                     and (resp.getheader("Content-Type") or "").startswith("application/json")):
                 self._reply_links(resp, port)
                 return
@@ -370,6 +370,12 @@ def make_handler(gate: Gate) -> type[BaseHTTPRequestHandler]:
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle  # noqa: N815
 
     return Handler
+
+
+def _is_media(path: str) -> bool:
+    """A download of an object's bytes (its content, passed on untouched even when it is JSON), not a resource."""
+    split = urlsplit(path)
+    return split.path.startswith("/download/") or "media" in parse_qs(split.query).get("alt", [])
 
 
 def _q(text: str) -> str:
