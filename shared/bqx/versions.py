@@ -102,27 +102,28 @@ def keep_file(s: Settings, pair: str, run_id: str, source: Any) -> None:
         token, _, _ = target.rewrite(source, token=token)
 
 
-def drift_since_published(s: Settings, manifest: Manifest, summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's drift against the pair's currently published run (None for its first), read before publishing."""
+def drift_since_published(s: Settings, manifest: Manifest, summary: dict[str, Any],
+                          schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's drift (its `schema`: schema_of(manifest)) against the pair's currently published run (None for its
+    first), read before publishing."""
     before = storage.read_json(s, s.output_bucket, layout.schema(manifest.pair))
     if before is None or before[0].get("run_id") == manifest.run_id:
         return None
     previous = storage.read_json(s, s.output_bucket, layout.summary(manifest.pair))
     rows_before = previous[0].get("rows") if previous and previous[0].get("run_id") == before[0]["run_id"] else None
-    return drift(before[0], schema_of(manifest), rows_before, summary.get("rows"))
+    return drift(before[0], schema, rows_before, summary.get("rows"))
 
 
-def keep_schema(s: Settings, manifest: Manifest) -> None:
+def keep_schema(s: Settings, manifest: Manifest, schema: dict[str, Any]) -> None:
     """Before publishing: the run's schema, kept by run. Readers of the current schema find it through the summary,
     which publishing then commits, so they never see the file without its schema."""
-    storage.write_json(s, s.output_bucket, layout.version(manifest.pair, manifest.run_id, "schema.json"),
-                       schema_of(manifest))
+    storage.write_json(s, s.output_bucket, layout.version(manifest.pair, manifest.run_id, "schema.json"), schema)
 
 
-def keep_published(s: Settings, manifest: Manifest, summary: dict[str, Any]) -> None:
+def keep_published(s: Settings, manifest: Manifest, summary: dict[str, Any], schema: dict[str, Any]) -> None:
     """After publishing: training_<pair>.schema.json beside the file (for people and tools that look there), and the
     run's summary kept."""
-    storage.write_json(s, s.output_bucket, layout.schema(manifest.pair), schema_of(manifest))
+    storage.write_json(s, s.output_bucket, layout.schema(manifest.pair), schema)
     keep_summary(s, summary)
 
 

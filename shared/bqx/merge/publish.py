@@ -192,10 +192,11 @@ def merge_run(settings: Settings, manifest: Manifest, method: str, execution: st
     summary["crc32c"], summary["md5"] = temp.crc32c, temp.md5_hash
     summary["cost"], summary["reused"] = _cost(settings, manifest, summary["seconds"])
     summary["ignored_tables"] = [{"name": t.name, "reason": t.reason} for t in manifest.ignored_tables]
-    summary["drift"] = kept.drift_since_published(settings, manifest, summary)
-    kept.keep_schema(settings, manifest)  # by run, before the summary commits the run
+    schema = kept.schema_of(manifest)  # 17,000 columns: built once for the drift and both copies
+    summary["drift"] = kept.drift_since_published(settings, manifest, summary, schema)
+    kept.keep_schema(settings, manifest, schema)  # by run, before the summary commits the run
     publish(settings, manifest, temp, summary)
-    kept.keep_published(settings, manifest, summary)  # schema beside the file; this run kept (bqx history)
+    kept.keep_published(settings, manifest, summary, schema)  # schema beside the file; this run kept (bqx history)
     record_done(settings, summary)
     if composed is not None:
         from bqx.merge import compose
