@@ -79,7 +79,8 @@ def test_a_stack_started_before_the_code_changed_is_called_stale(tmp_path, monke
     (st.dir / "trigger.pid").write_text(str(os.getpid()))  # a running service: this process stands in for it
     (st.dir / "trigger.artifact").write_text(str(current.parent / "trigger-0123456789abcdef"))
     assert st.stale() == ["trigger"]
-    assert "trigger" in STALE_HINT.format("trigger") and "bqx stack down" in STALE_HINT
+    assert "trigger" in STALE_HINT.format("trigger") and "bqx stack restart" in STALE_HINT
+    assert "restart" in main.commands["stack"].commands  # type: ignore[attr-defined]
     (st.dir / "trigger.artifact").write_text(str(current))
     assert st.stale() == []
     (st.dir / "trigger.pid").write_text("999999999")  # not running: nothing to call stale

@@ -131,6 +131,17 @@ def stack_down(purge: bool) -> None:
         _echo(f"purged {s.home / 'gcs'}")
 
 
+@stack.command("restart")
+def stack_restart() -> None:
+    """Stop every local service and start them again from this checkout's code (the buckets' data is kept)."""
+    from bqx.local.stack import Stack
+
+    st = Stack(_settings())
+    _echo(f"stopped: {', '.join(st.down()) or 'nothing was running'}")
+    st.up(progress=_echo)
+    _echo("local stack is up; `bqx stack down` stops it")
+
+
 @stack.command("status")
 @json_option()
 def stack_status(as_json: bool) -> None:

@@ -108,8 +108,8 @@ def local_code() -> str:
     return f"checkout-{digest.hexdigest()[:16]}"
 
 
-STALE_HINT = ("the running local stack runs older code than this checkout ({}): `bqx stack down` and start again to "
-              "run the current code")
+STALE_HINT = ("the running local stack runs older code than this checkout ({}): `bqx stack restart` runs the current "
+              "code (the buckets' data is kept)")
 
 
 def client_env(s: Settings) -> dict[str, str]:
