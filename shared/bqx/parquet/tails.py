@@ -22,7 +22,9 @@ import google_crc32c
 from bqx.parquet.footer import TRAILER, NotParquet, footer_length
 
 INDEX_MAGIC = b"BQXF"
-KEEP_BYTES = 256 * 1024  # a checkpoint footer is ~2 KB (26 columns) to ~40 KB (the widest table, 100k rows)
+# A checkpoint's footer is 0.6-16 KB at 2,000 rows (one row group) and grows by about that much for each further
+# row group (65,536 rows): 256 KiB holds any the pipeline writes; a larger one is read from the object instead.
+KEEP_BYTES = 256 * 1024
 INDEX_FORMAT = 1
 
 
@@ -44,7 +46,6 @@ class KeptFooter:
             raise NotParquet("a kept tail is not exactly a footer, its length and PAR1")
         if self.size < len(self.tail) + 4:
             raise NotParquet(f"a kept tail of {len(self.tail)} bytes for a file of {self.size}")
-
 
 
 class KeptFooters:
